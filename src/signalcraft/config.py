@@ -1,0 +1,273 @@
+"""Configuration: frozen dataclasses per stage and one strict loader.
+
+Defaults live only in these dataclasses. ``load_config`` reads a YAML file, rejects
+unknown keys and wrong types with the key's path in the message, and resolves relative
+paths against the folder of the config file (so cron, which runs in another working
+directory, finds the same files).
+
+Which file is read: ``--config FILE``, else ``$SIGNALCRAFT_CONFIG``, else
+``./config.yaml`` if present, else the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_VAR = "SIGNALCRAFT_CONFIG"
+DEFAULT_FILE = "config.yaml"
+
+
+class _FieldError(ValueError):
+    """A value failed a check in a dataclass; the loader adds the key's path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+    """Where audio comes from and how it is cut into segments."""
+
+    # Input device: an index from `signalcraft devices`, or a case-insensitive
+    # substring of its name. None: the system's default input device.
+    device: Optional[Union[int, str]] = None
+    # Device channels to record, 1-based. None: every input channel of the device.
+    channels: Optional[tuple[int, ...]] = None
+    sample_rate: int = 16000  # Hz; the device must accept it
+    segment_seconds: float = 10.0  # length of one exported segment, s
+    # Sample format asked of the device. Ask for its native format: a converted
+    # format can cost frames on some ALSA plugins. Audio is float32 in [-1, 1) after.
+    sample_format: Literal["int16", "int32", "float32"] = "int16"
+    block_frames: int = 1024  # frames per PortAudio callback
+    # Blocks of audio the capture queue holds while segments are assembled, s.
+    queue_seconds: float = 30.0
+
+    def __post_init__(self):
+        _require(self.sample_rate > 0, "sample_rate", "must be a positive number of Hz")
+        _require(self.segment_seconds > 0, "segment_seconds", "must be positive")
+        _require(self.block_frames > 0, "block_frames", "must be positive")
+        _require(self.queue_seconds > 0, "queue_seconds", "must be positive")
+        if self.channels is not None:
+            _require(len(self.channels) > 0, "channels", "must list at least one channel, or be null")
+            _require(all(c >= 1 for c in self.channels), "channels", "are 1-based: the first channel is 1")
+            _require(len(set(self.channels)) == len(self.channels), "channels", "lists a channel twice")
+        _require(
+            round(self.segment_seconds * self.sample_rate) > 0,
+            "segment_seconds",
+            "is shorter than one sample",
+        )
+
+    @property
+    def segment_frames(self) -> int:
+        """Samples per channel in one segment."""
+        return round(self.segment_seconds * self.sample_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+    """Room-noise calibration (`signalcraft calibrate-noise`)."""
+
+    dir: Path = Path("noise_samples")  # one clip per channel: channel_<C>.pt
+    seconds: float = 10.0  # length of the recording, s
+    # A channel whose RMS is below this is reported dead (unplugged mic, no phantom
+    # power). Digital silence is always dead.
+    dead_rms_dbfs: float = -80.0
+    clip_level: float = 0.999  # |x| at or above this counts as clipped
+    max_clipped_fraction: float = 0.001  # more clipped samples than this fails the clip
+
+    def __post_init__(self):
+        _require(self.seconds > 0, "seconds", "must be positive")
+        _require(0 < self.clip_level <= 1, "clip_level", "must be in (0, 1]")
+        _require(0 <= self.max_clipped_fraction < 1, "max_clipped_fraction", "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Hand-over from capture to processing."""
+
+    # Finished segments waiting for the processing worker. When full, the newest
+    # segment is dropped, logged, and counted in the next segment's manifest.
+    queue_segments: int = 4
+
+    def __post_init__(self):
+        _require(self.queue_segments >= 1, "queue_segments", "must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where segments are written."""
+
+    dir: Path = Path("output")  # output/<YYYY-MM-DD_HH-MM-SS>/ per segment, local time
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration, one section per stage."""
+
+    capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
+    noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    # Where this configuration came from (None: built-in defaults). Not a key.
+    source: Optional[Path] = dataclasses.field(default=None, compare=False)
+
+
+def find_config_file(explicit: Optional[Path]) -> Optional[Path]:
+    """The file to read: explicit, else $SIGNALCRAFT_CONFIG, else ./config.yaml, else None."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    if Path(DEFAULT_FILE).is_file():
+        return Path(DEFAULT_FILE)
+    return None
+
+
+def load_config(path: Optional[Path] = None) -> Config:
+    """Read and check a configuration file (see module docstring for which one).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unreadable, is not YAML, or has an unknown key, a value of
+        the wrong type or a value out of range. The message names the file and key.
+    """
+    path = find_config_file(path)
+    if path is None:
+        return _resolve_paths(Config(), Path.cwd())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found. Pass an existing file with --config or "
+            f"${ENV_VAR}, or copy config.yaml from the signalcraft source."
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(data or {}, path)
+
+
+def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
+    """Build a Config from plain data, as read from YAML. ``path`` is used in messages
+    and as the base for relative paths (the current directory if None)."""
+    where = str(path) if path is not None else "config"
+    config = _build(Config, data, "", where, exclude=("source",))
+    base = path.resolve().parent if path is not None else Path.cwd()
+    return dataclasses.replace(_resolve_paths(config, base), source=path)
+
+
+def _build(cls: type, data: Any, prefix: str, where: str, exclude: tuple[str, ...] = ()):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping of keys, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: {prefix}{key}: unknown key. Known keys here: {', '.join(fields)}."
+            )
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", where)
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"{where}: {prefix}{e.key}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples,
+    strings to Paths, ints to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, key, where)
+        for option in options:
+            try:
+                return _convert(option, value, key, where)
+            except ConfigError:
+                continue
+        raise _type_error(key, where, tp, value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _type_error(key, where, tp, value)
+        return tuple(_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value).expanduser()
+    raise _type_error(key, where, tp, value)
+
+
+def _type_error(key: str, where: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: {key}: expected {_describe(tp)}, got {_kind(value)} {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(typing.get_args(tp)[0], 'values')}"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             Path: "a path", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Return ``obj`` with every relative Path field made absolute against ``base``."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _resolve_paths(value, base)
+        elif isinstance(value, Path) and f.name != "source" and not value.is_absolute():
+            changes[f.name] = base / value
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,55 @@
+"""One exception hierarchy for signalcraft.
+
+Library code raises these; only ``cli.py`` prints them and exits. Every message says what
+was wrong, where (file, key or device) and what to do about it. Each class carries the
+process exit code that ``cli.py`` uses for it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes, documented in the README."""
+
+    OK = 0
+    FAILURE = 1  # a run-time failure: device, disk, corrupt file
+    USAGE = 2  # bad command line or configuration (click uses 2 for usage errors too)
+    SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT)
+    SIGTERM = 143  # stopped by SIGTERM (128 + SIGTERM), e.g. by systemd or kill
+
+
+class SignalcraftError(Exception):
+    """Base of every error signalcraft reports to the user."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(SignalcraftError):
+    """The configuration file or a command-line value is wrong."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DeviceError(SignalcraftError):
+    """An audio device is missing, refuses the settings, or stopped delivering audio."""
+
+
+class NoiseClipError(SignalcraftError):
+    """A noise clip is missing, corrupt, or failed its level checks."""
+
+
+class StorageError(SignalcraftError):
+    """A file could not be read or written (missing, corrupt, disk full, permissions)."""
+
+
+class Interrupted(SignalcraftError):
+    """The run was stopped by a signal; completed work is kept."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = ExitCode(128 + signum) if 128 + signum in ExitCode._value2member_map_ else ExitCode.FAILURE

@@ -1,0 +1,142 @@
+"""Output layout and crash-safe writes.
+
+A segment is assembled in ``<output>/.incomplete/`` and renamed into
+``<output>/<YYYY-MM-DD_HH-MM-SS>/`` (local time of its first sample) only once every file
+and, last of all, ``manifest.json`` are written. Readers therefore never see a partial
+segment: a folder without a manifest is not a segment. Two segments that start in the
+same second get ``_2``, ``_3``... suffixes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STAGING = ".incomplete"
+FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` by calling ``write(tmp)`` on a temporary name beside it, flushing it
+    to disk and renaming it into place. On any error the temporary file is removed and
+    ``path`` is untouched.
+
+    Raises
+    ------
+    StorageError
+        The disk is full or the folder is not writable; the message names the file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise storage_error(path, e) from None
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomically write ``data`` as indented UTF-8 JSON."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def storage_error(path: Path, e: OSError) -> StorageError:
+    """A StorageError for ``e`` that names ``path`` and says what to do."""
+    if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
+        hint = "the disk is full: free space or lower output retention, then run again"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "no permission to write there: check the folder's owner and mode"
+    else:
+        hint = e.strerror or str(e)
+    return StorageError(f"{path}: cannot write: {hint}.")
+
+
+def folder_name(start_time: dt.datetime) -> str:
+    """Folder name for a segment: its start in local time, ``YYYY-MM-DD_HH-MM-SS``."""
+    return start_time.astimezone().strftime(FOLDER_FORMAT)
+
+
+class SegmentWriter:
+    """Collects one segment's files and publishes them together.
+
+    >>> with SegmentWriter(output_dir, segment.start_time) as w:
+    ...     write_something(w.path("mic_0/mix.pt"))
+    ...     final_dir = w.commit(manifest)
+
+    Leaving the block without ``commit`` (an exception, a signal) deletes what was
+    written, so nothing partial stays behind.
+    """
+
+    def __init__(self, output_dir: Path, start_time: dt.datetime):
+        self.output_dir = Path(output_dir)
+        self.name = folder_name(start_time)
+        self.staging = self.output_dir / STAGING / f"{self.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.files: list[str] = []
+
+    def __enter__(self) -> "SegmentWriter":
+        try:
+            self.staging.mkdir(parents=True)
+        except OSError as e:
+            raise storage_error(self.staging, e) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def path(self, relative: str) -> Path:
+        """Where to write ``relative`` (e.g. ``mic_0/mix.pt``); parent folders are made.
+        The file is listed in the manifest."""
+        p = self.staging / relative
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.files.append(relative)
+        return p
+
+    def commit(self, manifest: dict) -> Path:
+        """Write ``manifest.json`` (with the file list) last, then move the folder into
+        place under a free name. Returns the final folder."""
+        write_json(self.staging / MANIFEST, {**manifest, "files": sorted(self.files)})
+        for k in range(1, 1000):
+            final = self.output_dir / (self.name if k == 1 else f"{self.name}_{k}")
+            if final.exists():
+                continue
+            try:
+                os.rename(self.staging, final)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue  # another process took the name first
+                raise storage_error(final, e) from None
+            return final
+        raise StorageError(f"{self.output_dir}: more than 999 segments start at {self.name}.")
+
+
+def is_complete(folder: Path) -> bool:
+    """True for a published segment folder (it has a manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a segment folder."""
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{path}: cannot read segment manifest ({e}).") from None

@@ -1,0 +1,193 @@
+"""Room-noise calibration: record with the machines off, check levels, save one clip per
+channel.
+
+A clip is ``<noise.dir>/channel_<C>.pt`` (C: the 1-based device channel), a dict of plain
+data: ``clip`` (float32 tensor, shape = (samples,)), ``sample_rate``, ``channel``,
+``device``, ``recorded_at`` (ISO 8601, UTC) and ``format``. It loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .capture import DeviceCapture
+from .config import Config, NoiseConfig
+from .errors import ConfigError, NoiseClipError
+from .export import atomic_write
+
+log = logging.getLogger(__name__)
+
+CLIP_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseClip:
+    """Room noise recorded on one channel with the machines off.
+
+    ``audio``: float32, shape = (samples,). ``channel``: 1-based device channel.
+    """
+
+    audio: np.ndarray
+    sample_rate: int
+    channel: int
+    device: str
+    recorded_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Levels:
+    """Level statistics of one channel."""
+
+    rms_dbfs: float  # RMS relative to full scale, dB; -inf for digital silence
+    peak: float  # max |x|
+    clipped_fraction: float  # fraction of samples with |x| >= clip_level
+
+
+def levels(audio: np.ndarray, clip_level: float) -> Levels:
+    """Levels of a float32 signal, shape = (samples,)."""
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    return Levels(
+        rms_dbfs=20 * np.log10(rms) if rms > 0 else float("-inf"),
+        peak=float(np.max(np.abs(audio))) if audio.size else 0.0,
+        clipped_fraction=float(np.mean(np.abs(audio) >= clip_level)) if audio.size else 0.0,
+    )
+
+
+def check_clip(audio: np.ndarray, config: NoiseConfig) -> list[str]:
+    """Problems that make ``audio`` (shape = (samples,)) unusable as a noise clip: a dead
+    channel or clipping. Empty if the clip is fine."""
+    lv = levels(audio, config.clip_level)
+    problems = []
+    if lv.peak == 0.0:
+        problems.append("digital silence (every sample is zero): is the microphone connected and the channel unmuted?")
+    elif lv.rms_dbfs < config.dead_rms_dbfs:
+        problems.append(
+            f"dead channel: RMS {lv.rms_dbfs:.1f} dBFS is below noise.dead_rms_dbfs "
+            f"({config.dead_rms_dbfs:g} dBFS): check the cable and phantom power"
+        )
+    if lv.clipped_fraction > config.max_clipped_fraction:
+        problems.append(
+            f"clipping: {lv.clipped_fraction:.2%} of samples reach {config.clip_level:g} of full scale "
+            f"(limit {config.max_clipped_fraction:.2%}): lower the input gain"
+        )
+    return problems
+
+
+def clip_path(noise_dir: Path, channel: int) -> Path:
+    """Where the clip of 1-based device channel ``channel`` lives."""
+    return Path(noise_dir) / f"channel_{channel}.pt"
+
+
+def save_clip(clip: NoiseClip, noise_dir: Path) -> Path:
+    """Write a clip atomically; an existing clip is kept as ``channel_<C>.pt.bak``."""
+    import torch
+
+    path = clip_path(noise_dir, clip.channel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": CLIP_FORMAT,
+        "clip": torch.from_numpy(np.ascontiguousarray(clip.audio, dtype=np.float32)),
+        "sample_rate": clip.sample_rate,
+        "channel": clip.channel,
+        "device": clip.device,
+        "recorded_at": clip.recorded_at.isoformat(),
+    }
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".bak"))
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_clip(path: Path) -> NoiseClip:
+    """Read a clip written by ``save_clip``.
+
+    Raises
+    ------
+    NoiseClipError
+        Missing, unreadable or not a signalcraft noise clip; the message names the file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise NoiseClipError(f"{path}: noise clip not found. Record one with `signalcraft calibrate-noise`.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        audio = data["clip"].numpy().astype(np.float32, copy=False)
+        if audio.ndim != 1 or data.get("format") != CLIP_FORMAT:
+            raise ValueError("unexpected layout")
+        return NoiseClip(
+            audio=audio,
+            sample_rate=int(data["sample_rate"]),
+            channel=int(data["channel"]),
+            device=str(data["device"]),
+            recorded_at=dt.datetime.fromisoformat(data["recorded_at"]),
+        )
+    except Exception as e:  # torch raises many types for a damaged file
+        raise NoiseClipError(
+            f"{path}: not a readable noise clip ({type(e).__name__}: {e}). "
+            "Record it again with `signalcraft calibrate-noise --force`."
+        ) from None
+
+
+def calibrate(
+    config: Config,
+    seconds: Optional[float] = None,
+    force: bool = False,
+    stop: Optional[threading.Event] = None,
+) -> list[tuple[Path, Levels]]:
+    """Record the room on every configured channel and save one clip per channel.
+
+    Nothing is saved unless every channel passes ``check_clip``; existing clips are
+    replaced only with ``force``.
+
+    Returns
+    -------
+    list of (path, levels), one per channel, in channel order.
+
+    Raises
+    ------
+    ConfigError
+        Clips exist and ``force`` is False (checked before recording).
+    NoiseClipError
+        A channel is dead or clipping; the message lists every such channel.
+    DeviceError
+        From capture.
+    """
+    seconds = seconds if seconds is not None else config.noise.seconds
+    if seconds <= 0:
+        raise ConfigError(f"--seconds must be positive, got {seconds:g}")
+    capture = DeviceCapture(config.capture, segment_frames=round(seconds * config.capture.sample_rate), stop=stop)
+    existing = [p for p in (clip_path(config.noise.dir, c) for c in capture.channels) if p.exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"noise clips already exist: {', '.join(map(str, existing))}. Pass --force to replace "
+            "them (each old clip is kept as .pt.bak)."
+        )
+    log.info("recording %.1f s of room noise; the machines must be off", seconds)
+    with capture:
+        segment = next(iter(capture.segments(1)), None)
+    if segment is None:
+        return []  # stopped by a signal before the recording was complete
+    problems = _problems(segment.audio, segment.channels, config.noise)
+    if problems:
+        raise NoiseClipError(
+            "noise recording rejected, nothing saved:\n" + "\n".join(f"  channel {c}: {p}" for c, p in problems)
+        )
+    saved = []
+    for row, channel in enumerate(segment.channels):
+        clip = NoiseClip(segment.audio[row], segment.sample_rate, channel, segment.device, segment.start_time)
+        saved.append((save_clip(clip, config.noise.dir), levels(clip.audio, config.noise.clip_level)))
+    return saved
+
+
+def _problems(audio: np.ndarray, channels: Sequence[int], config: NoiseConfig) -> list[tuple[int, str]]:
+    return [(c, p) for row, c in enumerate(channels) for p in check_clip(audio[row], config)]

@@ -1,0 +1,102 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from signalcraft.config import ENV_VAR, Config, config_from_dict, load_config
+from signalcraft.errors import ConfigError, ExitCode
+
+from conftest import run_cli
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    config = load_config()
+    assert config.capture.sample_rate == 16000
+    assert config.capture.segment_frames == 160000
+    assert config.output.dir == tmp_path / "output"
+    assert config.source is None
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "site"
+    folder.mkdir()
+    path = write(folder, {"noise": {"dir": "clips"}, "output": {"dir": "/var/sc"}})
+    monkeypatch.chdir(tmp_path)  # cron runs elsewhere
+    config = load_config(Path("site/config.yaml"))
+    assert config.noise.dir == folder.resolve() / "clips"
+    assert config.output.dir == Path("/var/sc")
+    assert config.source == Path("site/config.yaml")
+    assert path.exists()
+
+
+def test_environment_variable_names_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, {"capture": {"sample_rate": 48000}})
+    monkeypatch.setenv(ENV_VAR, str(path))
+    monkeypatch.chdir("/")
+    assert load_config().capture.sample_rate == 48000
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"capture": {"sampel_rate": 8000}}, "capture.sampel_rate: unknown key"),
+        ({"captur": {}}, "captur: unknown key"),
+        ({"capture": {"sample_rate": "16k"}}, "capture.sample_rate: expected an integer, got a string '16k'"),
+        ({"capture": {"sample_rate": True}}, "capture.sample_rate: expected an integer"),
+        ({"capture": {"segment_seconds": -1}}, "capture.segment_seconds: must be positive"),
+        ({"capture": {"channels": [0, 1]}}, "capture.channels: are 1-based"),
+        ({"capture": {"channels": [1, 1]}}, "capture.channels: lists a channel twice"),
+        ({"capture": {"channels": [1, "two"]}}, "capture.channels[1]: expected an integer, got a string 'two'"),
+        ({"capture": {"device": 1.5}}, "capture.device: expected an integer or a string or null"),
+        ({"capture": {"sample_format": "int8"}}, "capture.sample_format: must be one of 'int16', 'int32', 'float32'"),
+        ({"capture": 3}, "capture: expected a mapping of keys, got an integer"),
+        ({"noise": {"clip_level": 2}}, "noise.clip_level: must be in (0, 1]"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_integers_are_accepted_as_numbers():
+    config = config_from_dict({"capture": {"segment_seconds": 2}})
+    assert config.capture.segment_seconds == 2.0 and isinstance(config.capture.segment_seconds, float)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "capture: [unclosed"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_config_documents_every_key():
+    """config.yaml at the top of the project loads and lists every key."""
+    shipped = Path(__file__).resolve().parents[1] / "config.yaml"
+    load_config(shipped)
+    listed = yaml.safe_load(shipped.read_text())
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        keys = {f.name for f in dataclasses.fields(section.default_factory)}
+        assert set(listed[section.name]) == keys, section.name
+    assert "#" in shipped.read_text()
+
+
+def test_cli_exit_code_for_an_unknown_key(tmp_path):
+    path = write(tmp_path, {"output": {"folder": "x"}})
+    result = run_cli("--config", str(path), "devices")
+    assert result.returncode == ExitCode.USAGE == 2
+    assert "output.folder: unknown key" in result.stderr
