@@ -3,8 +3,16 @@
 # test tools. Safe to run again: a second run only checks and returns in seconds.
 #
 #   bash scripts/setup.sh            # used by scripts/demo.sh and scripts/test.sh
+#   bash scripts/setup.sh --bench    # also JACK, for real-time paced benchmarks
 #   PYTHON=python3.12 bash scripts/setup.sh
 set -euo pipefail
+
+bench=0
+case "${1:-}" in
+    "") ;;
+    --bench) bench=1 ;;
+    *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -13,23 +21,33 @@ torch_pin="torch==2.13.0"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-# 1. PortAudio, which sounddevice loads at import time.
-if ! ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2'; then
+# Install a Debian package unless `present` (a shell test) already holds.
+apt_install() {
+    local package="$1" present="$2"
+    eval "$present" && return 0
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        say "installing libportaudio2 (Debian package)"
+        say "installing $package (Debian package)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq >/dev/null
-        apt-get install -y -qq --no-install-recommends libportaudio2 >/dev/null
+        apt-get install -y -qq --no-install-recommends "$package" >/dev/null
     else
-        say "PortAudio (libportaudio.so.2) is missing and this user cannot install it."
-        say "Ask an administrator to run: sudo apt-get install -y libportaudio2"
+        say "$package is missing and this user cannot install it."
+        say "Ask an administrator to run: sudo apt-get install -y $package"
         exit 1
     fi
+}
+
+# 1. PortAudio, which sounddevice loads at import time; JACK for the paced benchmarks.
+apt_install libportaudio2 "ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2'"
+if [ "$bench" = 1 ]; then
+    apt_install jackd2 "command -v jackd >/dev/null"
 fi
+extras="test"
+[ "$bench" = 1 ] && extras="test,bench"
 
 # 2. The virtual environment, rebuilt only when what it is built from changes.
 stamp="$venv/.signalcraft-setup"
-want="$(cat "$root/pyproject.toml" "$root/scripts/constraints.txt" "$0" | sha256sum | cut -c1-16)"
+want="$( (cat "$root/pyproject.toml" "$root/scripts/constraints.txt" "$0"; echo "$extras") | sha256sum | cut -c1-16)"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     say "environment up to date ($venv)"
     exit 0
@@ -39,12 +57,16 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv with $("$python" --version 2>&1)"
     "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip_install() {
+    # Some pip configurations warn once per package about unused index folders; hide those.
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install "$@" 2>&1 \
+        | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
 # torch first, alone: a bare torch requirement resolved later would pull the CUDA build.
 say "installing $torch_pin"
-"${pip[@]}" install "$torch_pin"
+pip_install "$torch_pin"
 say "installing signalcraft and its dependencies"
-"${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root[test]"
+pip_install -c "$root/scripts/constraints.txt" -e "$root[$extras]"
 "$venv/bin/python" -c "import signalcraft.audio_backend as b; b.torchaudio; import sounddevice" \
     || { say "the installed environment does not import; see the error above"; exit 1; }
 echo "$want" > "$stamp"
