@@ -109,7 +109,10 @@ def main() -> None:
         player.client.activate()
         (work / "config.yaml").write_text(
             f"capture:\n  device: system\n  channels: [1, 2, 3, 4]\n  sample_format: float32\n"
-            f"  segment_seconds: {SEGMENT_SECONDS}\n  block_frames: {PERIOD}\noutput:\n  dir: output\n"
+            f"  segment_seconds: {SEGMENT_SECONDS}\n  block_frames: {PERIOD}\n"
+            # Capture is measured here, not processing: keep the audio, skip the gating
+            # (which would need noise clips).
+            "denoise:\n  enabled: false\noutput:\n  dir: output\n  keep_raw: true\n"
         )
         began = time.monotonic()
         record = subprocess.Popen(

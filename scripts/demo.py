@@ -58,6 +58,9 @@ def main() -> None:
     DEMO.mkdir()
     (DEMO / "config.yaml").write_text(
         f"capture:\n  device: {vdevice.DEVICE_NAME}\n  channels: [1, 2, 3, 4]\n"
+        "  # The virtual device delivers its whole file at once, not in real time:\n"
+        "  # buffer all of it rather than drop what processing has not reached.\n"
+        "  queue_seconds: 120\n"
         "noise:\n  dir: noise_samples\noutput:\n  dir: output\n"
     )
     env = {**os.environ, **vdevice.install(DEMO / "device", MICS, SAMPLE_RATE)}

@@ -82,3 +82,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
         timeout=timeout, stdin=subprocess.DEVNULL,
     )
+
+
+def tiny_demucs(sources=("pump", "fan"), samplerate: int = SAMPLE_RATE, audio_channels: int = 1):
+    """A real Demucs model with random weights, small enough for a unit test."""
+    import torch
+    from demucs.demucs import Demucs
+
+    torch.manual_seed(0)
+    return Demucs(sources=list(sources), audio_channels=audio_channels, samplerate=samplerate,
+                  channels=4, depth=2, segment=1)
+
+
+@pytest.fixture
+def model_repo(tmp_path: Path) -> Path:
+    """A model folder holding 'tiny' (sources pump and fan) in demucs' packaged format."""
+    from signalcraft.separate import save_model
+
+    repo = tmp_path / "models"
+    save_model(tiny_demucs(), repo, "tiny")
+    return repo

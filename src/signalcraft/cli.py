@@ -142,21 +142,53 @@ def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -
 )
 @click.pass_context
 def record(ctx: click.Context, repeat: int) -> None:
-    """Capture segments from the configured device and export each one.
+    """Capture segments from the configured device and process each one.
 
-    Each segment goes to its own folder output/<YYYY-MM-DD_HH-MM-SS>/ (local start
-    time), which appears only when complete. Prints each folder as it is written.
-    Ctrl-C or SIGTERM discards the partial segment, finishes the captured ones and
-    exits 130 or 143.
+    Each segment is denoised per channel with that channel's noise clip, separated
+    into one signal per machine, and exported as log-mel tensors to
+    output/<YYYY-MM-DD_HH-MM-SS>/mic_<N>/<source>.pt, a folder that appears only when
+    complete. Prints each folder as it is written. Ctrl-C or SIGTERM discards the
+    partial segment, finishes the captured ones and exits 130 or 143.
     """
     from . import pipeline
 
     config = _config(ctx)
     with _stop_on_signals() as stop:
         pipeline.record(
-            config, repeat, pipeline.raw_exporter(config), stop=stop,
+            config, repeat, pipeline.chain_factory(config), stop=stop,
             on_exported=lambda path: click.echo(str(path)),
         )
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.pass_context
+def process(ctx: click.Context, files: tuple[Path, ...]) -> None:
+    """Run the same processing as `record` over multichannel WAV/FLAC FILES.
+
+    Each file is cut into segments of capture.segment_seconds; a shorter tail at the
+    end is skipped. The file's channels are taken to be capture.channels in order (as
+    record's audio.flac holds them). A bad file is reported and the others still run;
+    the exit code is then 1.
+    """
+    from . import pipeline
+
+    config = _config(ctx)
+    paths = list(files)
+    show = sys.stderr.isatty()
+    bar = click.progressbar(length=pipeline.count_segments(config, paths), label="segments",
+                            file=sys.stderr) if show else contextlib.nullcontext()
+    with _stop_on_signals() as stop, bar:
+        exported, failed = pipeline.process_files(
+            config, paths, stop=stop,
+            on_exported=lambda path: None if show else click.echo(str(path)),
+            on_segment=(lambda: bar.update(1)) if show else (lambda: None),
+            on_error=lambda path, e: log.error("%s", e),
+        )
+    log.info("%d segments written under %s", len(exported), config.output.dir)
+    if failed:
+        log.error("%d of %d files failed; the others were processed", failed, len(paths))
+        ctx.exit(ExitCode.FAILURE)
 
 
 def main() -> None:

@@ -97,6 +97,76 @@ class NoiseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DenoiseConfig:
+    """Per-channel spectral gating against that channel's noise clip (noisereduce)."""
+
+    enabled: bool = True
+    # Stationary: a fixed threshold per frequency from the noise clip. False: a
+    # threshold that follows the signal itself (noise clip not used).
+    stationary: bool = True
+    prop_decrease: float = 1.0  # 1.0 removes gated noise fully, 0.5 halves it
+    n_fft: int = 2048  # STFT size, samples (128 ms at 16 kHz: resolves machine harmonics)
+    # A bin is signal when it exceeds the noise mean by this many standard deviations.
+    n_std_thresh: float = 1.5
+    # Mask smoothing. Smoothing across frequency spreads the gate of the surrounding
+    # noise over steady machine tones and erases them: keep it null unless the room
+    # noise is itself tonal.
+    freq_mask_smooth_hz: Optional[float] = None
+    time_mask_smooth_ms: Optional[float] = 50.0
+
+    def __post_init__(self):
+        _require(0 <= self.prop_decrease <= 1, "prop_decrease", "must be in [0, 1]")
+        _require(self.n_fft >= 16, "n_fft", "must be at least 16")
+        _require(self.n_std_thresh > 0, "n_std_thresh", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparationConfig:
+    """Demucs source separation, one signal per machine."""
+
+    # Folder of models in demucs' own format (NAME-<sha8>.th), as train-separator
+    # writes it. Never a download: models load only from here.
+    repo: Path = Path("models/separator")
+    # Model name in repo. null: no separation, one source named "mix" per microphone.
+    model: Optional[str] = None
+    # Chunk length for the model, s. null: the model's own training length.
+    segment: Optional[float] = None
+    overlap: float = 0.25  # overlap between chunks, fraction
+    shifts: int = 0  # random-shift passes averaged (slower, slightly better)
+    threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
+    device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present
+    # A model trained at another sample rate: resample to it and back (True) or refuse.
+    resample: bool = True
+
+    def __post_init__(self):
+        _require(self.segment is None or self.segment > 0, "segment", "must be positive or null")
+        _require(0 <= self.overlap < 1, "overlap", "must be in [0, 1)")
+        _require(self.shifts >= 0, "shifts", "must be 0 or more")
+        _require(self.threads >= 0, "threads", "must be 0 or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """Log-mel tensors, shape = (1, n_mels, n_frames), one per microphone and source."""
+
+    n_mels: int = 240
+    n_frames: int = 240  # per segment; the hop length is derived from the segment length
+    n_fft: int = 2048  # samples; 1024 leaves empty mel bands at 240 mels and 16 kHz
+    f_min: float = 0.0  # Hz
+    f_max: Optional[float] = None  # Hz; null: half the sample rate
+    # Values are 10*log10(power) relative to a full-scale reference (fixed, so tensors
+    # compare across segments and machines), floored at this level in dB (>= -100).
+    floor_db: float = -100.0
+
+    def __post_init__(self):
+        _require(self.n_mels >= 1, "n_mels", "must be positive")
+        _require(self.n_frames >= 2, "n_frames", "must be at least 2")
+        _require(self.n_fft >= 16, "n_fft", "must be at least 16")
+        _require(self.f_max is None or self.f_max > self.f_min, "f_max", "must be above f_min")
+        _require(-100 <= self.floor_db < 0, "floor_db", "must be in [-100, 0) dB")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Hand-over from capture to processing."""
 
@@ -113,6 +183,7 @@ class OutputConfig:
     """Where segments are written."""
 
     dir: Path = Path("output")  # output/<YYYY-MM-DD_HH-MM-SS>/ per segment, local time
+    keep_raw: bool = False  # also keep each segment's audio as audio.flac
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +192,9 @@ class Config:
 
     capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
     noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    denoise: DenoiseConfig = dataclasses.field(default_factory=DenoiseConfig)
+    separation: SeparationConfig = dataclasses.field(default_factory=SeparationConfig)
+    features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.

@@ -9,6 +9,7 @@ segment's manifest: never a silent loss.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 from . import __version__
 from .capture import DeviceCapture, Segment
 from .config import Config
+from .errors import NoiseClipError
 from .export import SegmentWriter, atomic_write
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 # Processes one segment and returns the folder it was exported to. The second argument
 # counts segments dropped since the previous one was queued.
 Processor = Callable[[Segment, int], Path]
+# Builds the processor once the channels to record are known (before capture starts, so
+# a missing noise clip or model fails before any audio is lost).
+ProcessorFactory = Callable[[tuple[int, ...]], Processor]
 
 
 def segment_manifest(segment: Segment, dropped_segments: int) -> dict:
@@ -64,25 +69,118 @@ def write_flac(path: Path, segment: Segment, sample_format: str) -> Path:
     )
 
 
-def raw_exporter(config: Config) -> Processor:
-    """Processing for `record` before any analysis stage: save each segment as FLAC."""
+class Chain:
+    """The preprocessing chain for one set of channels: per-channel spectral gating,
+    separation, a log-mel tensor per (microphone, source), export.
 
-    def export(segment: Segment, dropped_segments: int) -> Path:
-        with SegmentWriter(config.output.dir, segment.start_time) as w:
-            write_flac(w.path("audio.flac"), segment, config.capture.sample_format)
-            return w.commit(segment_manifest(segment, dropped_segments))
+    Parameters
+    ----------
+    config : Config
+    channels : tuple of int
+        1-based device channels, in the order of the segments' rows (mic_0 first).
+    sample_rate : int
+        Hz.
+    """
 
-    return export
+    def __init__(self, config: Config, channels: tuple[int, ...], sample_rate: int):
+        from .denoise import Denoiser
+        from .features import LogMel
+        from .separate import load_separator
+
+        self.config = config
+        self.channels = tuple(channels)
+        self.sample_rate = sample_rate
+        self.noise_clips = self._load_clips() if config.denoise.enabled and config.denoise.stationary else None
+        self.denoiser = (
+            Denoiser(config.denoise, sample_rate, [clip.audio for clip in self.noise_clips])
+            if config.denoise.enabled else None
+        )
+        self.separator = load_separator(config.separation, sample_rate)
+        self.logmel = LogMel(config.features, sample_rate, round(config.capture.segment_seconds * sample_rate))
+
+    def _load_clips(self):
+        from .noise import clip_path, load_clip
+
+        clips = []
+        for channel in self.channels:
+            path = clip_path(self.config.noise.dir, channel)
+            clip = load_clip(path)
+            if clip.channel != channel:
+                raise NoiseClipError(f"{path}: holds channel {clip.channel}, expected channel {channel}. "
+                                     "Record it again with `signalcraft calibrate-noise --force`.")
+            if clip.sample_rate != self.sample_rate:
+                raise NoiseClipError(
+                    f"{path}: recorded at {clip.sample_rate} Hz, but the audio is {self.sample_rate} Hz. "
+                    "Record the noise again at the capture rate with `signalcraft calibrate-noise --force`."
+                )
+            clips.append(clip)
+        return clips
+
+    def features(self, audio: np.ndarray) -> "torch.Tensor":
+        """float32 audio, shape = (mics, samples) -> log-mel tensor,
+        shape = (mics, sources, n_mels, n_frames). Does not change ``audio``."""
+        clean = self.denoiser(audio) if self.denoiser is not None else audio
+        sources = self.separator(clean)  # (mics, sources, samples)
+        return self.logmel(sources)
+
+    def __call__(self, segment: Segment, dropped_segments: int = 0) -> Path:
+        if segment.channels != self.channels or segment.sample_rate != self.sample_rate:
+            raise ValueError(f"chain is for channels {self.channels} at {self.sample_rate} Hz, segment has "
+                             f"{segment.channels} at {segment.sample_rate} Hz")
+        import torch
+
+        mels = self.features(segment.audio)
+        with SegmentWriter(self.config.output.dir, segment.start_time) as w:
+            for mic in range(mels.shape[0]):
+                for k, source in enumerate(self.separator.sources):
+                    tensor = mels[mic, k][None].clone()  # clone: save only this slice's storage
+                    atomic_write(w.path(f"mic_{mic}/{source}.pt"), lambda tmp: torch.save(tensor, tmp))
+            if self.config.output.keep_raw:
+                write_flac(w.path("audio.flac"), segment, self.config.capture.sample_format)
+            return w.commit(self.manifest(segment, dropped_segments))
+
+    def manifest(self, segment: Segment, dropped_segments: int) -> dict:
+        from .noise import clip_path, levels
+
+        lv = [levels(row, self.config.noise.clip_level) for row in segment.audio]
+        return {
+            **segment_manifest(segment, dropped_segments),
+            "levels": [
+                {"mic": n, "channel": c, "rms_dbfs": round(v.rms_dbfs, 2) if np.isfinite(v.rms_dbfs) else None,
+                 "peak": round(v.peak, 6), "clipped_fraction": v.clipped_fraction}
+                for n, (c, v) in enumerate(zip(segment.channels, lv))
+            ],
+            "denoise": (
+                None if self.denoiser is None else {
+                    **dataclasses.asdict(self.config.denoise),
+                    "noise_clips": None if self.noise_clips is None else [
+                        {"file": clip_path(self.config.noise.dir, clip.channel).name, "channel": clip.channel,
+                         "device": clip.device, "recorded_at": clip.recorded_at.isoformat()}
+                        for clip in self.noise_clips
+                    ],
+                }
+            ),
+            "separator": self.separator.info.to_dict(),
+            "features": self.logmel.settings(),
+            "tensors": {f"mic_{n}": list(self.separator.sources) for n in range(len(segment.channels))},
+        }
+
+
+def chain_factory(config: Config, sample_rate: Optional[int] = None) -> ProcessorFactory:
+    """Chains for `record` (capture rate) and `process` (the file's rate)."""
+    return lambda channels: Chain(config, channels, sample_rate or config.capture.sample_rate)
 
 
 def record(
     config: Config,
     repeat: Optional[int],
-    process: Processor,
+    make_processor: ProcessorFactory,
     stop: Optional[threading.Event] = None,
     on_exported: Callable[[Path], None] = lambda path: None,
 ) -> list[Path]:
-    """Capture ``repeat`` segments (until ``stop`` if None) and process each one.
+    """Capture and process segments until ``repeat`` have been processed (until ``stop``
+    if 0 or None). A dropped segment does not count, so every drop is recorded in the
+    manifest of a later segment.
 
     Returns the exported folders in order. When ``stop`` is set the partial segment is
     discarded and every complete one already captured is still processed. An error in
@@ -106,15 +204,20 @@ def record(
             exported.append(path)
             on_exported(path)
 
+    capture = DeviceCapture(config.capture, stop=stop)
+    process = make_processor(capture.channels)
     worker = threading.Thread(target=work, name="signalcraft-worker", daemon=True)
     worker.start()
-    dropped = 0
+    dropped = queued = 0
     try:
-        with DeviceCapture(config.capture, stop=stop) as capture:
-            for segment in capture.segments(repeat or None):
+        with capture:
+            for segment in capture.segments():
                 try:
                     pending.put_nowait((segment, dropped))
                     dropped = 0
+                    queued += 1
+                    if queued == repeat:
+                        break
                 except queue.Full:
                     dropped += 1
                     log.warning(
@@ -128,3 +231,78 @@ def record(
     if failure:
         raise failure[0]
     return exported
+
+
+def file_channels(config: Config, file_channel_count: int, path: Path) -> tuple[int, ...]:
+    """Device channels of a file's channels: the file is taken to hold
+    ``capture.channels`` in order (as `record` writes audio.flac), or channels 1..n."""
+    configured = config.capture.channels
+    if configured is None:
+        return tuple(range(1, file_channel_count + 1))
+    if len(configured) != file_channel_count:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{path}: has {file_channel_count} channels but capture.channels lists {len(configured)} "
+            f"({list(configured)}). Its channels are taken to be capture.channels in order: make them match."
+        )
+    return tuple(configured)
+
+
+def process_files(
+    config: Config,
+    paths: list[Path],
+    stop: Optional[threading.Event] = None,
+    on_exported: Callable[[Path], None] = lambda path: None,
+    on_segment: Callable[[], None] = lambda: None,
+    on_error: Callable[[Path, Exception], None] = lambda path, e: None,
+) -> tuple[list[Path], int]:
+    """Run the chain over multichannel WAV/FLAC files, cut into segments of
+    ``capture.segment_seconds``; a shorter tail at the end of a file is skipped (logged).
+
+    A file that fails (unreadable, wrong channels, ...) is reported through ``on_error``
+    and the others still run. Returns (exported folders, number of failed files).
+    """
+    import soundfile as sf
+
+    from .capture import file_segments
+    from .errors import SignalcraftError, StorageError
+
+    stop = stop or threading.Event()
+    chains: dict[tuple, Chain] = {}  # by (channels, sample rate): models load once
+    exported, failed = [], 0
+    for path in paths:
+        if stop.is_set():
+            break
+        try:
+            try:
+                info = sf.info(str(path))
+            except (sf.LibsndfileError, RuntimeError, OSError) as e:
+                raise StorageError(f"{path}: cannot read as audio ({e}).") from None
+            channels = file_channels(config, info.channels, path)
+            key = (channels, info.samplerate)
+            if key not in chains:
+                chains[key] = Chain(config, channels, info.samplerate)
+            for segment in file_segments(path, config.capture.segment_seconds, stop=stop):
+                folder = chains[key](dataclasses.replace(segment, channels=channels))
+                exported.append(folder)
+                on_exported(folder)
+                on_segment()
+        except SignalcraftError as e:
+            failed += 1
+            on_error(path, e)
+    return exported, failed
+
+
+def count_segments(config: Config, paths: list[Path]) -> int:
+    """Segments that ``process_files`` will export from readable files (for progress)."""
+    import soundfile as sf
+
+    total = 0
+    for path in paths:
+        try:
+            info = sf.info(str(path))
+        except Exception:
+            continue
+        total += info.frames // round(config.capture.segment_seconds * info.samplerate)
+    return total

@@ -1,0 +1,192 @@
+"""Source separation with a Demucs model from a local model folder.
+
+Models are in demucs' own packaged format (``NAME-<sha8>.th``, as ``train-separator``
+writes them) and load through demucs' own loader with an explicit local ``repo``, which
+verifies the checksum in the file name. Nothing is ever downloaded.
+
+Each microphone channel is separated on its own (the models are mono). Like
+``demucs.separate``, a channel is scaled to unit standard deviation for the model and
+scaled back afterwards; models trained by signalcraft see the same scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import SeparationConfig
+from .errors import SignalcraftError
+
+log = logging.getLogger(__name__)
+
+MIX = "mix"  # the one source when no separator is configured
+
+
+class ModelError(SignalcraftError):
+    """A model file is missing, corrupt or does not fit the capture."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparatorInfo:
+    """What the manifest records about the separator."""
+
+    name: Optional[str]  # None: no separation
+    sources: tuple[str, ...]
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+    samplerate: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"sources": list(self.sources)}
+
+
+class Separator:
+    """Maps float32 audio of shape = (channels, samples) to shape = (channels, sources,
+    samples). Without a model it passes each channel through as the source "mix"."""
+
+    def __init__(self, info: SeparatorInfo, model=None, config: Optional[SeparationConfig] = None,
+                 sample_rate: Optional[int] = None):
+        self.info = info
+        self.sources = info.sources
+        self._model = model
+        self._config = config
+        self._sample_rate = sample_rate
+        if model is not None:
+            self._device = torch.device(
+                "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+            )
+            self._model.to(self._device)
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        if self._model is None:
+            return audio[:, None, :].copy()
+        from demucs.apply import apply_model
+
+        from .audio_backend import torchaudio
+
+        c, sr, model_sr = self._config, self._sample_rate, self._model.samplerate
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if model_sr != sr:
+            x = torchaudio.functional.resample(x, sr, model_sr)
+        scale = x.std(dim=-1, keepdim=True).clamp_min(1e-8)
+        with torch.no_grad():
+            y = apply_model(
+                self._model, (x / scale)[:, None, :], shifts=c.shifts, split=True, overlap=c.overlap,
+                segment=c.segment, device=self._device, progress=False,
+            )  # (channels, sources, 1, samples)
+        y = y[:, :, 0, :] * scale[:, None, :]
+        if model_sr != sr:
+            y = torchaudio.functional.resample(y, model_sr, sr)
+        out = np.zeros((audio.shape[0], len(self.sources), audio.shape[-1]), np.float32)
+        n = min(out.shape[-1], y.shape[-1])
+        out[..., :n] = y[..., :n].cpu().numpy()
+        return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_file(repo: Path, name: str) -> Path:
+    """The file of model ``name`` in ``repo`` (``NAME-<sha8>.th`` or ``NAME.th``).
+
+    Raises
+    ------
+    ModelError
+        No such model; the message lists the models in the folder.
+    """
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise ModelError(
+            f"separation.repo: model folder {repo} does not exist. Train a model into it with "
+            "`signalcraft train-separator`, or set separation.model to null to skip separation."
+        )
+    candidates = [p for p in repo.glob("*.th") if p.stem == name or p.stem.rsplit("-", 1)[0] == name]
+    if len(candidates) == 1:
+        return candidates[0]
+    available = sorted({p.stem.rsplit("-", 1)[0] for p in repo.glob("*.th")})
+    if not candidates:
+        raise ModelError(
+            f"separation.model: no model {name!r} in {repo} (found: {', '.join(available) or 'none'})."
+        )
+    raise ModelError(f"separation.model: {repo} holds several files for {name!r}: "
+                     f"{', '.join(p.name for p in candidates)}. Keep one.")
+
+
+def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
+    """The configured separator, checked against the capture's sample rate.
+
+    Raises
+    ------
+    ModelError
+        The model is missing, corrupt (checksum), not a demucs model, not mono, or at
+        another sample rate with ``resample`` off. The message names the file.
+    """
+    if config.model is None:
+        return Separator(SeparatorInfo(name=None, sources=(MIX,)))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    path = model_file(config.repo, config.model)
+    from demucs.pretrained import get_model
+    from demucs.repo import ModelLoadingError
+
+    try:
+        model = get_model(config.model, repo=Path(config.repo))
+    except ModelLoadingError as e:
+        raise ModelError(f"{path}: cannot load separator: {e}. Retrain it or restore the file.") from None
+    except Exception as e:  # a damaged file fails inside torch.load in many ways
+        raise ModelError(
+            f"{path}: not a readable demucs model ({type(e).__name__}: {e}). Retrain it or restore the file."
+        ) from None
+    model.eval()
+    if getattr(model, "audio_channels", None) != 1:
+        raise ModelError(
+            f"{path}: the model expects {model.audio_channels} audio channels; signalcraft separates each "
+            "microphone on its own and needs a mono model (audio_channels=1)."
+        )
+    if model.samplerate != sample_rate:
+        if not config.resample:
+            raise ModelError(
+                f"{path}: the model runs at {model.samplerate} Hz, the capture at {sample_rate} Hz. "
+                "Set separation.resample: true, or train at the capture rate."
+            )
+        log.info("separator %s runs at %d Hz: resampling from %d Hz and back", config.model,
+                 model.samplerate, sample_rate)
+    info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
+                         sha256=_sha256(path), samplerate=model.samplerate)
+    return Separator(info, model, config, sample_rate)
+
+
+def save_model(model: torch.nn.Module, repo: Path, name: str) -> Path:
+    """Save a demucs model in demucs' own packaged format as ``repo/NAME-<sha8>.th``,
+    loadable by ``load_separator`` and by ``python -m demucs.separate --repo REPO -n NAME``.
+    Written atomically; older files of the same name are removed after."""
+    import io
+
+    from demucs.states import get_state
+
+    from .export import atomic_write
+
+    args, kwargs = model._init_args_kwargs  # recorded by demucs' @capture_init
+    package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=False)}
+    buf = io.BytesIO()
+    torch.save(package, buf)
+    data = buf.getvalue()
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    path = repo / f"{name}-{hashlib.sha256(data).hexdigest()[:8]}.th"
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    for old in repo.glob(f"{name}-*.th"):
+        if old != path and old.stem.rsplit("-", 1)[0] == name:
+            old.unlink()
+    return path

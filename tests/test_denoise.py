@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+from scipy.signal import lfilter
+
+from signalcraft.config import DenoiseConfig
+from signalcraft.denoise import Denoiser
+from signalcraft.errors import NoiseClipError
+
+SR = 16000  # Hz
+TONE_HZ = 1000.0
+
+
+def room_noise(seconds: float, rng: np.random.Generator, level: float = 1.0) -> np.ndarray:
+    """Pink-ish factory noise with a white floor, float32, shape = (samples,)."""
+    white = rng.standard_normal(round(seconds * SR))
+    b, a = [0.049922035, -0.095993537, 0.050612699, -0.004408786], [1, -2.494956002, 2.017265875, -0.522189400]
+    return (level * (0.5 * lfilter(b, a, white) + 0.02 * white)).astype(np.float32)
+
+
+def tone_energy(signal: np.ndarray) -> float:
+    """Energy of the TONE_HZ component (least-squares fit of sine and cosine)."""
+    t = np.arange(signal.size) / SR
+    basis = np.stack([np.sin(2 * np.pi * TONE_HZ * t), np.cos(2 * np.pi * TONE_HZ * t)], axis=1)
+    coef, *_ = np.linalg.lstsq(basis, signal, rcond=None)
+    return float(np.sum((basis @ coef) ** 2))
+
+
+def test_a_machine_tone_survives_while_the_room_noise_drops_10_db():
+    rng = np.random.default_rng(0)
+    t = np.arange(10 * SR) / SR
+    tone = (0.05 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)  # absent from the clip
+    noise = room_noise(10, rng)  # louder than the tone: -4 dB SNR
+    clip = room_noise(10, rng)  # another stretch of the same room
+    denoiser = Denoiser(DenoiseConfig(), SR, [clip])
+
+    mixed = (tone + noise)[None]
+    before = mixed.copy()
+    out = denoiser(mixed)[0]
+    assert np.array_equal(mixed, before)  # input untouched
+    assert out.shape == tone.shape and out.dtype == np.float32
+    kept = tone_energy(out) / tone_energy(tone)
+    assert kept >= 0.90, f"tone kept {kept:.1%} of its energy"
+
+    noise_out = denoiser(noise[None])[0]
+    drop_db = 10 * np.log10(np.mean(noise ** 2) / np.mean(noise_out ** 2))
+    assert drop_db >= 10.0, f"noise dropped only {drop_db:.1f} dB"
+
+
+def test_smoothing_across_frequency_would_erase_the_tone():
+    """Why freq_mask_smooth_hz defaults to null: noisereduce's own default of 500 Hz."""
+    rng = np.random.default_rng(1)
+    t = np.arange(5 * SR) / SR
+    tone = (0.05 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    mixed = (tone + room_noise(5, rng))[None]
+    smoothed = Denoiser(DenoiseConfig(freq_mask_smooth_hz=500), SR, [room_noise(5, rng)])(mixed)[0]
+    assert tone_energy(smoothed) / tone_energy(tone) < 0.5
+
+
+def test_each_channel_is_gated_with_its_own_clip():
+    rng = np.random.default_rng(2)
+    quiet, loud = room_noise(4, rng, 0.1), room_noise(4, rng, 1.0)
+    audio = np.stack([room_noise(4, rng, 0.1), room_noise(4, rng, 0.1)])
+    # Channel 0's clip matches its noise: removed. Channel 1's clip is 20 dB louder:
+    # all of its audio is below that threshold and is removed too. Swap the clips and
+    # channel 0 keeps its audio, gated against a clip 20 dB quieter than the loud one.
+    own = Denoiser(DenoiseConfig(), SR, [quiet, loud])(audio)
+    swapped = Denoiser(DenoiseConfig(), SR, [loud, quiet])(audio)
+    power = lambda x: float(np.mean(x ** 2))
+    assert power(own[0]) < 0.1 * power(audio[0])
+    assert power(swapped[1]) < 0.1 * power(audio[1])
+    assert power(own[1]) < power(swapped[1]) * 10  # both strongly reduced
+    assert own.shape == audio.shape and own.dtype == np.float32
+    # The outputs differ per channel: the clips were not averaged together.
+    assert not np.allclose(Denoiser(DenoiseConfig(), SR, [quiet, quiet])(audio)[1], own[1])
+
+
+def test_non_stationary_mode_needs_no_clip():
+    rng = np.random.default_rng(3)
+    audio = room_noise(2.01, rng)[None]  # not a whole number of hops
+    out = Denoiser(DenoiseConfig(stationary=False), SR, None)(audio)
+    assert out.shape == audio.shape and np.all(np.isfinite(out))
+
+
+def test_a_too_short_clip_is_a_clear_error():
+    with pytest.raises(NoiseClipError, match="needs at least 4096"):
+        Denoiser(DenoiseConfig(), SR, [np.zeros(1000, np.float32)])

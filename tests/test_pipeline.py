@@ -1,0 +1,146 @@
+"""The preprocessing chain end to end through the CLI: capture from the virtual device,
+noise clips, a real (tiny) Demucs model, tensors and manifests; `process` on a file."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from signalcraft import pipeline
+from signalcraft.capture import Segment
+from signalcraft.config import config_from_dict
+from signalcraft.errors import ExitCode, NoiseClipError
+from signalcraft.export import MANIFEST
+
+from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, run_cli
+
+MANIFEST_KEYS = {
+    "format", "signalcraft_version", "start_time_utc", "start_time_local", "duration_s", "sample_rate",
+    "device", "channels", "start_frame", "overflows", "dropped_frames", "dropped_segments", "levels",
+    "denoise", "separator", "features", "tensors", "files",
+}
+
+
+def use_model(project, repo):
+    config = yaml.safe_load(project.read_text())
+    config["separation"] = {"repo": str(repo), "model": "tiny"}
+    project.write_text(yaml.safe_dump(config))
+
+
+def tensors(folder):
+    return {str(p.relative_to(folder)): torch.load(p, weights_only=True) for p in sorted(folder.rglob("*.pt"))}
+
+
+def test_record_then_process_the_same_samples(vmic, project, model_repo, tmp_path):
+    use_model(project, model_repo)
+    assert run_cli("--config", str(project), "calibrate-noise").returncode == 0
+
+    result = run_cli("--config", str(project), "record", "--repeat", "2")
+    assert result.returncode == 0, result.stderr
+    recorded = [p for p in sorted((project.parent / "out").iterdir()) if not p.name.startswith(".")]
+    assert len(recorded) == 2
+    for folder in recorded:
+        expected = {f"mic_{n}/{s}.pt" for n in range(CHANNELS) for s in ("pump", "fan")}
+        found = tensors(folder)
+        assert set(found) == expected
+        for tensor in found.values():
+            assert tensor.shape == (1, 240, 240) and tensor.dtype == torch.float32
+            assert bool(tensor.isfinite().all())
+            assert tensor.untyped_storage().nbytes() == 240 * 240 * 4  # only its own data saved
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert set(manifest) == MANIFEST_KEYS
+        assert manifest["separator"]["name"] == "tiny" and manifest["separator"]["sources"] == ["pump", "fan"]
+        assert len(manifest["separator"]["sha256"]) == 64
+        assert [c["file"] for c in manifest["denoise"]["noise_clips"]] == [f"channel_{c}.pt" for c in range(1, 5)]
+        assert manifest["features"]["n_mels"] == 240 and manifest["features"]["hop_length"] == 33
+        assert [lv["mic"] for lv in manifest["levels"]] == [0, 1, 2, 3]
+        assert all(lv["clipped_fraction"] == 0 and lv["peak"] > 0 for lv in manifest["levels"])
+        assert manifest["tensors"] == {f"mic_{n}": ["pump", "fan"] for n in range(CHANNELS)}
+        assert sorted(manifest["files"]) == sorted(expected)
+
+    # The same samples from a file give the same tensors.
+    wav = tmp_path / "replay.wav"
+    sf.write(wav, vmic.samples[:, : 2 * SEGMENT_FRAMES].T, SAMPLE_RATE, subtype="PCM_16")
+    (project.parent / "out2").mkdir()
+    config = yaml.safe_load(project.read_text())
+    config["output"]["dir"] = "out2"
+    project.write_text(yaml.safe_dump(config))
+    result = run_cli("--config", str(project), "process", str(wav))
+    assert result.returncode == 0, result.stderr
+    processed = sorted((project.parent / "out2").glob("2*"))
+    assert len(processed) == 2
+    for a, b in zip(recorded, processed):
+        ta, tb = tensors(a), tensors(b)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_process_continues_past_a_bad_file_and_exits_1(project, tmp_path):
+    config = yaml.safe_load(project.read_text())
+    config["denoise"] = {"enabled": False}
+    project.write_text(yaml.safe_dump(config))
+    good = tmp_path / "good.flac"
+    sf.write(good, np.zeros((SEGMENT_FRAMES * 2 + 123, CHANNELS), np.float32) + 0.01, SAMPLE_RATE)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF0000WAVE")
+    wrong = tmp_path / "two_channels.wav"
+    sf.write(wrong, np.zeros((SEGMENT_FRAMES, 2), np.float32), SAMPLE_RATE)
+    result = run_cli("--config", str(project), "process", str(bad), str(wrong), str(good))
+    assert result.returncode == ExitCode.FAILURE
+    assert "bad.wav: cannot read as audio" in result.stderr
+    assert "two_channels.wav: has 2 channels but capture.channels lists 4" in result.stderr
+    assert "2 of 3 files failed" in result.stderr
+    # The good file's two whole segments were exported; its short tail was not.
+    assert len(result.stdout.split()) == 2
+    assert "shorter than a segment" in result.stderr
+
+
+def test_missing_noise_clip_fails_before_capture(vmic, project):
+    result = run_cli("--config", str(project), "record")
+    assert result.returncode == ExitCode.FAILURE
+    assert "channel_1.pt: noise clip not found" in result.stderr and "calibrate-noise" in result.stderr
+    assert not (project.parent / "out").exists()
+
+
+def test_a_noise_clip_at_another_rate_names_both(vmic, project):
+    assert run_cli("--config", str(project), "calibrate-noise").returncode == 0
+    config = yaml.safe_load(project.read_text())
+    config["capture"]["sample_rate"] = 8000
+    project.write_text(yaml.safe_dump(config))
+    result = run_cli("--config", str(project), "record")
+    assert result.returncode == ExitCode.FAILURE
+    assert "recorded at 16000 Hz, but the audio is 8000 Hz" in result.stderr
+
+
+def test_a_slow_worker_drops_segments_with_a_warning_and_counts_them(vmic, project, monkeypatch, caplog):
+    """Capture never waits: when processing falls behind the queue bound, segments are
+    dropped, logged, and counted in the next exported manifest."""
+    data = yaml.safe_load(project.read_text())
+    data["pipeline"] = {"queue_segments": 1}
+    data["denoise"] = {"enabled": False}
+    config = config_from_dict(data, project)
+    release = threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def slow_factory(channels):
+        def process(segment: Segment, dropped: int):
+            release.wait(timeout=30)  # hold the worker until capture has run ahead
+            seen.append((segment.start_frame, dropped))
+            return project.parent
+        return process
+
+    threading.Timer(1.0, release.set).start()
+    pipeline.record(config, 6, slow_factory)
+    assert len(seen) == 6  # --repeat counts processed segments
+    drops = [d for _, d in seen]
+    assert sum(drops) > 0
+    assert caplog.text.count("dropped the segment") == sum(drops)
+    # Frames are accounted for: each processed segment starts after the ones dropped before it.
+    frames = [f for f, _ in seen]
+    assert all(b - a == (1 + d) * SEGMENT_FRAMES for (a, _), (b, d) in zip(seen, seen[1:]))
+    assert frames[0] == 0

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from signalcraft.config import SeparationConfig
+from signalcraft.separate import MIX, ModelError, load_separator, model_file, save_model
+
+from conftest import SAMPLE_RATE, tiny_demucs
+
+
+def config(repo: Path, **changes) -> SeparationConfig:
+    return SeparationConfig(repo=repo, model="tiny", **changes)
+
+
+def test_no_model_gives_one_mix_source():
+    separator = load_separator(SeparationConfig(model=None), SAMPLE_RATE)
+    audio = np.random.default_rng(0).standard_normal((3, 8000)).astype(np.float32)
+    out = separator(audio)
+    assert separator.sources == (MIX,) and out.shape == (3, 1, 8000)
+    assert np.array_equal(out[:, 0], audio)
+    assert separator.info.to_dict()["name"] is None
+
+
+def test_a_packaged_model_loads_with_its_sources(model_repo):
+    separator = load_separator(config(model_repo), SAMPLE_RATE)
+    assert separator.sources == ("pump", "fan")
+    path = model_file(model_repo, "tiny")
+    assert separator.info.file == path.name and len(separator.info.sha256) == 64
+    assert path.name.startswith("tiny-") and path.suffix == ".th"
+    audio = np.random.default_rng(1).standard_normal((4, 8000)).astype(np.float32) * 0.1
+    before = audio.copy()
+    out = separator(audio)
+    assert out.shape == (4, 2, 8000) and out.dtype == np.float32 and np.all(np.isfinite(out))
+    assert np.array_equal(audio, before)
+
+
+def test_demucs_own_loader_reads_the_same_file(model_repo):
+    from demucs.pretrained import get_model
+
+    model = get_model("tiny", repo=model_repo)
+    assert list(model.sources) == ["pump", "fan"] and model.samplerate == SAMPLE_RATE
+    reference = tiny_demucs()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)
+
+
+def test_saving_again_replaces_the_old_file(model_repo):
+    save_model(tiny_demucs(sources=("a", "b", "c")), model_repo, "tiny")
+    assert len(list(model_repo.glob("tiny-*.th"))) == 1
+    assert load_separator(config(model_repo), SAMPLE_RATE).sources == ("a", "b", "c")
+
+
+def test_a_missing_model_lists_what_is_there(model_repo, tmp_path):
+    with pytest.raises(ModelError, match=r"no model 'pumps' in .*found: tiny"):
+        load_separator(SeparationConfig(repo=model_repo, model="pumps"), SAMPLE_RATE)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_separator(config(tmp_path / "nowhere"), SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_model_names_the_file(model_repo, damage):
+    path = model_file(model_repo, "tiny")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 3]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError) as e:
+        load_separator(config(model_repo), SAMPLE_RATE)
+    assert str(path) in str(e.value) and "Retrain it or restore the file" in str(e.value)
+    assert "checksum" in str(e.value).lower()
+
+
+def test_another_sample_rate_is_resampled_or_refused(tmp_path):
+    save_model(tiny_demucs(samplerate=8000), tmp_path, "tiny")
+    separator = load_separator(config(tmp_path), SAMPLE_RATE)
+    out = separator(np.zeros((2, 8000), np.float32) + 0.01)
+    assert out.shape == (2, 2, 8000)
+    with pytest.raises(ModelError, match="runs at 8000 Hz, the capture at 16000 Hz"):
+        load_separator(config(tmp_path, resample=False), SAMPLE_RATE)
+
+
+def test_a_stereo_model_is_refused(tmp_path):
+    save_model(tiny_demucs(audio_channels=2), tmp_path, "tiny")
+    with pytest.raises(ModelError, match="needs a mono model"):
+        load_separator(config(tmp_path), SAMPLE_RATE)
