@@ -146,6 +146,47 @@ class SeparationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainSeparatorConfig:
+    """`signalcraft train-separator`: the model and how it is trained."""
+
+    name: str = "separator"  # model name; written to separation.repo as NAME-<sha8>.th
+    # Demucs family: demucs (v2, waveform), hdemucs (hybrid), htdemucs (transformer).
+    architecture: Literal["demucs", "hdemucs", "htdemucs"] = "demucs"
+    channels: int = 16  # width of the first layer; the size grows with its square
+    depth: int = 4  # encoder/decoder layers
+    segment_seconds: float = 4.0  # training excerpt length, s; also the chunk at inference
+    batch_size: int = 8
+    learning_rate: float = 3.0e-4
+    epochs: int = 100  # at most
+    steps_per_epoch: int = 50
+    patience: int = 5  # stop after this many epochs without a better validation SI-SDR
+    max_minutes: Optional[float] = None  # stop after this much training time
+    # The last fraction of every recording is held out for validation.
+    validation_fraction: float = 0.15
+    validation_mixtures: int = 24
+    gain_db: float = 6.0  # each source's level varies by up to +-this in a mixture
+    silent_probability: float = 0.1  # a source is left out of a mixture this often
+    noise_snr_db: tuple[float, ...] = (0.0, 20.0)  # range of machines-to-_noise ratio, dB
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    def __post_init__(self):
+        _require(bool(self.name) and "-" not in self.name and "/" not in self.name, "name",
+                 "must be non-empty, without '-' or '/'")
+        _require(self.channels >= 1 and self.depth >= 1, "channels", "and depth must be positive")
+        _require(self.segment_seconds > 0, "segment_seconds", "must be positive")
+        _require(self.batch_size >= 1 and self.steps_per_epoch >= 1 and self.epochs >= 1, "batch_size",
+                 "steps_per_epoch and epochs must be positive")
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(0 < self.validation_fraction < 1, "validation_fraction", "must be in (0, 1)")
+        _require(self.validation_mixtures >= 1, "validation_mixtures", "must be positive")
+        _require(0 <= self.silent_probability < 1, "silent_probability", "must be in [0, 1)")
+        _require(len(self.noise_snr_db) == 2 and self.noise_snr_db[0] <= self.noise_snr_db[1],
+                 "noise_snr_db", "must be [low, high] in dB")
+        _require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive or null")
+
+
+@dataclasses.dataclass(frozen=True)
 class FeaturesConfig:
     """Log-mel tensors, shape = (1, n_mels, n_frames), one per microphone and source."""
 
@@ -195,6 +236,7 @@ class Config:
     denoise: DenoiseConfig = dataclasses.field(default_factory=DenoiseConfig)
     separation: SeparationConfig = dataclasses.field(default_factory=SeparationConfig)
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
+    train_separator: TrainSeparatorConfig = dataclasses.field(default_factory=TrainSeparatorConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.
@@ -343,5 +385,5 @@ def _resolve_paths(obj: Any, base: Path) -> Any:
         if dataclasses.is_dataclass(value):
             changes[f.name] = _resolve_paths(value, base)
         elif isinstance(value, Path) and f.name != "source" and not value.is_absolute():
-            changes[f.name] = base / value
+            changes[f.name] = Path(os.path.normpath(base / value))
     return dataclasses.replace(obj, **changes)

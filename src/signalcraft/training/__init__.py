@@ -1,0 +1,1 @@
+"""Model training: the Demucs separator (``training.separator``)."""

@@ -1,0 +1,407 @@
+"""Train a Demucs separator on isolated recordings of each machine.
+
+Training data layout (``signalcraft simulate --training-set`` writes it; real
+recordings can be dropped in the same way)::
+
+    DATA_DIR/
+      pump/        isolated recordings of one machine type: *.wav or *.flac
+      fan/         one folder per source; the folder names become the model's sources
+      _noise/      optional: room background without machines, mixed in as interference
+
+Multichannel files contribute each channel as a separate recording; files at another
+sample rate are resampled (with a note in the log). Mixtures are made on the fly: for
+each example every source gets a random excerpt of a random recording, a random gain
+(and is sometimes left out), and background noise is added at a random level. Whole recordings
+(the last ``validation_fraction`` of each folder, at least one) are held out for
+validation, or the end of the only recording: validation mixtures never reuse training
+audio.
+
+The model sees each mixture scaled to unit standard deviation, as ``separate.Separator``
+scales a channel at inference. The loss is the L1 distance of the waveforms, as in
+demucs; validation reports the scale-invariant SDR of the separated sources and its
+improvement over the unprocessed mixture (SI-SDRi).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, TrainSeparatorConfig
+from ..errors import ConfigError, SignalcraftError, StorageError
+from ..export import atomic_write
+
+log = logging.getLogger(__name__)
+
+NOISE_DIR = "_noise"
+AUDIO_SUFFIXES = (".wav", ".flac")
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDataError(SignalcraftError):
+    """The training data folder is missing, empty or unreadable."""
+
+    exit_code = ConfigError.exit_code
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """Recordings per source, split into training and validation parts.
+
+    Each list holds mono float32 arrays, shape = (samples,), at ``sample_rate``.
+    """
+
+    sources: tuple[str, ...]
+    train: tuple[list[np.ndarray], ...]  # per source
+    valid: tuple[list[np.ndarray], ...]
+    noise_train: list[np.ndarray]
+    noise_valid: list[np.ndarray]
+    sample_rate: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    model_path: Path
+    sources: tuple[str, ...]
+    epochs: int
+    steps: int
+    seconds: float  # training wall time, all runs of this checkpoint together
+    best_si_sdr: float  # dB, validation
+    best_si_sdri: float  # dB, validation improvement over the mixture
+    stopped_because: str
+
+
+def _read_recordings(folder: Path, sample_rate: int) -> list[np.ndarray]:
+    import soundfile as sf
+
+    from ..audio_backend import torchaudio
+
+    out = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
+        try:
+            audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, OSError) as e:
+            raise TrainingDataError(f"{path}: cannot read as audio ({e}). Remove or replace it.") from None
+        audio = audio.T  # (channels, samples)
+        if rate != sample_rate:
+            log.info("%s: %d Hz, resampled to %d Hz", path, rate, sample_rate)
+            audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, sample_rate).numpy()
+        out.extend(np.ascontiguousarray(channel) for channel in audio)
+    return out
+
+
+def load_training_data(data_dir: Path, sample_rate: int, config: TrainSeparatorConfig) -> TrainingData:
+    """Read DATA_DIR (see module docstring) and hold out validation audio.
+
+    Raises
+    ------
+    TrainingDataError
+        The folder is missing, has fewer than two sources, a source folder holds no
+        audio, a file is unreadable, or a recording is too short to split.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TrainingDataError(f"{data_dir}: training data folder not found. It needs one folder per machine "
+                                "type with isolated recordings (see `signalcraft train-separator --help`).")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name != NOISE_DIR and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise TrainingDataError(
+            f"{data_dir}: found {len(folders)} source folder(s) ({', '.join(p.name for p in folders) or 'none'}); "
+            "separation needs at least two machine types, each in its own folder."
+        )
+    segment = round(config.segment_seconds * sample_rate)
+    train, valid = [], []
+    for folder in folders:
+        recordings = _read_recordings(folder, sample_rate)
+        if not recordings:
+            raise TrainingDataError(f"{folder}: no .wav or .flac recordings. Add some or remove the folder.")
+        t, v = _split(recordings, config.validation_fraction, segment, folder)
+        train.append(t)
+        valid.append(v)
+    noise_train, noise_valid = [], []
+    if (data_dir / NOISE_DIR).is_dir() and (noise := _read_recordings(data_dir / NOISE_DIR, sample_rate)):
+        try:
+            noise_train, noise_valid = _split(noise, config.validation_fraction, segment, data_dir / NOISE_DIR)
+        except TrainingDataError:
+            # Background is interference, never scored: too little to split is still usable.
+            noise_train = noise_valid = [r for r in noise if len(r) >= segment]
+            log.warning("%s: too little background to hold some out; validation uses the same", data_dir / NOISE_DIR)
+    log.info("training data: sources %s, %s training and %s validation recordings, %d noise recordings",
+             [f.name for f in folders], [len(t) for t in train], [len(v) for v in valid], len(noise_train))
+    return TrainingData(tuple(f.name for f in folders), tuple(train), tuple(valid), noise_train, noise_valid,
+                        sample_rate)
+
+
+def _split(recordings: list[np.ndarray], fraction: float, segment: int, folder: Path):
+    """Hold out whole recordings (the last ``fraction`` of them, at least one) when there
+    are several, else the last ``fraction`` of the only one. Recordings shorter than a
+    training excerpt are skipped."""
+    usable = [r for r in recordings if len(r) >= segment]
+    if len(usable) < len(recordings):
+        log.warning("%s: %d recordings shorter than one training excerpt (%d samples) skipped", folder,
+                    len(recordings) - len(usable), segment)
+    if len(usable) >= 2:
+        held = max(1, round(len(usable) * fraction))
+        return usable[:-held], usable[-held:]
+    if len(usable) == 1 and len(usable[0]) * fraction >= segment:
+        cut = round(len(usable[0]) * (1 - fraction))
+        return [usable[0][:cut]], [usable[0][cut:]]
+    raise TrainingDataError(
+        f"{folder}: not enough audio to train and validate: needs two recordings of at least "
+        f"{segment} samples (one training excerpt), or one of at least {math.ceil(segment / fraction)}. "
+        "Add recordings."
+    )
+
+
+class MixtureSampler:
+    """Random mixtures and their sources from per-source recordings.
+
+    ``sample(n)`` returns (mix, sources): float32 tensors of shape = (n, 1, samples) and
+    (n, n_sources, 1, samples), both divided by the mixture's standard deviation.
+    """
+
+    def __init__(self, recordings, noise, samples: int, config: TrainSeparatorConfig, rng: np.random.Generator):
+        self.recordings, self.noise, self.samples, self.config, self.rng = recordings, noise, samples, config, rng
+
+    def _excerpt(self, pool: list[np.ndarray]) -> np.ndarray:
+        clip = pool[self.rng.integers(len(pool))]
+        start = self.rng.integers(0, len(clip) - self.samples + 1)
+        return clip[start:start + self.samples]
+
+    def sample(self, n: int, all_active: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        c, S = self.config, len(self.recordings)
+        sources = np.zeros((n, S, 1, self.samples), np.float32)
+        mix = np.zeros((n, 1, self.samples), np.float32)
+        for i in range(n):
+            active = np.ones(S, bool) if all_active else self.rng.random(S) >= c.silent_probability
+            if not active.any():
+                active[self.rng.integers(S)] = True
+            for s in np.flatnonzero(active):
+                x = self._excerpt(self.recordings[s])
+                rms = np.sqrt(np.mean(x ** 2)) + 1e-8
+                sources[i, s, 0] = x / rms * 10 ** (self.rng.uniform(-c.gain_db, c.gain_db) / 20)
+            mix[i, 0] = sources[i, :, 0].sum(0)
+            if self.noise:
+                noise = self._excerpt(self.noise)
+                snr = self.rng.uniform(*c.noise_snr_db)
+                gain = np.sqrt(np.mean(mix[i, 0] ** 2) / (np.mean(noise ** 2) + 1e-12)) * 10 ** (-snr / 20)
+                mix[i, 0] += gain * noise
+            scale = mix[i].std() + 1e-8
+            mix[i] /= scale
+            sources[i] /= scale
+        return torch.from_numpy(mix), torch.from_numpy(sources)
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant SDR in dB over the last axis; shapes must match."""
+    reference = reference - reference.mean(-1, keepdim=True)
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    alpha = (estimate * reference).sum(-1, keepdim=True) / ((reference ** 2).sum(-1, keepdim=True) + eps)
+    target = alpha * reference
+    return 10 * torch.log10(((target ** 2).sum(-1) + eps) / (((estimate - target) ** 2).sum(-1) + eps))
+
+
+def build_model(config: TrainSeparatorConfig, sources: tuple[str, ...], sample_rate: int) -> torch.nn.Module:
+    """A mono Demucs model of the configured architecture and size."""
+    common = dict(sources=list(sources), audio_channels=1, samplerate=sample_rate, channels=config.channels,
+                  depth=config.depth, segment=config.segment_seconds)
+    if config.architecture == "demucs":
+        from demucs.demucs import Demucs
+
+        return Demucs(**common)
+    if config.architecture == "hdemucs":
+        from demucs.hdemucs import HDemucs
+
+        return HDemucs(nfft=1024, **common)  # depth 4 needs nfft 1024 at these sizes
+    from demucs.htdemucs import HTDemucs
+
+    return HTDemucs(nfft=1024, **common)
+
+
+def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, device, batch: int) -> tuple[float, float]:
+    """Mean SI-SDR (dB) of separated sources over active ones, and its improvement over
+    using the mixture itself as each source's estimate."""
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for k in range(0, len(mix), batch):
+            outs.append(model(mix[k:k + batch].to(device)).cpu())
+    model.train()
+    est = torch.cat(outs)[:, :, 0]
+    ref = sources[:, :, 0]
+    active = ref.abs().amax(-1) > 0
+    sdr = si_sdr(est, ref)[active]
+    base = si_sdr(mix.expand_as(ref), ref)[active]  # mix: (n, 1, samples)
+    return float(sdr.mean()), float((sdr - base).mean())
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train_separator.device: cuda requested but torch sees no CUDA device; use auto or cpu.")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def checkpoint_path(config: Config) -> Path:
+    """Where training progress is kept, resumable: <separation.repo>/checkpoints/<name>.pt."""
+    return config.separation.repo / "checkpoints" / f"{config.train_separator.name}.pt"
+
+
+def train_separator(
+    data_dir: Path,
+    config: Config,
+    resume: bool = False,
+    stop: Optional[threading.Event] = None,
+    progress: Optional[bool] = None,
+) -> TrainResult:
+    """Train, validate every epoch, stop early, and export the best model.
+
+    A checkpoint is written after every epoch and when ``stop`` is set; with ``resume``
+    training continues from its step with the same model, optimiser and random state.
+    The exported model goes to ``separation.repo`` in demucs' packaged format.
+
+    Raises
+    ------
+    TrainingDataError, ConfigError, StorageError
+    """
+    from tqdm import tqdm
+
+    from ..separate import save_model
+
+    c = config.train_separator
+    stop = stop or threading.Event()
+    sr = config.capture.sample_rate
+    ckpt = checkpoint_path(config)
+    if resume and not ckpt.exists():
+        raise StorageError(f"{ckpt}: no checkpoint to resume. Run without --resume to start training.")
+    data = load_training_data(data_dir, sr, c)
+    device = _device(c.device)
+    samples = round(c.segment_seconds * sr)
+    torch.manual_seed(c.seed)
+    model = build_model(c, data.sources, sr).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
+    rng = np.random.default_rng(c.seed)
+    state = {"epoch": 0, "step": 0, "best": -math.inf, "best_sdri": -math.inf, "bad_epochs": 0, "best_state": None,
+             "train_seconds": 0.0}
+    if resume:
+        state = _load_checkpoint(ckpt, c, data.sources, model, optimizer, rng)
+        log.info("resuming %s from epoch %d, step %d", ckpt, state["epoch"], state["step"])
+    elif ckpt.exists():
+        log.info("starting afresh; the checkpoint %s will be replaced (use --resume to continue it)", ckpt)
+
+    # Validation mixtures are fixed by the seed, whatever the training state.
+    valid = MixtureSampler(data.valid, data.noise_valid, samples, c, np.random.default_rng(c.seed + 1))
+    valid_mix, valid_sources = valid.sample(c.validation_mixtures, all_active=True)
+    train = MixtureSampler(data.train, data.noise_train, samples, c, rng)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %d channels, depth %d, %.2f M parameters, on %s", c.architecture, c.channels, c.depth,
+             n_params / 1e6, device)
+
+    began = time.monotonic()
+    resumed_seconds = state["train_seconds"]
+    budget = math.inf if c.max_minutes is None else 60 * c.max_minutes
+
+    def out_of_time() -> bool:  # the budget counts every run of this checkpoint
+        return resumed_seconds + time.monotonic() - began >= budget
+
+    reason = "epochs"
+    model.train()
+    while state["epoch"] < c.epochs:
+        bar = tqdm(total=c.steps_per_epoch, desc=f"epoch {state['epoch'] + 1}/{c.epochs}", leave=False,
+                   disable=not progress if progress is not None else None, unit="step")
+        losses = []
+        for _ in range(c.steps_per_epoch):
+            if stop.is_set() or out_of_time():
+                break
+            mix, sources = train.sample(c.batch_size)
+            loss = torch.nn.functional.l1_loss(model(mix.to(device)), sources.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", best_si_sdr=f"{state['best']:.1f}dB")
+        bar.close()
+        state["train_seconds"] = resumed_seconds + time.monotonic() - began
+        if stop.is_set():
+            reason = "interrupted"
+            _save_checkpoint(ckpt, c, data.sources, model, optimizer, rng, state)
+            break
+        state["epoch"] += 1
+        sdr, sdri = evaluate(model, valid_mix, valid_sources, device, c.batch_size)
+        improved = sdr > state["best"]
+        if improved:
+            state.update(best=sdr, best_sdri=sdri, bad_epochs=0,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        log.info("epoch %d (step %d): loss %.4f, validation SI-SDR %.2f dB (SI-SDRi %.2f dB)%s",
+                 state["epoch"], state["step"], np.mean(losses), sdr, sdri, " best" if improved else "")
+        _save_checkpoint(ckpt, c, data.sources, model, optimizer, rng, state)
+        if state["bad_epochs"] >= c.patience:
+            reason = f"no improvement for {c.patience} epochs"
+            break
+        if out_of_time():
+            reason = f"time budget of {c.max_minutes:g} min"
+            break
+    seconds = state["train_seconds"]
+    if state["best_state"] is None:
+        raise SignalcraftError("training stopped before the first validation; nothing to export. "
+                               "Run again with --resume to continue.")
+    best = copy.deepcopy(model).cpu()
+    best.load_state_dict(state["best_state"])
+    path = save_model(best, config.separation.repo, c.name)
+    log.info("exported %s (validation SI-SDR %.2f dB, SI-SDRi %.2f dB); stopped: %s", path, state["best"],
+             state["best_sdri"], reason)
+    return TrainResult(path, data.sources, state["epoch"], state["step"], seconds, state["best"],
+                       state["best_sdri"], reason)
+
+
+def _save_checkpoint(path, c, sources, model, optimizer, rng, state) -> None:
+    """Plain data only: loads with torch.load(weights_only=True)."""
+    data = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(c),
+        "sources": list(sources),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        **{k: v for k, v in state.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def _load_checkpoint(path, c, sources, model, optimizer, rng) -> dict:
+    if not path.exists():
+        raise StorageError(f"{path}: no checkpoint to resume. Run without --resume to start training.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("unknown format")
+    except Exception as e:
+        raise StorageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}). "
+                           "Delete it and train without --resume.") from None
+    saved = data["config"]
+    for key in ("architecture", "channels", "depth", "segment_seconds"):
+        if saved[key] != getattr(c, key):
+            raise ConfigError(f"{path}: was trained with train_separator.{key} = {saved[key]!r}, the config now says "
+                              f"{getattr(c, key)!r}. Restore the setting or train without --resume.")
+    if tuple(data["sources"]) != tuple(sources):
+        raise ConfigError(f"{path}: was trained on sources {data['sources']}, the data folder now has "
+                          f"{list(sources)}. Train without --resume.")
+    model.load_state_dict(data["model"])
+    optimizer.load_state_dict(data["optimizer"])
+    rng.bit_generator.state = data["numpy_rng"]
+    torch.set_rng_state(data["torch_rng"])
+    return {k: data[k] for k in ("epoch", "step", "best", "best_sdri", "bad_epochs", "best_state", "train_seconds")}

@@ -1,0 +1,315 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from signalcraft import simulate as sim
+from signalcraft.cli import cli
+from signalcraft.errors import ConfigError, ExitCode
+
+SR = sim.DEFAULT_SAMPLE_RATE
+SECONDS = 6.0  # short clips keep the file fast
+FAULT_WINDOW = (2.0, 4.5)  # s
+
+
+def scene(machines=("pump", "fan"), faults=(), **options):
+    return sim.default_scene(machines, faults=faults, **{"seconds": SECONDS, **options})
+
+
+def band_db(x: np.ndarray, lo: float, hi: float) -> float:
+    """Energy of x between lo and hi Hz, dB."""
+    power = np.abs(np.fft.rfft(x.astype(np.float64))) ** 2
+    f = np.fft.rfftfreq(x.size, 1 / SR)
+    return 10 * np.log10(power[(f >= lo) & (f < hi)].sum() + 1e-30)
+
+
+def bandpassed(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    spectrum = np.fft.rfft(x.astype(np.float64))
+    f = np.fft.rfftfreq(x.size, 1 / SR)
+    spectrum[(f < lo) | (f >= hi)] = 0
+    return np.fft.irfft(spectrum, x.size)
+
+
+def kurtosis(x: np.ndarray) -> float:
+    x = x - x.mean()
+    return float(np.mean(x**4) / np.mean(x**2) ** 2 - 3)
+
+
+def speed(rendering: sim.Rendering, name: str) -> float:
+    return next(m for m in rendering.labels["machines"] if m["name"] == name)["parameters"]["speed_hz"]
+
+
+def twins(machines, name, kind, seed=3):
+    """A scene with one fault in FAULT_WINDOW and its healthy twin (same seed)."""
+    faulty = sim.render(scene(machines, [(name, sim.Fault(kind, *FAULT_WINDOW))], seed=seed))
+    healthy = sim.render(scene(machines, seed=seed))
+    return faulty, healthy
+
+
+INSIDE = slice(round((FAULT_WINDOW[0] + 0.1) * SR), round((FAULT_WINDOW[1] - 0.1) * SR))
+BEFORE = slice(round(0.1 * SR), round((FAULT_WINDOW[0] - 0.1) * SR))
+AFTER = slice(round((FAULT_WINDOW[1] + 0.1) * SR), round((SECONDS - 0.1) * SR))
+
+
+# --- Determinism ----------------------------------------------------------------------
+def test_the_same_seed_gives_identical_audio_and_labels_and_another_seed_does_not():
+    spec = dict(faults=[("pump", sim.Fault("bearing", 1.0, 3.0))], reverb_rt60_s=0.5)
+    a, b = sim.render(scene(seed=7, **spec)), sim.render(scene(seed=7, **spec))
+    assert a.mixture.tobytes() == b.mixture.tobytes()
+    assert a.background.tobytes() == b.background.tobytes()
+    assert {k: v.tobytes() for k, v in a.stems.items()} == {k: v.tobytes() for k, v in b.stems.items()}
+    assert json.dumps(a.labels) == json.dumps(b.labels)
+
+    c = sim.render(scene(seed=8, **spec))
+    assert not np.allclose(a.mixture, c.mixture, atol=1e-3)
+    assert a.labels["machines"][0]["parameters"] != c.labels["machines"][0]["parameters"]
+
+
+def test_adding_a_machine_or_a_mic_leaves_the_others_unchanged():
+    pump = sim.Machine("pump", "pump", (0.0, 2.0, 0.5))
+    fan = sim.Machine("fan", "fan", (3.0, -2.0, 0.5))
+    mics = ((0.0, 0.0, 1.5), (1.0, 0.0, 1.5))
+    alone = sim.render(sim.Scene((pump,), mics, SECONDS, snr_db=None, seed=1))
+    more = sim.render(sim.Scene((pump, fan), mics + ((2.0, 0.0, 1.5),), SECONDS, snr_db=None, seed=1))
+    np.testing.assert_array_equal(alone.stems["pump"], more.stems["pump"][:2])
+    np.testing.assert_array_equal(alone.background[0], more.background[0])  # diffuse noise is per mic
+
+
+def test_machine_signal_is_seeded_and_at_the_documented_level():
+    for kind in sim.MACHINE_TYPES:
+        x = sim.machine_signal(kind, SECONDS, SR, np.random.default_rng(0))
+        again = sim.machine_signal(kind, SECONDS, SR, np.random.default_rng(0))
+        assert x.dtype == np.float32 and x.shape == (round(SECONDS * SR),)
+        assert x.tobytes() == again.tobytes()
+        level_db = 20 * np.log10(np.sqrt(np.mean(x.astype(np.float64) ** 2)) / sim.MACHINE_RMS)
+        assert abs(level_db) < (1.0 if kind in sim.ROTATING else 3.0), kind
+
+
+# --- The mixture and its parts --------------------------------------------------------
+def test_mixture_is_the_sum_of_the_stems_and_the_background():
+    r = sim.render(scene(("pump", "fan", "motor", "valve"), reverb_rt60_s=0.8, n_mics=3, seed=2))
+    assert r.mixture.shape == r.background.shape == (3, round(SECONDS * SR))
+    assert r.mixture.dtype == np.float32 and set(r.stems) == {"pump", "fan", "motor", "valve"}
+    np.testing.assert_allclose(r.mixture, sum(r.stems.values()) + r.background, atol=1e-6)
+    assert 0.01 < np.max(np.abs(r.mixture)) <= sim.PEAK_LIMIT
+
+
+@pytest.mark.parametrize("snr_db", [-6.0, 0.0, 6.0, 2.5])
+def test_snr_at_the_reference_mic_is_what_was_asked(snr_db):
+    r = sim.render(scene(snr_db=snr_db, seed=4))
+    machines = (r.mixture - r.background)[0].astype(np.float64)
+    measured = 10 * np.log10(np.mean(machines**2) / np.mean(r.background[0].astype(np.float64) ** 2))
+    assert measured == pytest.approx(snr_db, abs=0.1)
+    assert r.labels["snr_db"] == snr_db
+
+
+def test_a_fault_makes_the_machine_louder_but_leaves_the_room_as_it_was():
+    faulty, healthy = twins(("pump", "fan"), "pump", "imbalance")
+    np.testing.assert_array_equal(faulty.background, healthy.background)
+    inside = [np.mean(r.mixture[0, INSIDE].astype(np.float64) ** 2) for r in (faulty, healthy)]
+    louder = 10 * np.log10(inside[0] / inside[1])
+    assert louder > 1.0  # fixed levels: no per-clip normalisation hides the fault
+    assert faulty.labels["measured_snr_db"] > faulty.labels["snr_db"]
+
+
+def test_the_room_alone_matches_the_background_of_the_scene_with_machines():
+    """With snr_db None the background has a fixed level: a take with the machines off
+    (for calibrate-noise) sounds like the room under the machines-on take."""
+    on = sim.render(scene(snr_db=None, seed=9))
+    off = sim.render(scene((), snr_db=None, seed=9))
+    assert off.stems == {} and off.labels["measured_snr_db"] is None
+    np.testing.assert_array_equal(on.background, off.background)
+    np.testing.assert_array_equal(off.mixture, off.background)
+
+
+@pytest.mark.parametrize("line_hz", [50.0, 60.0])
+def test_a_motor_hums_at_twice_the_mains_frequency(line_hz):
+    r = sim.render(scene(("motor",), snr_db=None, line_hz=line_hz, seed=1))
+    x = r.stems["motor"][0].astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(x))
+    f = np.fft.rfftfreq(x.size, 1 / SR)
+    assert f[np.argmax(spectrum)] == pytest.approx(2 * line_hz, abs=0.5)
+
+
+# --- Faults: the labels match the audio -----------------------------------------------
+def test_imbalance_raises_the_1x_shaft_tone_in_the_mixture_only_inside_its_window():
+    faulty, healthy = twins(("pump", "fan"), "pump", "imbalance")
+    f1 = speed(faulty, "pump")
+
+    def rise(part):
+        return (band_db(faulty.mixture[0, part], 0.9 * f1, 1.1 * f1)
+                - band_db(healthy.mixture[0, part], 0.9 * f1, 1.1 * f1))
+
+    assert rise(INSIDE) > 6.0
+    assert abs(rise(BEFORE)) < 0.5 and abs(rise(AFTER)) < 0.5
+    assert faulty.labels["faults"] == [{"machine": "pump", "fault": "imbalance",
+                                        "start_s": FAULT_WINDOW[0], "end_s": FAULT_WINDOW[1]}]
+
+
+@pytest.mark.parametrize("machine", ["pump", "fan", "motor"])
+def test_bearing_fault_adds_high_frequency_impacts(machine):
+    faulty, healthy = twins((machine,), machine, "bearing")
+    fault = faulty.labels["machines"][0]["faults"][0]["parameters"]
+    assert 2000 <= fault["resonance_hz"] <= 4000
+    lo, hi = 0.8 * fault["resonance_hz"], 1.2 * fault["resonance_hz"]
+    a, b = faulty.stems[machine][0], healthy.stems[machine][0]
+    assert band_db(a[INSIDE], lo, hi) - band_db(b[INSIDE], lo, hi) > 3.0
+    assert kurtosis(bandpassed(a[INSIDE], lo, hi)) > kurtosis(bandpassed(b[INSIDE], lo, hi)) + 0.5
+    assert abs(band_db(a[AFTER], lo, hi) - band_db(b[AFTER], lo, hi)) < 0.1
+    # Impacts come at the defect frequency in the labels: the envelope of the resonance
+    # band peaks there (envelope analysis, as a vibration analyst would check).
+    envelope = np.abs(bandpassed(a[INSIDE], lo, hi))
+    spectrum = np.abs(np.fft.rfft(envelope - envelope.mean()))
+    f = np.fft.rfftfreq(envelope.size, 1 / SR)
+    assert f[np.argmax(np.where(f > 20, spectrum, 0))] == pytest.approx(fault["defect_hz"], rel=0.1)
+
+
+def test_cavitation_adds_broadband_high_frequency_crackle():
+    faulty, healthy = twins(("pump",), "pump", "cavitation")
+    a, b = faulty.stems["pump"][0], healthy.stems["pump"][0]
+    assert band_db(a[INSIDE], 3000, 7000) - band_db(b[INSIDE], 3000, 7000) > 4.0
+    assert kurtosis(bandpassed(a[INSIDE], 3000, 7000)) > 1.0
+    # Visible in what the microphones record, too.
+    assert band_db(faulty.mixture[0, INSIDE], 3000, 7000) - band_db(healthy.mixture[0, INSIDE], 3000, 7000) > 2.0
+
+
+def test_leak_adds_a_steady_high_frequency_hiss_to_a_valve():
+    faulty, healthy = twins(("valve",), "valve", "leak")
+    a, b = faulty.mixture[0], healthy.mixture[0]
+    assert band_db(a[INSIDE], 4000, 7000) - band_db(b[INSIDE], 4000, 7000) > 4.0
+    assert abs(band_db(a[BEFORE], 4000, 7000) - band_db(b[BEFORE], 4000, 7000)) < 0.5
+
+
+@pytest.mark.parametrize("machine", ["pump", "motor"])
+def test_looseness_adds_half_orders_and_high_harmonics(machine):
+    faulty, healthy = twins((machine,), machine, "looseness")
+    f1 = speed(faulty, machine)
+    a, b = faulty.stems[machine][0, INSIDE], healthy.stems[machine][0, INSIDE]
+
+    def orders_db(x, orders):
+        return 10 * np.log10(sum(10 ** (band_db(x, (k - 0.1) * f1, (k + 0.1) * f1) / 10) for k in orders))
+
+    half = (0.5, 1.5, 2.5, 3.5, 4.5)
+    assert orders_db(a, half) - orders_db(b, half) > 10.0
+    # Harmonics up to high orders: most of 2x..20x rise (the speed drifts, so +-0.2 order).
+    risen = [band_db(a, (k - 0.2) * f1, (k + 0.2) * f1) - band_db(b, (k - 0.2) * f1, (k + 0.2) * f1) > 3.0
+             for k in range(2, 21)]
+    assert sum(risen) >= 12
+
+
+def test_faults_are_checked_against_the_machine_type():
+    with pytest.raises(ConfigError, match="a fan cannot have cavitation; cavitation happens to: pump"):
+        sim.Machine("fan", "fan", (0, 0, 0), (sim.Fault("cavitation"),))
+    with pytest.raises(ConfigError, match="a pump cannot have leak"):
+        scene(faults=[("pump", sim.Fault("leak"))])
+    with pytest.raises(ConfigError, match="cannot have bearing"):
+        sim.machine_signal("valve", 1.0, SR, np.random.default_rng(0), faults=[sim.Fault("bearing")])
+    with pytest.raises(ConfigError, match="unknown kind"):
+        sim.Fault("wobble")
+    with pytest.raises(ConfigError, match="outside the 6 s clip"):
+        scene(faults=[("pump", sim.Fault("bearing", 4.0, 8.0))])
+    with pytest.raises(ConfigError, match="no machine of that name"):
+        scene(faults=[("pmp", sim.Fault("bearing"))])
+
+
+# --- Microphone array -----------------------------------------------------------------
+def test_a_nearer_mic_hears_the_machine_earlier_and_louder():
+    mics = ((0.0, 0.0, 1.0), (6.0, 0.0, 1.0))
+    fan = sim.Machine("fan", "fan", (1.0, 1.0, 1.0))
+    r = sim.render(sim.Scene((fan,), mics, 2.0, snr_db=None, seed=5))
+    near, far = r.stems["fan"].astype(np.float64)
+    d_near, d_far = math.dist(fan.position, mics[0]), math.dist(fan.position, mics[1])
+
+    n = near.size
+    xcorr = np.fft.irfft(np.fft.rfft(far, 2 * n) * np.conj(np.fft.rfft(near, 2 * n)), 2 * n)
+    lag = int(np.argmax(xcorr))
+    lag = lag - 2 * n if lag > n else lag
+    assert lag == pytest.approx((d_far - d_near) / sim.SPEED_OF_SOUND * SR, abs=2)
+    level_ratio_db = 10 * np.log10(np.mean(near**2) / np.mean(far**2))
+    assert level_ratio_db == pytest.approx(20 * np.log10(d_far / d_near), abs=0.5)  # 1/r
+    assert r.labels["machines"][0]["delay_s"] == pytest.approx([d_near / 343, d_far / 343])
+
+
+def test_reverberation_adds_more_to_the_far_mic_than_to_the_near_one():
+    mics = ((0.0, 0.0, 1.0), (8.0, 0.0, 1.0))
+    pump = sim.Machine("pump", "pump", (0.5, 0.5, 1.0))
+    dry = sim.render(sim.Scene((pump,), mics, 2.0, snr_db=None, seed=6)).stems["pump"]
+    wet = sim.render(sim.Scene((pump,), mics, 2.0, snr_db=None, seed=6, reverb_rt60_s=1.0)).stems["pump"]
+    power = [np.mean(x.astype(np.float64) ** 2, axis=1) for x in (wet, dry)]
+    gain_db = 10 * np.log10(power[0] / power[1])
+    assert gain_db[1] > gain_db[0] + 3  # far mic: reverberant field >> direct sound
+    assert gain_db[0] < 1.5  # near mic: mostly direct sound
+
+
+# --- Files ----------------------------------------------------------------------------
+def test_write_rendering_writes_mixture_stems_and_labels(tmp_path):
+    r = sim.render(scene(faults=[("pump", sim.Fault("bearing", 2.0, 4.0))], seed=1))
+    out = sim.write_rendering(r, tmp_path / "scene")
+    mixture, sr = sf.read(out / "mixture.wav", dtype="float32", always_2d=True)
+    assert sr == SR and mixture.shape == (round(SECONDS * SR), 4)
+    np.testing.assert_array_equal(mixture.T, r.mixture)  # 32-bit float WAV: lossless
+    stems = {p.stem: sf.read(p, dtype="float32", always_2d=True)[0].T for p in (out / "stems").glob("*.wav")}
+    assert set(stems) == {"pump", "fan", "_background"}
+    np.testing.assert_allclose(mixture.T, sum(stems.values()), atol=1e-6)
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["faults"] == [{"machine": "pump", "fault": "bearing", "start_s": 2.0, "end_s": 4.0}]
+    assert labels["sample_rate"] == SR and len(labels["mics"]) == 4 and labels["seed"] == 1
+    assert labels["files"]["stems"]["pump"] == "stems/pump.wav"
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_write_training_set_writes_mono_clips_per_machine_type_and_noise(tmp_path):
+    data = sim.write_training_set(tmp_path / "data", sources=("pump", "valve"), clips_per_source=3,
+                                  seconds=1.0, noise_clips=2, fault_fraction=0.5, seed=2)
+    for source, count in (("pump", 3), ("valve", 3), ("_noise", 2)):
+        files = sorted((data / source).glob("*.wav"))
+        assert len(files) == count
+        for path in files:
+            info = sf.info(path)
+            assert info.channels == 1 and info.samplerate == SR and info.frames == SR
+    manifest = json.loads((data / "simulated-seed2.json").read_text())
+    assert len(manifest["clips"]) == 8
+    faulty = [c for c in manifest["clips"] if c.get("faults")]
+    assert all(c["file"].endswith(f"-{c['faults'][0]['fault']}.wav") for c in faulty)
+    # Different clips of one type differ (seed, speed, distance).
+    a, b = (sf.read(p)[0] for p in sorted((data / "pump").glob("*.wav"))[:2])
+    assert not np.allclose(a, b)
+
+
+# --- Command line ---------------------------------------------------------------------
+def test_cli_writes_a_scene_and_prints_where(tmp_path):
+    out = tmp_path / "scene"
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(out), "--seed", "1", "--seconds", "4",
+                                      "--fault", "pump:bearing@2-4", "--mics", "2"])
+    assert result.exit_code == 0, result.output
+    assert str(out / "mixture.wav") in result.stdout
+    assert sf.info(out / "mixture.wav").channels == 2
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["faults"] == [{"machine": "pump", "fault": "bearing", "start_s": 2.0, "end_s": 4.0}]
+
+
+def test_cli_training_set(tmp_path):
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path), "--training-set", "--clips", "1",
+                                      "--seconds", "0.5", "--machines", "fan,motor"])
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / "fan") in result.stdout and str(tmp_path / "_noise") in result.stdout
+    assert len(list((tmp_path / "motor").glob("*.wav"))) == 1
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--fault", "pump:wobble@2-4"], "wobble"),
+    (["--fault", "pmp:bearing@2-4"], "pmp"),
+    (["--fault", "pump-bearing"], "pump-bearing"),
+    (["--fault", "fan:cavitation"], "cavitation"),
+    (["--machines", "pump,robot"], "robot"),
+    (["--snr", "loud"], "loud"),
+    (["--training-set", "--fault", "pump:bearing"], "--fault"),
+])
+def test_cli_bad_options_exit_2_and_say_what_was_wrong(tmp_path, args, named):
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x"), "--seconds", "1", *args])
+    assert result.exit_code == ExitCode.USAGE
+    assert named in result.output
+    assert not (tmp_path / "x" / "mixture.wav").exists()

@@ -1,0 +1,172 @@
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from signalcraft.config import config_from_dict
+from signalcraft.separate import load_separator, model_file
+from signalcraft.training.separator import (
+    TrainingDataError, checkpoint_path, load_training_data, si_sdr, train_separator,
+)
+
+SR = 16000
+
+
+def write_data(root, sources=("hum", "whine"), seconds=4.0, rate=SR, files=2):
+    rng = np.random.default_rng(0)
+    t = np.arange(round(seconds * rate)) / rate
+    for k, name in enumerate(sources):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(files):
+            tone = 0.1 * np.sin(2 * np.pi * (100 + 400 * k + 7 * j) * t) + 0.005 * rng.standard_normal(t.size)
+            sf.write(root / name / f"{j}.wav", tone.astype(np.float32), rate)
+    (root / "_noise").mkdir(exist_ok=True)
+    sf.write(root / "_noise" / "room.wav", (0.02 * rng.standard_normal(t.size)).astype(np.float32), rate)
+    return root
+
+
+def tiny_config(tmp_path, **training):
+    settings = {"name": "tiny", "channels": 4, "depth": 2, "segment_seconds": 0.5, "batch_size": 2,
+                "epochs": 1, "steps_per_epoch": 2, "validation_mixtures": 2, **training}
+    return config_from_dict({"separation": {"repo": str(tmp_path / "models")}, "train_separator": settings})
+
+
+def test_trains_exports_and_the_chain_loads_it(tmp_path):
+    data = write_data(tmp_path / "data")
+    config = tiny_config(tmp_path)
+    result = train_separator(data, config, progress=False)
+    assert result.sources == ("hum", "whine") and result.steps == 2 and result.epochs == 1
+    assert result.model_path == model_file(tmp_path / "models", "tiny")
+    assert np.isfinite(result.best_si_sdr)
+
+    separator = load_separator(dataclasses.replace(config.separation, model="tiny"), SR)
+    assert separator.sources == ("hum", "whine")
+    assert separator(np.zeros((2, 8000), np.float32) + 0.01).shape == (2, 2, 8000)
+
+    from demucs.pretrained import get_model
+
+    assert list(get_model("tiny", repo=tmp_path / "models").sources) == ["hum", "whine"]
+
+
+def test_resuming_continues_from_the_step_it_stopped_at(tmp_path, caplog):
+    data = write_data(tmp_path / "data")
+    straight = tiny_config(tmp_path / "a", epochs=2)
+    train_separator(data, straight, progress=False)
+    reference = torch.load(checkpoint_path(straight), weights_only=True)
+
+    first = tiny_config(tmp_path / "b", epochs=1)
+    assert train_separator(data, first, progress=False).steps == 2
+    caplog.set_level(logging.INFO)
+    second = tiny_config(tmp_path / "b", epochs=2)
+    result = train_separator(data, second, resume=True, progress=False)
+    assert "from epoch 1, step 2" in caplog.text
+    assert result.steps == 4 and result.epochs == 2
+    resumed = torch.load(checkpoint_path(second), weights_only=True)
+    # Same model, optimiser and random state: identical to training without a break.
+    for name, value in reference["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+
+
+def test_a_stop_request_saves_the_step_reached(tmp_path):
+    data = write_data(tmp_path / "data")
+    config = tiny_config(tmp_path, epochs=1, steps_per_epoch=50)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Exception, match="before the first validation"):
+        train_separator(data, config, stop=stop, progress=False)
+    saved = torch.load(checkpoint_path(config), weights_only=True)
+    assert saved["step"] == 0 and saved["epoch"] == 0
+
+
+def test_data_errors_name_the_folder(tmp_path):
+    config = tiny_config(tmp_path).train_separator
+    with pytest.raises(TrainingDataError, match="training data folder not found"):
+        load_training_data(tmp_path / "nothing", SR, config)
+    one = write_data(tmp_path / "one", sources=("hum",))
+    with pytest.raises(TrainingDataError, match=r"found 1 source folder\(s\) \(hum\); separation needs at least two"):
+        load_training_data(one, SR, config)
+    empty = write_data(tmp_path / "empty")
+    (empty / "valve").mkdir()
+    with pytest.raises(TrainingDataError, match=r"valve: no \.wav or \.flac recordings"):
+        load_training_data(empty, SR, config)
+    bad = write_data(tmp_path / "bad")
+    (bad / "hum" / "broken.wav").write_bytes(b"RIFFxxxxWAVE")
+    with pytest.raises(TrainingDataError, match="broken.wav: cannot read as audio"):
+        load_training_data(bad, SR, config)
+    short = write_data(tmp_path / "short", seconds=0.25)  # excerpts are 0.5 s
+    with pytest.raises(TrainingDataError, match="hum: not enough audio to train and validate"):
+        load_training_data(short, SR, config)
+    single = write_data(tmp_path / "single", files=1, seconds=4.0)  # one recording: split in time
+    loaded = load_training_data(single, SR, config)
+    assert [len(v[0]) for v in loaded.valid] == [round(0.15 * 4 * SR)] * 2
+
+
+def test_another_sample_rate_is_resampled_with_a_note(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = write_data(tmp_path / "data", rate=8000)
+    loaded = load_training_data(data, SR, tiny_config(tmp_path).train_separator)
+    assert "8000 Hz, resampled to 16000 Hz" in caplog.text
+    total = sum(len(t) + len(v) for t, v in zip(loaded.train[0], loaded.valid[0]))
+    assert total == 2 * 4 * SR  # two 4 s recordings, now at 16 kHz
+
+
+def test_si_sdr_of_known_signals():
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.standard_normal(16000))
+    noise = torch.from_numpy(rng.standard_normal(16000))
+    assert float(si_sdr(3.0 * ref, ref)) > 80  # scale does not matter
+    noisy = ref + 0.1 * noise
+    assert float(si_sdr(noisy, ref)) == pytest.approx(20.0, abs=0.3)
+
+
+def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):
+    """simulate --training-set -> train-separator -> process with the exported model."""
+    import json
+
+    import yaml
+
+    from conftest import run_cli
+
+    data = tmp_path / "data"
+    made = run_cli("simulate", "--training-set", "--out", str(data), "--machines", "pump,fan", "--clips", "3",
+                   "--seconds", "2", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "capture": {"segment_seconds": 1.0},
+        "denoise": {"enabled": False},
+        "separation": {"repo": "models", "model": "tiny"},
+        "train_separator": {"name": "tiny", "channels": 4, "depth": 2, "segment_seconds": 0.5, "batch_size": 2,
+                            "epochs": 2, "steps_per_epoch": 2, "validation_mixtures": 2},
+        "output": {"dir": "out"},
+    }))
+    trained = run_cli("--config", str(config), "train-separator", str(data))
+    assert trained.returncode == 0, trained.stderr
+    assert "sources fan,pump" in trained.stdout and "(4 steps" in trained.stdout
+    assert len(list((tmp_path / "models").glob("tiny-*.th"))) == 1
+
+    scene = tmp_path / "scene"
+    assert run_cli("simulate", "--out", str(scene), "--seconds", "2", "--mics", "2").returncode == 0
+    done = run_cli("--config", str(config), "process", str(scene / "mixture.wav"))
+    assert done.returncode == 0, done.stderr
+    folders = done.stdout.split()
+    assert len(folders) == 2
+    manifest = json.loads((Path(folders[0]) / "manifest.json").read_text())
+    assert manifest["separator"]["name"] == "tiny" and manifest["tensors"] == {"mic_0": ["fan", "pump"],
+                                                                                "mic_1": ["fan", "pump"]}
+
+
+def test_cli_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from conftest import run_cli
+
+    data = write_data(tmp_path / "data")
+    result = run_cli("--config", str(tmp_path / "none.yaml"), "train-separator", str(data), "--resume")
+    assert result.returncode == 2 and "config file not found" in result.stderr
+    (tmp_path / "c.yaml").write_text("separation:\n  repo: models\n")
+    result = run_cli("--config", str(tmp_path / "c.yaml"), "train-separator", str(data), "--resume")
+    assert result.returncode == 1 and "no checkpoint to resume" in result.stderr
