@@ -84,8 +84,8 @@ def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bo
     """Listen to pumps, fans and motors and flag the ones that start to sound wrong.
 
     \b
-    Exit codes: 0 success, 1 failure, 2 bad usage or configuration,
-    130 stopped by Ctrl-C, 143 stopped by SIGTERM.
+    Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 detect
+    found WARNING, 4 detect found CRITICAL, 130 stopped by Ctrl-C, 143 by SIGTERM.
     """
     _setup_logging(verbose, quiet)
     ctx.obj = config_path
@@ -266,6 +266,86 @@ def train_separator(ctx: click.Context, data_dir: Path, resume: bool) -> None:
         f"{result.model_path}  sources {','.join(result.sources)}  validation SI-SDRi {result.best_si_sdri:.2f} dB  "
         f"({result.steps} steps, {result.seconds / 60:.1f} min; stopped: {result.stopped_because})"
     )
+
+
+@cli.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+@click.option("--since", metavar="TIMESTAMP",
+              help="Also list stored results of segments starting at or after TIMESTAMP (ISO 8601, UTC).")
+@click.pass_context
+def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since: Optional[str]) -> None:
+    """Score new segments in OUTPUT and flag machines that sound wrong.
+
+    Scores every complete segment not scored before (state in
+    OUTPUT/signalcraft.sqlite, or detect.state). With no trained detector yet, the
+    first detect.calibration_segments segments are taken as normal ("calibrating
+    37/60"); then the detector trains itself and sets WARNING and CRITICAL levels per
+    microphone and machine. CRITICAL needs detect.alert_k of the last detect.alert_n
+    segments above the critical level.
+
+    \b
+    Exit codes: 0 all normal (or still calibrating), 3 WARNING found,
+    4 CRITICAL found, 1 failure, 2 bad usage or configuration.
+    """
+    from .detect import report
+    from .detect.run import detect as run_detect
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    config = _config(ctx)
+    result = run_detect(config, output)
+    rows = result.rows if since is None else report.stored_rows(config, output, since)
+    click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table"), nl=False)
+    if result.critical:
+        ctx.exit(ExitCode.CRITICAL)
+    if result.anomalies:
+        ctx.exit(ExitCode.WARNING)
+
+
+@cli.command("train-detector")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--until", metavar="TIMESTAMP",
+              help="Train on segments starting before TIMESTAMP (ISO 8601, UTC). Default: all segments.")
+@click.pass_context
+def train_detector(ctx: click.Context, output: Path, until: Optional[str]) -> None:
+    """Train the detector on segments in OUTPUT, taken as normal, and set thresholds.
+
+    Use it to retrain after maintenance or a change of machines; make sure the
+    segments it trains on are of machines running normally. The previous detector
+    is kept until the new one is saved.
+    """
+    from .detect.run import state_path, train_from_calibration
+    from .detect.store import Store
+
+    config = _config(ctx)
+    until = until or "9999"
+    with Store(state_path(config, output)) as store:
+        train_from_calibration(config, output, store, until=until)
+    click.echo(str(config.detect.model))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the report [default: OUTPUT/report].")
+@click.pass_context
+def report(ctx: click.Context, output: Path, report_dir: Optional[Path]) -> None:
+    """Write PNG timelines and summary.json of the detection results in OUTPUT.
+
+    One PNG per microphone and machine: the score over time with the WARNING and
+    CRITICAL levels and the alerts, beside the log-mel image of the worst segment and
+    of a typical normal one. summary.json holds the current state per machine and
+    alert counts; a summary is printed.
+    """
+    from .detect.report import summary_lines, write_report
+
+    config = _config(ctx)
+    files = write_report(config, output, report_dir or output / "report")
+    for line in summary_lines(files[-1]):
+        click.echo(line)
+    click.echo(f"report: {files[-1].parent}")
 
 
 def main() -> None:

@@ -208,6 +208,50 @@ class FeaturesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DetectConfig:
+    """`signalcraft detect`: the autoencoder, its thresholds and the alert rule."""
+
+    # SQLite file with segments seen, scores, thresholds and alerts.
+    # null: <output.dir>/signalcraft.sqlite
+    state: Optional[Path] = None
+    # The trained detector (plain data, loaded with weights_only=True).
+    model: Path = Path("models/detector.pt")
+    # Segments per (mic, source) taken as normal before the detector trains itself:
+    # 60 segments of 10 s are 10 minutes of audio.
+    calibration_segments: int = 60
+    # Autoencoder: first-layer width, training epochs, batch, learning rate, seed.
+    channels: int = 16
+    epochs: int = 30
+    batch_size: int = 16
+    learning_rate: float = 1.0e-3
+    seed: int = 0
+    # Thresholds from the calibration scores: gamma (quantiles of a fitted gamma
+    # distribution), sigma (mean + k standard deviations) or percentile (empirical).
+    threshold_method: Literal["gamma", "sigma", "percentile"] = "gamma"
+    warning_quantile: float = 0.99  # gamma and percentile
+    critical_quantile: float = 0.999
+    warning_sigma: float = 3.0  # sigma
+    critical_sigma: float = 5.0
+    # Slow drift: each NORMAL score moves the score distribution by this weight
+    # (exponentially weighted); WARNING and CRITICAL scores never do.
+    adapt_rate: float = 0.01
+    # CRITICAL needs at least k of the last n segments above the critical level.
+    alert_k: int = 3
+    alert_n: int = 5
+
+    def __post_init__(self):
+        _require(self.calibration_segments >= 5, "calibration_segments", "must be at least 5")
+        _require(self.channels >= 1 and self.epochs >= 1 and self.batch_size >= 1, "channels",
+                 "epochs and batch_size must be positive")
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(0 < self.warning_quantile < self.critical_quantile < 1, "warning_quantile",
+                 "and critical_quantile must satisfy 0 < warning < critical < 1")
+        _require(0 < self.warning_sigma < self.critical_sigma, "warning_sigma", "must be below critical_sigma")
+        _require(0 <= self.adapt_rate < 1, "adapt_rate", "must be in [0, 1)")
+        _require(1 <= self.alert_k <= self.alert_n, "alert_k", "must be between 1 and alert_n")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Hand-over from capture to processing."""
 
@@ -237,6 +281,7 @@ class Config:
     separation: SeparationConfig = dataclasses.field(default_factory=SeparationConfig)
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
     train_separator: TrainSeparatorConfig = dataclasses.field(default_factory=TrainSeparatorConfig)
+    detect: DetectConfig = dataclasses.field(default_factory=DetectConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.

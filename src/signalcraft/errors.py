@@ -16,6 +16,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1  # a run-time failure: device, disk, corrupt file
     USAGE = 2  # bad command line or configuration (click uses 2 for usage errors too)
+    WARNING = 3  # detect ran fine and found WARNING segments (no CRITICAL)
+    CRITICAL = 4  # detect ran fine and found CRITICAL segments
     SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT)
     SIGTERM = 143  # stopped by SIGTERM (128 + SIGTERM), e.g. by systemd or kill
 

@@ -1,0 +1,436 @@
+"""Convolutional autoencoders that score log-mel tensors by how badly they reconstruct.
+
+One autoencoder per source type (pump, fan, ...) is trained on that source's normal
+tensors, shape = (1, n_mels, n_frames) in dB re full scale, pooled over microphones. A
+narrow bottleneck lets the network reproduce only what it saw in training, so a new
+tone, a broadband rattle or a changed level reconstructs worse.
+
+Inputs are standardised per mel band with the mean and standard deviation of that band
+in the training tensors (never per tensor: a machine that gets louder must score
+differently). Per band, because faults live in few bands: a bearing rings a resonance
+at a few kHz where a healthy machine is quiet, imbalance raises the lowest bands; with
+one scale for the whole tensor those bands would count for little beside the loud ones.
+For the same reason the score is the squared reconstruction error averaged over frames
+per band, then over the ``SCORE_BAND_FRACTION`` worst bands, not over the whole tensor
+(where a fault in a few bands would be diluted).
+
+A trained detector is saved as plain data (argument dicts, feature settings, state dicts
+and their SHA-256) and loads with ``torch.load(weights_only=True)``; no class is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import DetectConfig
+from ..errors import SignalcraftError
+from ..export import atomic_write, storage_error
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = 2  # 2: per-band normalisation; bump when the saved layout changes; older files are refused, not guessed at
+
+N_STAGES = 4  # stride-2 stages: 240 -> 120 -> 60 -> 30 -> 15 bins/frames
+DOWNSAMPLING = 2**N_STAGES  # n_mels and n_frames must be multiples of this
+KERNEL = 4  # with stride 2 and padding 1 a conv halves and a transposed conv doubles exactly
+MAX_GROUPS = 8  # GroupNorm groups per layer (fewer when the width is not a multiple)
+LEAKY_SLOPE = 0.2
+MIN_STD_DB = 1.0  # dB; floor for a band's normalisation std (a silent band is all floor_db)
+SCORE_BAND_FRACTION = 0.1  # the score averages the error of this fraction of worst mel bands
+SCORE_BATCH = 32  # tensors per forward pass when scoring (about 60 MB of activations on CPU)
+RETRAIN = "retrain it with `signalcraft train-detector`"
+
+
+class DetectorError(SignalcraftError):
+    """A detector file is missing, corrupt or does not fit the data; or bad input to it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderArgs:
+    """Plain data that rebuilds a ``ConvAutoencoder`` (saved with the weights)."""
+
+    n_mels: int = 240  # input height, mel bands; a multiple of DOWNSAMPLING
+    n_frames: int = 240  # input width, frames; a multiple of DOWNSAMPLING
+    channels: int = 16  # width of the first conv layer; doubles per stage
+    # Bottleneck width at 1/16 resolution: 8 x 15 x 15 values for a 240 x 240 tensor
+    # (32x fewer than the input), too few to learn the identity.
+    latent_channels: int = 8
+
+    def __post_init__(self):
+        for name in ("n_mels", "n_frames"):
+            value = getattr(self, name)
+            if value < DOWNSAMPLING or value % DOWNSAMPLING:
+                raise ValueError(f"{name} must be a positive multiple of {DOWNSAMPLING}, got {value}")
+        if self.channels < 1 or self.latent_channels < 1:
+            raise ValueError("channels and latent_channels must be positive")
+
+
+def _norm(width: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: it behaves the same in training and eval, with batches of
+    # a few tensors and a model trained on only ~60 of them.
+    return nn.GroupNorm(math.gcd(width, MAX_GROUPS), width)
+
+
+class ConvAutoencoder(nn.Module):
+    """Maps normalised tensors of shape = (batch, 1, n_mels, n_frames) to the same shape.
+
+    Encoder: N_STAGES stride-2 convolutions 1 -> c -> 2c -> 4c -> 8c, each with GroupNorm
+    and LeakyReLU, then a 1x1 convolution to ``latent_channels``. The decoder mirrors it
+    with transposed convolutions; the last layer is linear (outputs are normalised dB).
+    """
+
+    def __init__(self, args: AutoencoderArgs):
+        super().__init__()
+        self.args = args
+        widths = [1] + [args.channels * 2**i for i in range(N_STAGES)]
+        encoder: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            encoder += [nn.Conv2d(w_in, w_out, KERNEL, stride=2, padding=1), _norm(w_out), nn.LeakyReLU(LEAKY_SLOPE)]
+        encoder.append(nn.Conv2d(widths[-1], args.latent_channels, 1))
+        decoder: list[nn.Module] = [nn.Conv2d(args.latent_channels, widths[-1], 1), _norm(widths[-1]),
+                                    nn.LeakyReLU(LEAKY_SLOPE)]
+        for w_in, w_out in zip(widths[:0:-1], widths[-2::-1]):
+            decoder.append(nn.ConvTranspose2d(w_in, w_out, KERNEL, stride=2, padding=1))
+            if w_out != 1:
+                decoder += [_norm(w_out), nn.LeakyReLU(LEAKY_SLOPE)]
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(*decoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+@dataclasses.dataclass
+class Detector:
+    """One autoencoder per source type, shared across microphones."""
+
+    models: dict[str, ConvAutoencoder]  # source name -> model, in eval mode
+    norm: dict[str, tuple[torch.Tensor, torch.Tensor]]  # source -> per-band (mean, std), dB, shape = (n_mels,)
+    args: AutoencoderArgs
+    features: dict  # LogMel.settings() of the training data
+    trained_on: dict  # plain data: source -> tensors, date, epochs, final loss, ...
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    def to(self, device: str | torch.device) -> "Detector":
+        """Move every model to ``device`` (scoring runs where the models are)."""
+        for model in self.models.values():
+            model.to(device)
+        return self
+
+    def score(self, source: str, tensors: torch.Tensor) -> np.ndarray:
+        """Anomaly scores: squared reconstruction error of each standardised tensor,
+        averaged over frames per mel band, then over the worst ``SCORE_BAND_FRACTION``
+        of bands.
+
+        Parameters
+        ----------
+        source : str
+            A source this detector was trained on.
+        tensors : torch.Tensor
+            float32 dB, shape = (N, 1, n_mels, n_frames). Not modified.
+
+        Returns
+        -------
+        np.ndarray
+            float64, shape = (N,). Higher is more abnormal; 1.0 is an error as large as
+            the spread of the training data in those bands. A non-finite input gives a
+            non-finite score.
+
+        Raises
+        ------
+        DetectorError
+            ``source`` is unknown, or the tensors have the wrong shape.
+        """
+        model = self.models.get(source)
+        if model is None:
+            raise DetectorError(
+                f"no detector model for source {source!r} (this detector knows: {', '.join(sorted(self.models)) or 'none'}). "
+                f"Score one of those sources, or {RETRAIN} on data that includes {source!r}."
+            )
+        x = torch.as_tensor(tensors)
+        expected = (1, self.args.n_mels, self.args.n_frames)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise DetectorError(
+                f"source {source!r}: cannot score tensors of shape {tuple(x.shape)}; the detector expects "
+                f"(N, {', '.join(map(str, expected))}). Stack the exported (1, n_mels, n_frames) tensors with "
+                f"torch.stack, or {RETRAIN} if the feature settings changed."
+            )
+        if x.shape[0] == 0:
+            return np.zeros(0, np.float64)
+        mean, std = (v.view(1, 1, -1, 1) for v in self.norm[source])
+        worst = max(1, round(SCORE_BAND_FRACTION * self.args.n_mels))
+        device = next(model.parameters()).device
+        model.eval()
+        scores = []
+        with torch.no_grad():
+            for batch in x.split(SCORE_BATCH):
+                xn = (batch.to(device, torch.float32) - mean.to(device)) / std.to(device)  # a new tensor
+                per_band = (model(xn) - xn).double().pow(2).mean(dim=(1, 3))  # (batch, n_mels)
+                scores.append(per_band.topk(worst, dim=1).values.mean(dim=1).cpu())
+        return torch.cat(scores).numpy()
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DetectorError("device cuda requested but torch sees no CUDA device; use auto or cpu.")
+    if choice not in ("auto", "cuda", "cpu"):
+        raise DetectorError(f"unknown device {choice!r}; use auto, cuda or cpu.")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features: dict) -> tuple[int, int]:
+    """The common (n_mels, n_frames) of all sources' tensors; DetectorError if they do not fit."""
+    if not tensors_by_source:
+        raise DetectorError("no training tensors: record some segments of every machine first, then train again.")
+    shapes = {}
+    for source, x in tensors_by_source.items():
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[0] < 1:
+            raise DetectorError(
+                f"source {source!r}: training tensors of shape {tuple(x.shape)}; expected (N, 1, n_mels, n_frames) "
+                "with N >= 1 (stack the exported tensors with torch.stack)."
+            )
+        if not torch.isfinite(x).all():
+            raise DetectorError(f"source {source!r}: the training tensors contain NaN or infinite values; "
+                                "remove the damaged segments and train again.")
+        shapes[source] = tuple(x.shape[2:])
+    if len(set(shapes.values())) > 1:
+        raise DetectorError(f"training tensors differ in shape between sources: {shapes}; "
+                            "all must come from the same feature settings.")
+    n_mels, n_frames = next(iter(shapes.values()))
+    for key, value in (("n_mels", n_mels), ("n_frames", n_frames)):
+        if key in features and features[key] != value:
+            raise DetectorError(f"features say {key} = {features[key]} but the tensors have {value}; "
+                                "pass the settings the tensors were made with.")
+        if value % DOWNSAMPLING:
+            raise DetectorError(
+                f"{key} = {value} is not a multiple of {DOWNSAMPLING}, which the autoencoder's {N_STAGES} "
+                f"halvings need; set features.{key} to a multiple of {DOWNSAMPLING} (240 is one)."
+            )
+    return n_mels, n_frames
+
+
+def train_detector_models(
+    tensors_by_source: dict[str, torch.Tensor],
+    features: dict,
+    config: DetectConfig,
+    progress: Optional[bool] = None,
+    device: str = "auto",
+) -> Detector:
+    """Train one autoencoder per source on its normal tensors.
+
+    Each source's model starts from ``torch.manual_seed(config.seed)`` and sees its
+    tensors in an order drawn from a generator with the same seed, so a model does not
+    depend on which other sources are trained, and training is repeatable on CPU (CUDA
+    kernels may differ in the last bits).
+
+    Parameters
+    ----------
+    tensors_by_source : dict[str, torch.Tensor]
+        source -> float32 dB tensors, shape = (N, 1, n_mels, n_frames), all
+        microphones pooled. Not modified.
+    features : dict
+        ``LogMel.settings()`` of the tensors; saved with the detector and checked on load.
+        Its n_mels and n_frames, when present, must match the tensors.
+    config : DetectConfig
+        channels, epochs, batch_size, learning_rate and seed are used.
+    progress : bool or None
+        A progress bar per source with the loss; None: only when stderr is a terminal.
+    device : str
+        auto (CUDA when present), cuda or cpu. The returned models are on the CPU.
+
+    Raises
+    ------
+    DetectorError
+        No sources, tensors of the wrong shape or with non-finite values, or sizes that
+        the autoencoder cannot halve four times.
+    """
+    from tqdm import tqdm
+
+    features = dict(features or {})  # a manifest without settings: nothing to check against
+    n_mels, n_frames = _check_training_tensors(tensors_by_source, features)
+    args = AutoencoderArgs(n_mels=n_mels, n_frames=n_frames, channels=config.channels)
+    dev = _device(device)
+    models, norm, trained_on = {}, {}, {}
+    for source in sorted(tensors_by_source):
+        x = tensors_by_source[source].detach().to("cpu", torch.float32)
+        n = x.shape[0]
+        # One (mean, std) per mel band over every tensor and frame: the level of each
+        # tensor stays in the data.
+        mean = x.double().mean(dim=(0, 1, 3)).float()
+        std = (x.double().std(dim=(0, 1, 3)).float() if n * n_frames > 1 else torch.zeros_like(mean))
+        std = std.clamp_min(MIN_STD_DB)
+        xn = (x - mean.view(1, 1, -1, 1)) / std.view(1, 1, -1, 1)
+        torch.manual_seed(config.seed)
+        order = torch.Generator().manual_seed(config.seed)
+        model = ConvAutoencoder(args).to(dev)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        model.train()
+        began = time.monotonic()
+        loss_value = math.nan
+        bar = tqdm(range(config.epochs), desc=f"{source}", unit="epoch", leave=False,
+                   disable=not progress if progress is not None else None)
+        for _ in bar:
+            total = 0.0
+            for idx in torch.randperm(n, generator=order).split(config.batch_size):
+                batch = xn[idx].to(dev)
+                loss = nn.functional.mse_loss(model(batch), batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+            loss_value = total / n
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.close()
+        seconds = time.monotonic() - began
+        model.cpu().eval()
+        models[source], norm[source] = model, (mean, std)
+        trained_on[source] = {
+            "tensors": n,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "seed": config.seed,
+            "final_loss": loss_value,
+            "seconds": round(seconds, 3),
+            "device": str(dev),
+        }
+        log.info("detector for %s: %d tensors, %d epochs, final loss %.4f, %.1f s on %s", source, n,
+                 config.epochs, loss_value, seconds, dev)
+    return Detector(models=models, norm=norm, args=args, features=features, trained_on=trained_on)
+
+
+def _state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_detector(detector: Detector, path: Path) -> Path:
+    """Write ``detector`` to ``path`` as plain data, atomically.
+
+    The file holds ``format``, ``signalcraft_version``, ``args``, ``features``, ``norm``,
+    ``trained_on``, ``state_dicts`` (source -> state dict) and ``sha256`` (source -> hash
+    of its state tensors); it loads with ``torch.load(weights_only=True)``. A previous file
+    at ``path`` stays intact until the new one is complete.
+
+    Raises
+    ------
+    StorageError
+        The folder cannot be created or written; the message names the file.
+    """
+    path = Path(path)
+    states = {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for s, m in detector.models.items()}
+    data = {
+        "format": MODEL_FORMAT,
+        "signalcraft_version": __version__,
+        "args": dataclasses.asdict(detector.args),
+        "features": dict(detector.features),
+        "norm": {s: [m.tolist(), sd.tolist()] for s, (m, sd) in detector.norm.items()},
+        "trained_on": detector.trained_on,
+        "state_dicts": states,
+        "sha256": {s: _state_sha256(state) for s, state in states.items()},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(path, e) from None
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def _differences(stored: dict, given: dict) -> list[str]:
+    missing = "<missing>"
+    return [
+        f"{key}: model {stored.get(key, missing)}, data {given.get(key, missing)}"
+        for key in sorted(set(stored) | set(given), key=str)
+        if stored.get(key, missing) != given.get(key, missing)
+    ]
+
+
+def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
+    """Read a detector written by ``save_detector`` (with ``weights_only=True``).
+
+    Parameters
+    ----------
+    path : Path
+        The detector file.
+    features : dict or None
+        ``LogMel.settings()`` of the data to be scored. When given, every setting must
+        equal the one the detector was trained on.
+
+    Raises
+    ------
+    DetectorError
+        The file is missing, unreadable or damaged (checksum), of an unknown format, or
+        trained on other feature settings (the message lists them). Each names the file.
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DetectorError(f"{path}: detector model not found. Train one with `signalcraft train-detector`, "
+                            "or set detect.model to the file.") from None
+    except Exception as e:  # a damaged file fails inside torch.load in many ways
+        raise DetectorError(f"{path}: not a readable detector model ({type(e).__name__}: {e}). "
+                            f"Restore the file or {RETRAIN}.") from None
+    if not isinstance(data, dict) or "format" not in data:
+        raise DetectorError(f"{path}: not a signalcraft detector model (no format field). "
+                            f"Check detect.model, or {RETRAIN}.")
+    if data["format"] != MODEL_FORMAT:
+        raise DetectorError(
+            f"{path}: detector format {data['format']!r} (written by signalcraft "
+            f"{data.get('signalcraft_version', '?')}); this signalcraft {__version__} reads format {MODEL_FORMAT}. "
+            f"Use the matching signalcraft, or {RETRAIN}."
+        )
+    try:
+        detector = _from_data(data)
+    except DetectorError as e:
+        raise DetectorError(f"{path}: {e}") from None
+    except Exception as e:
+        raise DetectorError(f"{path}: damaged detector model ({type(e).__name__}: {e}). "
+                            f"Restore the file or {RETRAIN}.") from None
+    if features is not None:
+        diffs = _differences(detector.features, dict(features))
+        if diffs:
+            raise DetectorError(
+                f"{path}: the detector was trained on other feature settings than the data "
+                f"({'; '.join(diffs)}). Its scores would be meaningless: {RETRAIN} on the current data."
+            )
+    return detector
+
+
+def _from_data(data: dict[str, Any]) -> Detector:
+    args = AutoencoderArgs(**data["args"])
+    models, norm = {}, {}
+    for source, state in data["state_dicts"].items():
+        if _state_sha256(state) != data["sha256"][source]:
+            raise DetectorError(f"the weights of source {source!r} fail their checksum (the file is damaged). "
+                                f"Restore the file or {RETRAIN}.")
+        model = ConvAutoencoder(args)
+        model.load_state_dict(state)
+        models[source] = model.eval()
+        mean, std = data["norm"][source]
+        norm[source] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
+        if norm[source][0].shape != (args.n_mels,) or norm[source][1].shape != (args.n_mels,):
+            raise ValueError(f"normalisation of {source!r} does not have {args.n_mels} bands")
+    return Detector(models=models, norm=norm, args=args, features=dict(data["features"]),
+                    trained_on=dict(data["trained_on"]))

@@ -1,0 +1,148 @@
+"""What `detect` prints and what `report` writes.
+
+``format_rows`` renders scored rows as a table, JSON or CSV. ``write_report`` writes,
+per (microphone, source), a PNG with the score timeline, the WARNING/CRITICAL levels
+and the alerts, beside the log-mel image of the worst segment and of a typical normal
+one; plus ``summary.json`` with the current state per machine and alert counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..config import Config
+from ..export import atomic_write, write_json
+from . import thresholds as th
+from .run import CALIBRATING, DetectResult, Row, state_path
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = ("folder", "start_time", "mic", "source", "score", "warning", "critical", "status")
+
+
+def stored_rows(config: Config, output_dir: Path, since: str) -> list[Row]:
+    """Rows stored for segments starting at or after ``since`` (ISO 8601, UTC)."""
+    with Store(state_path(config, output_dir)) as store:
+        return [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"],
+                    r["critical"], r["status"]) for r in store.scores(since_utc=_utc(since))]
+
+
+def _utc(text: str) -> str:
+    """An ISO 8601 time as the store writes it (UTC, with offset)."""
+    import datetime as dt
+
+    from ..errors import ConfigError
+
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.astimezone(dt.timezone.utc).isoformat()
+
+
+def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
+    """``style``: table (for people), json or csv (for scripts)."""
+    if style == "json":
+        return json.dumps({
+            "segments": result.segments, "corrupt_tensors": result.corrupt, "trained": result.trained,
+            "calibration": {"collected": result.calibration[0], "needed": result.calibration[1]},
+            "rows": [dataclasses.asdict(r) for r in rows],
+        }, indent=2) + "\n"
+    if style == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(_COLUMNS)
+        for r in rows:
+            writer.writerow([getattr(r, c) if getattr(r, c) is not None else "" for c in _COLUMNS])
+        return out.getvalue()
+    lines = []
+    scored = [r for r in rows if r.status != CALIBRATING]
+    if scored:
+        lines.append(f"{'segment':<22} {'mic':>3}  {'source':<10} {'score':>10} {'warning':>10} {'critical':>10}  status")
+        for r in scored:
+            lines.append(f"{r.folder:<22} {r.mic:>3}  {r.source:<10} {_num(r.score)} {_num(r.warning)} "
+                         f"{_num(r.critical)}  {r.status}")
+    if result.calibration[1]:
+        lines.append(f"calibrating {result.calibration[0]}/{result.calibration[1]} segments: the detector trains "
+                     "itself once enough normal operation has been recorded")
+    if result.trained:
+        lines.append("detector trained and thresholds set")
+    lines.append(f"{result.segments} new segments, {result.anomalies} anomalies "
+                 f"({result.critical} CRITICAL), {result.corrupt} corrupt tensors skipped")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: Optional[float]) -> str:
+    return f"{x:>10.4g}" if x is not None else f"{'-':>10}"
+
+
+def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Path]:
+    """PNG per (mic, source) and summary.json in ``report_dir``; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display (cron)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with Store(state_path(config, output_dir)) as store:
+        rows = [r for r in store.scores() if r["score"] is not None]
+        alerts = store.alerts()
+        counts = store.counts()
+    written, machines = [], []
+    for mic, source in sorted({(r["mic"], r["source"]) for r in rows}):
+        mine = [r for r in rows if r["mic"] == mic and r["source"] == source]
+        scores = np.array([r["score"] for r in mine])
+        worst = mine[int(np.argmax(scores))]
+        normal = [r for r in mine if r["status"] == th.NORMAL] or mine
+        typical = normal[int(np.argsort([r["score"] for r in normal])[len(normal) // 2])]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+        x = np.arange(len(mine))
+        axes[0].plot(x, scores, lw=1, color="black", label="score")
+        for key, color in (("warning", "orange"), ("critical", "red")):
+            axes[0].plot(x, [r[key] if r[key] is not None else np.nan for r in mine], color=color, lw=1, label=key)
+        for status, color in ((th.WARNING, "orange"), (th.CRITICAL, "red")):
+            hit = [i for i, r in enumerate(mine) if r["status"] == status]
+            axes[0].scatter(hit, scores[hit], color=color, s=14, zorder=3)
+        axes[0].set(title=f"mic_{mic} / {source}: anomaly score", xlabel="segment (oldest first)", ylabel="score")
+        axes[0].legend(loc="upper left")
+        for ax, row, title in ((axes[1], worst, "worst"), (axes[2], typical, "typical normal")):
+            path = output_dir / row["folder"] / f"mic_{mic}" / f"{source}.pt"
+            try:
+                image = torch.load(path, map_location="cpu", weights_only=True)[0].numpy()
+                ax.imshow(image, origin="lower", aspect="auto", vmin=-100, vmax=0, cmap="magma")
+            except Exception:
+                ax.text(0.5, 0.5, "tensor no longer on disk", ha="center", transform=ax.transAxes)
+            ax.set(title=f"{title}: {row['folder']}", xlabel="frame", ylabel="mel band")
+        fig.tight_layout()
+        png = report_dir / f"mic_{mic}_{source}.png"
+        atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+        plt.close(fig)
+        written.append(png)
+        last = mine[-1]
+        machines.append({"mic": mic, "source": source, "status": last["status"], "last_segment": last["folder"],
+                         "score": last["score"], "warning": last["warning"], "critical": last["critical"],
+                         "warnings": sum(a["status"] == th.WARNING for a in alerts if a["mic"] == mic and a["source"] == source),
+                         "criticals": sum(a["status"] == th.CRITICAL for a in alerts if a["mic"] == mic and a["source"] == source)})
+    written.append(write_json(report_dir / "summary.json", {"counts": counts, "machines": machines}))
+    return written
+
+
+def summary_lines(summary_path: Path) -> Iterable[str]:
+    """A one-screen terminal summary from summary.json."""
+    data = json.loads(summary_path.read_text())
+    yield f"{'mic':>3}  {'source':<10} {'now':<9} {'warnings':>8} {'criticals':>9}  last segment"
+    for m in data["machines"]:
+        yield f"{m['mic']:>3}  {m['source']:<10} {m['status']:<9} {m['warnings']:>8} {m['criticals']:>9}  {m['last_segment']}"
+    c = data["counts"]
+    yield f"{c.get('segments', 0)} segments, {c.get('alerts', 0)} alerts, {c.get('corrupt_files', 0)} corrupt files"

@@ -1,0 +1,240 @@
+"""`signalcraft detect OUTPUT`: score new segments, learn what normal is, raise alerts.
+
+Each run finds the complete segments under OUTPUT (manifest present) that the state
+database has not seen, oldest first, and handles each in one transaction:
+
+- cold start (no detector yet): the segment is taken as normal calibration data. Once
+  ``detect.calibration_segments`` are collected, one autoencoder per source is trained
+  on all of them (shared by the microphones), and WARNING/CRITICAL levels per
+  (microphone, source) are fitted to scores the model gave to data it was not trained
+  on (two-fold cross-fitting over the calibration segments: in-sample reconstruction
+  errors are too low and would set the levels too low).
+- scoring: each (mic, source) tensor gets the autoencoder's reconstruction error; the
+  thresholds decide NORMAL / WARNING / CRITICAL (k of n segments for CRITICAL) and
+  adapt to slow drift from NORMAL scores only.
+
+A corrupt or wrong-shape tensor is skipped, logged and counted; a folder without a
+manifest is left for a later run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..export import MANIFEST, STAGING
+from . import thresholds as th
+from .model import Detector, load_detector, save_detector, train_detector_models
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CALIBRATING = "CALIBRATING"
+STATE_FILE = "signalcraft.sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One scored tensor."""
+
+    folder: str  # segment folder, relative to the output folder
+    start_time: str  # UTC, ISO 8601
+    mic: int
+    source: str
+    score: Optional[float]
+    warning: Optional[float]
+    critical: Optional[float]
+    status: str  # NORMAL, WARNING, CRITICAL or CALIBRATING
+
+
+@dataclasses.dataclass
+class DetectResult:
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    segments: int = 0  # new segments handled in this run
+    corrupt: int = 0  # tensors skipped as unreadable or of the wrong shape
+    calibration: tuple[int, int] = (0, 0)  # (segments collected, needed) while calibrating
+    trained: bool = False  # the detector was trained in this run
+
+    @property
+    def anomalies(self) -> int:
+        return sum(r.status in (th.WARNING, th.CRITICAL) for r in self.rows)
+
+    @property
+    def critical(self) -> int:
+        return sum(r.status == th.CRITICAL for r in self.rows)
+
+
+def state_path(config: Config, output_dir: Path) -> Path:
+    return config.detect.state or Path(output_dir) / STATE_FILE
+
+
+def complete_segments(output_dir: Path) -> Iterator[tuple[Path, dict]]:
+    """(folder, manifest) of every published segment, oldest first. Folders without a
+    manifest are not segments (yet) and are skipped."""
+    import json
+
+    found = []
+    for folder in Path(output_dir).iterdir():
+        if not folder.is_dir() or folder.name.startswith(".") or folder.name == STAGING:
+            continue
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable manifest, segment skipped (%s)", folder, e)
+            continue
+        found.append((manifest.get("start_time_utc", ""), folder.name, folder, manifest))
+    for _, _, folder, manifest in sorted(found):
+        yield folder, manifest
+
+
+def load_tensors(folder: Path, manifest: dict) -> tuple[dict[tuple[int, str], torch.Tensor], int]:
+    """The segment's tensors by (mic, source), and how many were corrupt or misshapen."""
+    features = manifest.get("features", {})
+    shape = (1, features.get("n_mels", 240), features.get("n_frames", 240))
+    out, corrupt = {}, 0
+    for mic_name, sources in manifest.get("tensors", {}).items():
+        mic = int(mic_name.split("_", 1)[1])
+        for source in sources:
+            path = folder / mic_name / f"{source}.pt"
+            try:
+                tensor = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                    raise ValueError(f"expected a tensor of shape {shape}, got "
+                                     f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError("non-finite values")
+            except Exception as e:  # a damaged file fails inside torch.load in many ways
+                log.warning("%s: skipped, not a usable tensor (%s)", path, e)
+                corrupt += 1
+                continue
+            out[(mic, source)] = tensor.float()
+    return out, corrupt
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def detect(
+    config: Config,
+    output_dir: Path,
+    on_segment: Callable[[], None] = lambda: None,
+) -> DetectResult:
+    """Handle every new complete segment under ``output_dir``; see the module docstring."""
+    output_dir = Path(output_dir)
+    c = config.detect
+    result = DetectResult()
+    with Store(state_path(config, output_dir)) as store:
+        detector = load_detector(c.model) if c.model.exists() else None
+        seen = store.scored_folders()
+        for folder, manifest in complete_segments(output_dir):
+            if folder.name in seen:
+                continue
+            tensors, corrupt = load_tensors(folder, manifest)
+            result.corrupt += corrupt
+            result.segments += 1
+            if detector is not None and detector.features != manifest.get("features"):
+                detector = load_detector(c.model, features=manifest.get("features"))  # raises with the reason
+            with store.transaction():
+                if detector is None:
+                    _calibrate(store, folder, manifest, tensors, corrupt, result)
+                else:
+                    _score(store, detector, folder, manifest, tensors, corrupt, c, result)
+            on_segment()
+            if detector is None and store.calibration_count() >= c.calibration_segments:
+                detector = train_from_calibration(config, output_dir, store)
+                result.trained = True
+        result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
+    return result
+
+
+def _calibrate(store, folder, manifest, tensors, corrupt, result) -> None:
+    seg = store.record_segment(folder.name, manifest.get("start_time_utc", ""), _now(), len(tensors), corrupt,
+                               phase="calibration")
+    for (mic, source) in sorted(tensors):
+        store.add_score(seg, mic, source, None, None, None, CALIBRATING)
+        result.rows.append(Row(folder.name, manifest.get("start_time_utc", ""), mic, source, None, None, None,
+                               CALIBRATING))
+
+
+def _score(store, detector: Detector, folder, manifest, tensors, corrupt, c, result) -> None:
+    seg = store.record_segment(folder.name, manifest.get("start_time_utc", ""), _now(), len(tensors), corrupt,
+                               phase="scored")
+    at = _now()
+    for (mic, source), tensor in sorted(tensors.items()):
+        saved = store.get_threshold(mic, source)
+        score = float(detector.score(source, tensor[None])[0])
+        if saved is None:  # a microphone or source that was not there at calibration
+            log.warning("%s mic_%d/%s: no thresholds (not seen during calibration); retrain with "
+                        "`signalcraft train-detector`", folder.name, mic, source)
+            store.add_score(seg, mic, source, score, None, None, CALIBRATING)
+            continue
+        state = th.ThresholdState.from_dict(saved)
+        decision = th.decide(state, score, c)
+        store.add_score(seg, mic, source, score, state.warning, state.critical, decision.status)
+        if decision.state != state:
+            store.set_threshold(mic, source, decision.state.to_dict(), decision.change or "", at,
+                                log_change=decision.change is not None)
+        if decision.change:
+            log.info("mic_%d/%s thresholds: %s", mic, source, decision.change)
+        if decision.status != th.NORMAL:
+            store.add_alert(seg, mic, source, decision.status, score, at)
+        result.rows.append(Row(folder.name, manifest.get("start_time_utc", ""), mic, source, score,
+                               state.warning, state.critical, decision.status))
+
+
+def train_from_calibration(config: Config, output_dir: Path, store: Store,
+                           until: Optional[str] = None) -> Detector:
+    """Train the detector on the calibration segments (or, with ``until``, on every
+    segment that starts before it) and fit thresholds per (mic, source). The previous
+    detector file stays in place until the new one is saved."""
+    c = config.detect
+    chosen = [(f, m) for f, m in complete_segments(output_dir)
+              if (until is None and store.phase(f.name) == "calibration")
+              or (until is not None and m.get("start_time_utc", "") < until)]
+    if len(chosen) < 2:
+        from ..errors import SignalcraftError
+
+        raise SignalcraftError(f"{output_dir}: {len(chosen)} segment(s) to train on; need at least 2 "
+                               f"(detect.calibration_segments is {c.calibration_segments}).")
+    loaded = [load_tensors(f, m)[0] for f, m in chosen]
+    features = chosen[0][1].get("features")
+    folds = [loaded[0::2], loaded[1::2]]
+
+    def pooled(segments):
+        by_source: dict[str, list[torch.Tensor]] = {}
+        for tensors in segments:
+            for (mic, source), t in tensors.items():
+                by_source.setdefault(source, []).append(t)
+        return {s: torch.stack(ts) for s, ts in by_source.items()}
+
+    log.info("training the detector on %d segments (two folds for the thresholds, then all)", len(chosen))
+    out_of_fold: dict[tuple[int, str], list[float]] = {}
+    for k in (0, 1):
+        model = train_detector_models(pooled(folds[k]), features, c)
+        for tensors in folds[1 - k]:
+            for (mic, source), t in tensors.items():
+                if source in model.models:
+                    out_of_fold.setdefault((mic, source), []).append(float(model.score(source, t[None])[0]))
+    detector = train_detector_models(pooled(loaded), features, c)
+    at = _now()
+    with store.transaction():
+        for (mic, source), scores in sorted(out_of_fold.items()):
+            state = th.fit(np.asarray(scores), c)
+            store.set_threshold(mic, source, state.to_dict(),
+                                f"fitted ({c.threshold_method}) on {len(scores)} calibration scores", at)
+            log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
+                     state.critical)
+        save_detector(detector, c.model)
+        store.mark_calibration_done()
+    log.info("detector saved to %s", c.model)
+    return detector

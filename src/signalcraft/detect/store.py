@@ -1,0 +1,457 @@
+"""The state of `signalcraft detect` in one SQLite file (default
+``<output>/signalcraft.sqlite``).
+
+It holds the segments seen, every score with the levels it was judged against, the
+current thresholds per (microphone, source) with the history of their changes, and the
+alerts. Write one segment's records inside ``with store.transaction():``: a crash or an
+error then leaves the segment wholly absent (and scored again on the next run), never
+half-scored.
+
+The file is in WAL mode, so ``signalcraft`` commands that only read (a status page, an
+export) can run while cron's ``detect`` writes; a second writer waits up to
+``BUSY_TIMEOUT_S`` for the first.
+
+Times are ISO 8601 UTC strings, as the caller passes them; ``since_utc`` filters compare
+them as text, so use one format throughout (``datetime.isoformat()`` of aware UTC
+times).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from ..errors import StorageError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
+PHASES = ("calibration", "scored")
+STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
+ALERT_STATUSES = ("WARNING", "CRITICAL")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY,
+    folder TEXT NOT NULL UNIQUE,        -- relative to the output folder
+    start_time_utc TEXT NOT NULL,
+    scored_at_utc TEXT NOT NULL,
+    n_tensors INTEGER NOT NULL,
+    n_corrupt INTEGER NOT NULL,
+    phase TEXT NOT NULL CHECK (phase IN {PHASES})
+);
+CREATE INDEX IF NOT EXISTS segments_start ON segments (start_time_utc);
+CREATE TABLE IF NOT EXISTS scores (
+    segment_id INTEGER NOT NULL REFERENCES segments (id) ON DELETE CASCADE,
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    score REAL,                         -- NULL: not scored (calibration)
+    warning REAL,                       -- the levels the score was judged against
+    critical REAL,
+    status TEXT NOT NULL CHECK (status IN {STATUSES}),
+    PRIMARY KEY (segment_id, mic, source)
+);
+CREATE INDEX IF NOT EXISTS scores_mic_source ON scores (mic, source);
+CREATE TABLE IF NOT EXISTS thresholds (
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    state_json TEXT NOT NULL,           -- ThresholdState.to_dict()
+    updated_at_utc TEXT NOT NULL,
+    PRIMARY KEY (mic, source)
+);
+CREATE TABLE IF NOT EXISTS threshold_changes (
+    id INTEGER PRIMARY KEY,
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    at_utc TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    warning REAL,
+    critical REAL,
+    state_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    segment_id INTEGER NOT NULL REFERENCES segments (id) ON DELETE CASCADE,
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {ALERT_STATUSES}),
+    score REAL NOT NULL,
+    at_utc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_utc);
+"""
+
+
+class StoreError(StorageError):
+    """The state file is unreadable, not signalcraft's, too new, or locked."""
+
+
+class Store:
+    """The state database; a context manager that closes it.
+
+    Parameters
+    ----------
+    path : Path
+        The SQLite file; it and its folder are created if missing.
+    timeout_s : float
+        How long to wait for another process's write transaction, s.
+
+    Raises
+    ------
+    StoreError
+        The file is not a SQLite database, belongs to another program, was written by a
+        newer signalcraft, or cannot be opened.
+    """
+
+    def __init__(self, path: Path, timeout_s: float = BUSY_TIMEOUT_S):
+        self.path = Path(path)
+        self._depth = 0  # nesting of transaction()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create the state file's folder: {e.strerror}.") from None
+        try:
+            # isolation_level=None: no implicit transactions; transaction() issues BEGIN.
+            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA foreign_keys = ON")
+            # WAL: readers never block the writer. synchronous=NORMAL: a power cut may
+            # lose the last commits, never corrupt the file; detect then re-scores.
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._open_schema()
+        except BaseException as e:
+            self._db.close()
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from None
+            raise
+
+    def _open_schema(self) -> None:
+        with self.transaction():
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "meta" not in tables:
+                raise StoreError(
+                    f"{self.path}: a SQLite file of another program (tables: {', '.join(sorted(tables))}). "
+                    "Point detect.state at another file, or move this one aside."
+                )
+            version = None
+            if "meta" in tables:
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row is not None else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: state written by a newer signalcraft (schema version {version}, this "
+                    f"one reads up to {SCHEMA_VERSION}). Upgrade signalcraft, or point detect.state at "
+                    "another file."
+                )
+            if version is None:
+                # Statement by statement: executescript() would commit the open transaction.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        """Close the file; a transaction still open is rolled back."""
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["Store"]:
+        """All writes inside are committed together at the end, or none on an exception.
+
+        Nested blocks join the outermost one. The write lock is taken at the start
+        (``BEGIN IMMEDIATE``), so waiting for another writer happens here, not halfway.
+
+        Raises
+        ------
+        StoreError
+            Another process held the file longer than the timeout, the disk is full, or
+            the file is damaged.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        self._depth = 1
+        try:
+            yield self
+        except BaseException:
+            self._depth = 0
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise self._error(e) from None
+
+    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.IntegrityError:
+            raise  # a caller's mistake (a segment recorded twice); handled where it can happen
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        message = str(e)
+        if "locked" in message or "busy" in message:
+            hint = ("another signalcraft process is writing it; wait for it to finish (is a second "
+                    "`detect` running from cron?)")
+        elif "full" in message:
+            hint = "the disk is full: free space, then run again"
+        elif isinstance(e, sqlite3.DatabaseError) and ("not a database" in message or "malformed" in message):
+            hint = ("the file is damaged or not a signalcraft state file. Move it aside (keep it for "
+                    "inspection); the next `signalcraft detect` starts a new state file")
+        elif "unable to open" in message or "readonly" in message:
+            hint = "cannot open it for writing: detect.state must name a file in a writable folder"
+        else:
+            return StoreError(f"{self.path}: state database: {message}.")
+        return StoreError(f"{self.path}: state database: {hint} ({message}).")
+
+    # Segments
+
+    def is_scored(self, folder: str) -> bool:
+        """True when the segment ``folder`` (relative to the output folder) is recorded."""
+        return self._execute("SELECT 1 FROM segments WHERE folder = ?", (folder,)).fetchone() is not None
+
+    def scored_folders(self) -> set[str]:
+        """Every recorded segment folder."""
+        return {r[0] for r in self._execute("SELECT folder FROM segments")}
+
+    def phase(self, folder: str) -> Optional[str]:
+        """'calibration' or 'scored' for a recorded segment, None for an unknown one."""
+        row = self._execute("SELECT phase FROM segments WHERE folder = ?", (folder,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_segment(self, folder: str, start_time_utc: str, scored_at: str, n_tensors: int, n_corrupt: int,
+                       phase: str) -> int:
+        """Record a segment; returns its id for its scores and alerts.
+
+        Raises
+        ------
+        ValueError
+            ``phase`` is not 'calibration' or 'scored'.
+        StoreError
+            The folder is already recorded.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"segment phase {phase!r}: must be one of {', '.join(PHASES)}")
+        try:
+            cursor = self._execute(
+                "INSERT INTO segments (folder, start_time_utc, scored_at_utc, n_tensors, n_corrupt, phase) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (folder, start_time_utc, scored_at, int(n_tensors), int(n_corrupt), phase),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"{self.path}: segment {folder} is already recorded; check is_scored() first.") from None
+        return int(cursor.lastrowid)
+
+    # Scores
+
+    def add_score(self, segment_id: int, mic: int, source: str, score: Optional[float], warning: Optional[float],
+                  critical: Optional[float], status: str) -> None:
+        """Record one (mic, source) score of a segment, with the levels it was judged
+        against. ``score`` None: a calibration segment, not scored.
+
+        Raises
+        ------
+        ValueError
+            ``status`` is unknown or ``score`` is not finite (SQLite would store NaN as NULL).
+        """
+        if status not in STATUSES:
+            raise ValueError(f"score status {status!r}: must be one of {', '.join(STATUSES)}")
+        if score is not None and not math.isfinite(score):
+            raise ValueError(f"mic {mic} / {source}: score {score!r} is not finite")
+        self._execute(
+            "INSERT INTO scores (segment_id, mic, source, score, warning, critical, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (segment_id, int(mic), source, _float(score), _float(warning), _float(critical), status),
+        )
+
+    def scores(self, mic: Optional[int] = None, source: Optional[str] = None,
+               since_utc: Optional[str] = None) -> list[dict[str, Any]]:
+        """Scores with their segment's folder, start time and phase, oldest first.
+
+        Each row: segment_id, folder, start_time_utc, phase, mic, source, score, warning,
+        critical, status.
+        """
+        where, params = _filters(mic=mic, source=source, since=("s.start_time_utc", since_utc))
+        rows = self._execute(
+            "SELECT c.segment_id, s.folder, s.start_time_utc, s.phase, c.mic, c.source, c.score, c.warning, "
+            f"c.critical, c.status FROM scores c JOIN segments s ON s.id = c.segment_id {where} "
+            "ORDER BY s.start_time_utc, s.id, c.mic, c.source",
+            params,
+        )
+        return [dict(r) for r in rows]
+
+    def calibration_scores(self, mic: int, source: str) -> np.ndarray:
+        """Scores of (mic, source) from calibration segments that have one, oldest first."""
+        rows = self._execute(
+            "SELECT c.score FROM scores c JOIN segments s ON s.id = c.segment_id WHERE s.phase = 'calibration' "
+            "AND c.mic = ? AND c.source = ? AND c.score IS NOT NULL ORDER BY s.start_time_utc, s.id",
+            (int(mic), source),
+        )
+        return np.array([r[0] for r in rows], dtype=np.float64)
+
+    def calibration_count(self, mic: Optional[int] = None, source: Optional[str] = None) -> int:
+        """Calibration segments recorded: all of them, or those with a tensor of (mic, source)."""
+        if mic is None and source is None:
+            return self._execute("SELECT COUNT(*) FROM segments WHERE phase = 'calibration'").fetchone()[0]
+        where, params = _filters(mic=mic, source=source)
+        return self._execute(
+            "SELECT COUNT(*) FROM scores c JOIN segments s ON s.id = c.segment_id "
+            f"{where} AND s.phase = 'calibration'",
+            params,
+        ).fetchone()[0]
+
+    def mark_calibration_done(self, at_utc: Optional[str] = None) -> None:
+        """Record that calibration ended and the detector was trained (at ``at_utc``,
+        default now)."""
+        if at_utc is None:
+            at_utc = dt.datetime.now(dt.timezone.utc).isoformat()
+        self._execute("INSERT OR REPLACE INTO meta VALUES ('calibration_done_utc', ?)", (at_utc,))
+
+    def calibration_done(self) -> Optional[str]:
+        """When calibration ended (UTC), or None while it has not."""
+        row = self._execute("SELECT value FROM meta WHERE key = 'calibration_done_utc'").fetchone()
+        return None if row is None else row[0]
+
+    # Thresholds
+
+    def get_threshold(self, mic: int, source: str) -> Optional[dict[str, Any]]:
+        """The current threshold state of (mic, source) as saved, or None."""
+        row = self._execute("SELECT state_json FROM thresholds WHERE mic = ? AND source = ?",
+                            (int(mic), source)).fetchone()
+        return None if row is None else self._json(row[0])
+
+    def set_threshold(self, mic: int, source: str, state: dict[str, Any], reason: str, at_utc: str,
+                      log_change: bool = True) -> None:
+        """Save the current threshold state of (mic, source) and, with ``log_change``,
+        append it to the history with ``reason``. Saving the state after every segment
+        (its recent alert flags change) with ``log_change=False`` keeps the history to
+        real changes."""
+        text = json.dumps(state, allow_nan=False, sort_keys=True)
+        with self.transaction():
+            self._execute(
+                "INSERT INTO thresholds (mic, source, state_json, updated_at_utc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (mic, source) DO UPDATE SET state_json = excluded.state_json, "
+                "updated_at_utc = excluded.updated_at_utc",
+                (int(mic), source, text, at_utc),
+            )
+            if log_change:
+                self._execute(
+                    "INSERT INTO threshold_changes (mic, source, at_utc, reason, warning, critical, state_json) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (int(mic), source, at_utc, reason, _float(state.get("warning")), _float(state.get("critical")),
+                     text),
+                )
+
+    def threshold_changes(self, mic: Optional[int] = None, source: Optional[str] = None) -> list[dict[str, Any]]:
+        """The history of threshold changes, oldest first. Each row: id, mic, source,
+        at_utc, reason, warning, critical, state (the saved dict)."""
+        where, params = _filters(mic=mic, source=source, prefix="")
+        rows = self._execute(
+            f"SELECT id, mic, source, at_utc, reason, warning, critical, state_json FROM threshold_changes {where} "
+            "ORDER BY id",
+            params,
+        )
+        out = []
+        for r in rows:
+            row = dict(r)
+            row["state"] = self._json(row.pop("state_json"))
+            out.append(row)
+        return out
+
+    # Alerts
+
+    def add_alert(self, segment_id: int, mic: int, source: str, status: str, score: float, at_utc: str) -> None:
+        """Record a WARNING or CRITICAL score."""
+        if status not in ALERT_STATUSES:
+            raise ValueError(f"alert status {status!r}: must be one of {', '.join(ALERT_STATUSES)}")
+        self._execute(
+            "INSERT INTO alerts (segment_id, mic, source, status, score, at_utc) VALUES (?, ?, ?, ?, ?, ?)",
+            (segment_id, int(mic), source, status, float(score), at_utc),
+        )
+
+    def alerts(self, since_utc: Optional[str] = None) -> list[dict[str, Any]]:
+        """Alerts at or after ``since_utc``, oldest first. Each row: id, segment_id,
+        folder, start_time_utc, mic, source, status, score, at_utc."""
+        where, params = _filters(since=("a.at_utc", since_utc))
+        rows = self._execute(
+            "SELECT a.id, a.segment_id, s.folder, s.start_time_utc, a.mic, a.source, a.status, a.score, a.at_utc "
+            f"FROM alerts a JOIN segments s ON s.id = a.segment_id {where} ORDER BY a.at_utc, a.id",
+            params,
+        )
+        return [dict(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Totals: segments (and of them calibration), scores, alerts, corrupt files,
+        threshold changes."""
+        row = self._execute(
+            "SELECT (SELECT COUNT(*) FROM segments), "
+            "(SELECT COUNT(*) FROM segments WHERE phase = 'calibration'), "
+            "(SELECT COUNT(*) FROM scores WHERE score IS NOT NULL), "
+            "(SELECT COUNT(*) FROM alerts), "
+            "(SELECT COUNT(*) FROM alerts WHERE status = 'CRITICAL'), "
+            "(SELECT COALESCE(SUM(n_corrupt), 0) FROM segments), "
+            "(SELECT COUNT(*) FROM threshold_changes)"
+        ).fetchone()
+        keys = ("segments", "calibration_segments", "scores", "alerts", "critical_alerts", "corrupt_files",
+                "threshold_changes")
+        return dict(zip(keys, map(int, row)))
+
+    def _json(self, text: str) -> dict[str, Any]:
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise StoreError(f"{self.path}: a saved threshold state is not valid JSON ({e}); move the file "
+                             "aside and let `signalcraft detect` start a new one.") from None
+
+
+def _float(x: Optional[float]) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def _filters(mic: Optional[int] = None, source: Optional[str] = None, since: tuple[str, Optional[str]] = ("", None),
+             prefix: str = "c.") -> tuple[str, tuple]:
+    """A WHERE clause (always present, so callers may append AND ...) and its parameters."""
+    clauses, params = ["1 = 1"], []
+    if mic is not None:
+        clauses.append(f"{prefix}mic = ?")
+        params.append(int(mic))
+    if source is not None:
+        clauses.append(f"{prefix}source = ?")
+        params.append(source)
+    if since[1] is not None:
+        clauses.append(f"{since[0]} >= ?")
+        params.append(since[1])
+    return "WHERE " + " AND ".join(clauses), tuple(params)

@@ -1,0 +1,160 @@
+"""`detect` end to end: simulated segments through the real chain, cold start,
+calibration, scoring, alerts, incremental runs, bad input and exit codes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from signalcraft import simulate
+from signalcraft.config import config_from_dict
+from signalcraft.detect.run import CALIBRATING, detect
+from signalcraft.detect.store import Store
+from signalcraft.errors import ExitCode
+from signalcraft.pipeline import process_files
+
+from conftest import run_cli
+
+CALIBRATION = 12
+SETTINGS = {
+    "capture": {"channels": [1, 2]},
+    "denoise": {"enabled": False},
+    "output": {"dir": "out"},
+    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt", "epochs": 15, "channels": 8,
+               "batch_size": 8},
+}
+
+
+def scene_file(folder: Path, seed: int, fault: str | None = None) -> Path:
+    """A 10 s two-microphone recording of a pump; ``fault`` from 0 s."""
+    faults = [("pump", simulate.Fault(fault))] if fault else []
+    rendering = simulate.render(simulate.default_scene(machines=("pump",), n_mics=2, faults=faults, seed=seed))
+    path = folder / f"scene-{seed}-{fault or 'normal'}.wav"
+    sf.write(path, rendering.mixture.T, 16000, subtype="FLOAT")
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A project whose detector calibrated itself on normal segments."""
+    root = tmp_path_factory.mktemp("detect")
+    (root / "config.yaml").write_text(yaml.safe_dump(SETTINGS))
+    config = config_from_dict(SETTINGS, root / "config.yaml")
+    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2)])
+    first = detect(config, root / "out")
+    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2, CALIBRATION)])
+    second = detect(config, root / "out")
+    return root, config, first, second
+
+
+def test_cold_start_calibrates_then_trains(calibrated):
+    root, config, first, second = calibrated
+    assert first.calibration == (CALIBRATION - 2, CALIBRATION) and not first.trained
+    assert {r.status for r in first.rows} == {CALIBRATING}
+    assert second.trained and second.calibration == (0, 0)
+    assert config.detect.model.exists()
+    with Store(root / "out" / "signalcraft.sqlite") as store:
+        for mic in (0, 1):
+            state = store.get_threshold(mic, "mix")
+            assert state is not None and 0 < state["warning"] < state["critical"]
+        assert "fitted" in store.threshold_changes()[0]["reason"]
+
+
+def test_normal_segments_stay_normal_and_a_fault_ends_critical(calibrated):
+    root, config, *_ = calibrated
+    process_files(config, [scene_file(root, seed) for seed in range(100, 104)])
+    normal = detect(config, root / "out")
+    assert normal.segments == 4 and {r.status for r in normal.rows} == {"NORMAL"}
+
+    process_files(config, [scene_file(root, seed, "bearing") for seed in range(200, 204)])
+    faulty = detect(config, root / "out")
+    by_segment: dict[str, set] = {}
+    for r in faulty.rows:
+        by_segment.setdefault(r.folder, set()).add(r.status)
+    statuses = [by_segment[f] for f in sorted(by_segment)]
+    assert all(s & {"WARNING", "CRITICAL"} for s in statuses)  # every fault segment is flagged
+    assert "CRITICAL" in statuses[-1]  # ... and CRITICAL once k of n agree
+    assert "CRITICAL" not in statuses[0]  # never on the first one alone
+    with Store(root / "out" / "signalcraft.sqlite") as store:
+        assert store.counts()["critical_alerts"] >= 1
+
+
+def test_a_second_run_scores_nothing_twice(calibrated):
+    root, config, *_ = calibrated
+    with Store(root / "out" / "signalcraft.sqlite") as store:
+        before = store.counts()
+    again = detect(config, root / "out")
+    assert again.segments == 0 and again.rows == []
+    with Store(root / "out" / "signalcraft.sqlite") as store:
+        assert store.counts() == before
+
+
+def test_corrupt_tensors_are_skipped_and_counted_and_incomplete_segments_wait(calibrated):
+    root, config, *_ = calibrated
+    made, _ = process_files(config, [scene_file(root, 300), scene_file(root, 301)])
+    (made[0] / "mic_1" / "mix.pt").write_bytes(b"not a tensor")
+    manifest = made[1] / "manifest.json"
+    held = manifest.read_text()
+    manifest.unlink()  # as if still being written
+    result = detect(config, root / "out")
+    assert result.segments == 1 and result.corrupt == 1
+    assert [(r.mic, r.source) for r in result.rows] == [(0, "mix")]
+    manifest.write_text(held)
+    later = detect(config, root / "out")
+    assert later.segments == 1 and len(later.rows) == 2
+
+
+def test_exit_codes_and_output_formats(calibrated, tmp_path):
+    root, config, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    cfg = str(project / "config.yaml")
+    assert run_cli("--config", cfg, "detect", str(project / "out")).returncode == ExitCode.OK
+
+    process_files(config_from_dict(SETTINGS, project / "config.yaml"),
+                  [scene_file(project, s, "bearing") for s in range(400, 404)])
+    result = run_cli("--config", cfg, "detect", str(project / "out"), "--json")
+    assert result.returncode == ExitCode.CRITICAL == 4
+    data = json.loads(result.stdout)
+    assert data["segments"] == 4 and any(r["status"] == "CRITICAL" for r in data["rows"])
+
+    csv_out = run_cli("--config", cfg, "detect", str(project / "out"), "--csv", "--since", "2000-01-01")
+    assert csv_out.returncode == ExitCode.OK  # nothing new
+    assert csv_out.stdout.splitlines()[0] == "folder,start_time,mic,source,score,warning,critical,status"
+    assert len(csv_out.stdout.splitlines()) > 10
+
+    assert run_cli("--config", cfg, "detect", str(project / "out"), "--json", "--csv").returncode == ExitCode.USAGE
+    (project / "detector.pt").write_bytes(b"garbage")
+    process_files(config_from_dict(SETTINGS, project / "config.yaml"), [scene_file(project, 500)])
+    broken = run_cli("--config", cfg, "detect", str(project / "out"))
+    assert broken.returncode == ExitCode.FAILURE and "detector.pt" in broken.stderr
+
+
+def test_warning_exit_code(calibrated, tmp_path):
+    """One abnormal segment after normal ones: WARNING, not yet CRITICAL (k of n)."""
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    config = config_from_dict(SETTINGS, project / "config.yaml")
+    # Normal segments first, so no earlier fault is among the last alert_n segments.
+    process_files(config, [scene_file(project, seed) for seed in range(610, 615)])
+    assert run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out")).returncode == 0
+    process_files(config, [scene_file(project, 600, "bearing")])
+    result = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"))
+    assert result.returncode == ExitCode.WARNING == 3, result.stdout + result.stderr
+    assert "WARNING" in result.stdout
+
+
+def test_report_writes_pngs_and_a_summary(calibrated, tmp_path):
+    root, *_ = calibrated
+    result = run_cli("--config", str(root / "config.yaml"), "report", str(root / "out"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["mic_0_mix.png", "mic_1_mix.png", "summary.json"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert {m["mic"] for m in summary["machines"]} == {0, 1}
+    assert (tmp_path / "r" / "mic_0_mix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result.stdout.splitlines()) < 25  # fits one screen

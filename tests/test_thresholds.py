@@ -1,0 +1,150 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from signalcraft.config import DetectConfig
+from signalcraft.detect.thresholds import (
+    CRITICAL, NORMAL, WARNING, Decision, ThresholdError, ThresholdState, decide, describe_fit, fit,
+)
+
+SHAPE, SCALE = 4.0, 0.05  # a skewed, gamma-like score distribution
+DEFAULTS = DetectConfig()
+
+
+def gamma_scores(n: int, seed: int = 0, shape: float = SHAPE, scale: float = SCALE) -> np.ndarray:
+    return np.random.default_rng(seed).gamma(shape, scale, n)
+
+
+def stream(state: ThresholdState, scores, config: DetectConfig = DEFAULTS) -> tuple[list[Decision], ThresholdState]:
+    decisions = []
+    for score in scores:
+        decisions.append(decide(state, score, config))
+        state = decisions[-1].state
+    return decisions, state
+
+
+def statuses(decisions: list[Decision]) -> list[str]:
+    return [d.status for d in decisions]
+
+
+def fixed_state(**changes) -> ThresholdState:
+    """Levels 1 and 2 around scores of about 0.5."""
+    return ThresholdState(**{"method": "sigma", "warning": 1.0, "critical": 2.0, "mean": 0.5, "var": 0.01,
+                             "n_fit": 60, **changes})
+
+
+def test_gamma_levels_match_the_true_quantiles():
+    state = fit(gamma_scores(2000), DEFAULTS)
+    true_warning, true_critical = scipy.stats.gamma.ppf([0.99, 0.999], SHAPE, scale=SCALE)
+    assert state.method == "gamma" and state.n_fit == 2000
+    assert state.warning == pytest.approx(true_warning, rel=0.03)
+    assert state.critical == pytest.approx(true_critical, rel=0.04)
+
+
+def test_sigma_and_percentile_levels_on_known_scores():
+    scores = np.arange(1.0, 101.0)  # mean 50.5, sample std 29.011
+    sigma = fit(scores, dataclasses.replace(DEFAULTS, threshold_method="sigma"))
+    assert sigma.warning == pytest.approx(50.5 + 3 * 29.0115, rel=1e-4)
+    assert sigma.critical == pytest.approx(50.5 + 5 * 29.0115, rel=1e-4)
+    percentile = fit(scores, dataclasses.replace(DEFAULTS, threshold_method="percentile",
+                                                 warning_quantile=0.9, critical_quantile=0.99))
+    assert (percentile.warning, percentile.critical) == pytest.approx((90.1, 99.01))
+
+
+def test_non_finite_scores_are_left_out_but_five_are_needed():
+    scores = np.array([1.0, 2.0, np.nan, 3.0, np.inf, 4.0, 5.0])
+    assert fit(scores, DEFAULTS).n_fit == 5
+    with pytest.raises(ThresholdError, match="mic 0 / pump: 4 finite scores.*at least 5"):
+        fit(scores[:-1], DEFAULTS, where="mic 0 / pump")
+    with pytest.raises(ThresholdError, match="positive"):
+        fit(np.array([1.0, 2.0, -3.0, 4.0, 5.0]), DEFAULTS)
+
+
+def test_healthy_machine_warns_at_the_configured_rate_and_never_pages():
+    state = fit(gamma_scores(DEFAULTS.calibration_segments, seed=1), DEFAULTS)
+    decisions, _ = stream(state, gamma_scores(20000, seed=2))
+    counts = {s: statuses(decisions).count(s) for s in (NORMAL, WARNING, CRITICAL)}
+    assert 0.005 < counts[WARNING] / 20000 < 0.02  # 1 - warning_quantile = 1%
+    assert counts[CRITICAL] == 0
+
+
+def test_one_or_two_spikes_warn_the_third_within_five_pages():
+    spike = 5.0
+    decisions, _ = stream(fixed_state(), [spike, 0.5, spike, 0.5, spike, spike])
+    assert statuses(decisions) == [WARNING, NORMAL, WARNING, NORMAL, CRITICAL, CRITICAL]
+    decisions, _ = stream(fixed_state(), [spike, spike, spike])
+    assert statuses(decisions) == [WARNING, WARNING, CRITICAL]
+    # The third spike comes 5 segments after the first: only 2 of the last 5.
+    decisions, _ = stream(fixed_state(), [spike, 0.5, 0.5, spike, 0.5, spike, spike])
+    assert statuses(decisions) == [WARNING, NORMAL, NORMAL, WARNING, NORMAL, WARNING, CRITICAL]
+
+
+def test_spikes_spread_wider_than_the_window_never_page():
+    scores = [5.0 if i % 3 == 0 else 0.5 for i in range(60)]  # at most 2 in any 5
+    decisions, state = stream(fixed_state(), scores)
+    assert CRITICAL not in statuses(decisions)
+    assert statuses(decisions)[::3] == [WARNING] * 20
+    assert len(state.recent) == DEFAULTS.alert_n
+
+
+def test_slow_drift_of_normal_scores_moves_the_levels_with_it():
+    shape = 100.0  # narrow scores: unadapted levels would flag most of the drifted ones
+    state = fit(gamma_scores(60, seed=3, shape=shape, scale=0.01), DEFAULTS)
+    drift = np.linspace(1.0, 1.2, 2000)
+    scores = gamma_scores(2000, seed=4, shape=shape, scale=0.01) * drift
+    decisions, end = stream(state, scores)
+    _, frozen = stream(state, scores, dataclasses.replace(DEFAULTS, adapt_rate=0.0))
+    assert end.warning == pytest.approx(1.2 * state.warning, rel=0.1)
+    assert end.critical == pytest.approx(1.2 * state.critical, rel=0.1)
+    tail = statuses(decisions)[-500:]
+    assert tail.count(CRITICAL) == 0 and tail.count(WARNING) < 15
+    assert frozen.warning == state.warning  # without adaptation ...
+    assert sum(s > state.warning for s in scores[-500:]) > 100  # ... the drift would warn
+
+
+def test_fault_scores_never_move_the_levels():
+    state = fit(gamma_scores(60, seed=5), DEFAULTS)
+    _, state = stream(state, gamma_scores(200, seed=6))
+    fault = gamma_scores(500, seed=7) + 2 * state.critical
+    decisions, after = stream(state, fault)
+    assert statuses(decisions)[:3] == [WARNING, WARNING, CRITICAL]
+    assert set(statuses(decisions)[2:]) == {CRITICAL}
+    for name in ("warning", "critical", "mean", "var", "reported_warning", "reported_critical"):
+        assert getattr(after, name) == getattr(state, name)
+    assert all(d.change is None for d in decisions)
+
+
+def test_changes_are_reported_with_a_reason_when_levels_move_not_every_segment():
+    state = fit(gamma_scores(60, seed=8, shape=100, scale=0.01), DEFAULTS)
+    scores = gamma_scores(2000, seed=9, shape=100, scale=0.01) * np.linspace(1.0, 1.5, 2000)
+    decisions, end = stream(state, scores)
+    changes = [d.change for d in decisions if d.change is not None]
+    assert 2 <= len(changes) < 20
+    assert all(c.startswith("drift: warning ") and "after NORMAL score" in c for c in changes)
+    assert f"-> {end.reported_warning:.4g}" in changes[-1]
+    assert "fit: gamma on 60 calibration scores" in describe_fit(state)
+
+
+def test_state_round_trips_through_json():
+    _, state = stream(fit(gamma_scores(60), DEFAULTS), [0.1, 0.2, 5.0])
+    assert state.recent == (False, False, True)
+    data = json.loads(json.dumps(state.to_dict()))
+    assert ThresholdState.from_dict(data) == state
+    with pytest.raises(ThresholdError, match="unknown keys.*colour"):
+        ThresholdState.from_dict({**data, "colour": "red"})
+    with pytest.raises(ThresholdError, match="warning"):
+        ThresholdState.from_dict({k: v for k, v in data.items() if k != "warning"})
+
+
+def test_decide_is_pure():
+    state = fit(gamma_scores(60), DEFAULTS)
+    before = state.to_dict()
+    decision = decide(state, 0.1, DEFAULTS)
+    assert decision.state != state and state.to_dict() == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.warning = 1.0
+    with pytest.raises(ThresholdError, match="finite"):
+        decide(state, float("nan"), DEFAULTS)
