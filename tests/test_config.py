@@ -93,6 +93,8 @@ def test_shipped_config_documents_every_key():
         keys = {f.name for f in dataclasses.fields(section.default_factory)}
         assert set(listed[section.name]) == keys, section.name
     assert "#" in shipped.read_text()
+    # ... with the defaults' values, so the documentation cannot drift from the code.
+    assert load_config(shipped) == config_from_dict({}, shipped)
 
 
 def test_cli_exit_code_for_an_unknown_key(tmp_path):

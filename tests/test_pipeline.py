@@ -4,6 +4,7 @@ noise clips, a real (tiny) Demucs model, tensors and manifests; `process` on a f
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,52 @@ def test_a_slow_worker_drops_segments_with_a_warning_and_counts_them(vmic, proje
         assert b - a >= (1 + d) * SEGMENT_FRAMES + lost
     if any(lost for *_, lost in seen):
         assert "capture queue full" in caplog.text
+
+
+def test_non_stationary_denoising_runs_without_noise_clips(project, tmp_path):
+    config = yaml.safe_load(project.read_text())
+    config["denoise"] = {"stationary": False}
+    project.write_text(yaml.safe_dump(config))
+    audio = tmp_path / "plant.wav"
+    sf.write(audio, np.random.default_rng(0).standard_normal((SEGMENT_FRAMES, CHANNELS)).astype(np.float32) * 0.05,
+             SAMPLE_RATE)
+    result = run_cli("--config", str(project), "process", str(audio))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((Path(result.stdout.split()[0]) / MANIFEST).read_text())
+    assert manifest["denoise"]["stationary"] is False and manifest["denoise"]["noise_clips"] is None
+
+
+def test_a_file_truncated_mid_way_does_not_stop_the_others(project, tmp_path):
+    config = yaml.safe_load(project.read_text())
+    config["denoise"] = {"enabled": False}
+    project.write_text(yaml.safe_dump(config))
+    data = np.random.default_rng(1).standard_normal((SEGMENT_FRAMES * 3, CHANNELS)).astype(np.float32) * 0.05
+    broken = tmp_path / "broken.flac"
+    sf.write(broken, data, SAMPLE_RATE)
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut short
+    good = tmp_path / "good.wav"
+    sf.write(good, data[:SEGMENT_FRAMES], SAMPLE_RATE)
+    result = run_cli("--config", str(project), "process", str(broken), str(good))
+    assert result.returncode == ExitCode.FAILURE
+    assert "broken.flac" in result.stderr and "Traceback" not in result.stderr
+    assert "1 of 2 files failed" in result.stderr
+    assert any("good" not in line for line in result.stdout.split())  # segments were written
+    assert len(result.stdout.split()) >= 2  # the good file's segment and the broken one's first
+
+
+def test_an_error_after_export_stops_record_instead_of_hanging(vmic, project):
+    data = yaml.safe_load(project.read_text())
+    data["denoise"] = {"enabled": False}
+    config = config_from_dict(data, project)
+
+    def broken_pipe(path):
+        raise BrokenPipeError("stdout closed")
+
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(BrokenPipeError, pipeline.record, config, 3, pipeline.chain_factory(config),
+                      on_exported=broken_pipe)))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "record hung after its worker failed"
+    assert outcome and outcome[0].type is BrokenPipeError

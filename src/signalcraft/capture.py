@@ -208,7 +208,7 @@ class DeviceCapture:
         self._pick = np.array(self.channels) - 1
         block_count = max(2, math.ceil(config.queue_seconds * config.sample_rate / config.block_frames))
         self._blocks: queue.Queue = queue.Queue(maxsize=block_count)
-        self._lost_frames = 0  # written only by the callback
+        self._lost_frames = 0  # frames lost since the last queued block; callback thread only
         self._pending: Optional[np.ndarray] = None  # tail of a block that spans two segments
         self._stream = None
         self.stall_seconds = max(self.segment_frames / config.sample_rate, _MIN_STALL_SECONDS)
@@ -257,12 +257,15 @@ class DeviceCapture:
 
     def _callback(self, indata, frames, time_info, status) -> None:
         # Runs on PortAudio's thread: copy (PortAudio reuses the buffer), never block.
+        # Frames lost while the queue was full travel with the next block queued, so
+        # the gap is accounted exactly where it is.
         try:
-            self._blocks.put_nowait((indata.copy(), bool(status.input_overflow)))
+            self._blocks.put_nowait((indata.copy(), bool(status.input_overflow), self._lost_frames))
+            self._lost_frames = 0
         except queue.Full:
             self._lost_frames += frames
 
-    def _next_block(self) -> Optional[tuple[np.ndarray, bool]]:
+    def _next_block(self) -> Optional[tuple[np.ndarray, bool, int]]:
         """The next block from the callback; None once ``stop`` is set."""
         waited = 0.0
         while not self.stop.is_set():
@@ -286,7 +289,6 @@ class DeviceCapture:
         sr, n = self.config.sample_rate, self.segment_frames
         frame = 0  # index of the next frame to arrive, counted from stream start
         produced = 0
-        lost_seen = 0
         while count is None or produced < count:
             buf = np.empty((n, self._open_channels), dtype=self.config.sample_format)
             start, filled, overflows, dropped = frame, 0, 0, 0
@@ -299,11 +301,9 @@ class DeviceCapture:
                     if item is None:
                         log.info("capture stopped; discarded a partial segment of %d frames", filled)
                         return
-                    block, overflow = item
+                    block, overflow, lost = item
                     overflows += overflow
-                    lost = self._lost_frames - lost_seen
                     if lost:
-                        lost_seen += lost
                         dropped += lost
                         frame += lost
                         log.warning("capture queue full: %d frames lost (%.2f s)", lost, lost / sr)
@@ -360,7 +360,14 @@ def file_segments(
         for k in range(f.frames // n):
             if stop is not None and stop.is_set():
                 return
-            block = f.read(n, dtype="float32", always_2d=True)
+            try:
+                block = f.read(n, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError, OSError) as e:
+                raise StorageError(f"{path}: unreadable from {k * n / sr:.1f} s on ({e}); "
+                                   "segments before it were processed.") from None
+            if len(block) < n:
+                raise StorageError(f"{path}: ends early at {(k * n + len(block)) / sr:.1f} s (truncated file); "
+                                   "segments before it were processed.")
             if realtime:
                 time.sleep(max(0.0, t0 + (k + 1) * n / sr - time.monotonic()))
             yield Segment(

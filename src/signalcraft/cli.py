@@ -42,7 +42,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
     def handler(signum, frame):
         if received:  # second signal: give up on a clean finish
-            raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
         received.append(signum)
         stop.set()
         log.warning("%s received: finishing the current segment, then stopping", signal.Signals(signum).name)
@@ -69,6 +69,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             log.error("stopped by Ctrl-C")
             ctx.exit(ExitCode.SIGINT)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug or an unforeseen condition: one line, details at -v
+            log.error("internal error: %s: %s (run with -v for the traceback)", type(e).__name__, e)
+            log.debug("traceback", exc_info=True)
+            ctx.exit(ExitCode.FAILURE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -295,8 +301,9 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     config = _config(ctx)
+    since_utc = report.parse_utc(since) if since is not None else None  # before scoring: a typo loses nothing
     result = run_detect(config, output)
-    rows = result.rows if since is None else report.stored_rows(config, output, since)
+    rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
     click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table"), nl=False)
     if result.critical:
         ctx.exit(ExitCode.CRITICAL)

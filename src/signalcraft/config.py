@@ -212,11 +212,11 @@ class DetectConfig:
     """`signalcraft detect`: the autoencoder, its thresholds and the alert rule."""
 
     # SQLite file with segments seen, scores, thresholds and alerts.
-    # null: <output.dir>/signalcraft.sqlite
+    # null: signalcraft.sqlite in the folder given to `detect`
     state: Optional[Path] = None
     # The trained detector (plain data, loaded with weights_only=True).
     model: Path = Path("models/detector.pt")
-    # Segments per (mic, source) taken as normal before the detector trains itself:
+    # Segments taken as normal before the detector trains itself:
     # 60 segments of 10 s are 10 minutes of audio.
     calibration_segments: int = 60
     # Autoencoder: first-layer width, training epochs, batch, learning rate, seed.

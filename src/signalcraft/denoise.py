@@ -15,7 +15,7 @@ import torch
 from noisereduce.torchgate import TorchGate
 
 from .config import DenoiseConfig
-from .errors import NoiseClipError
+from .errors import ConfigError, NoiseClipError
 
 
 class Denoiser:
@@ -35,7 +35,25 @@ class Denoiser:
         self.config = config
         if config.stationary and clips is None:
             raise ValueError("stationary spectral gating needs one noise clip per channel")
-        self._gate = TorchGate(
+        try:
+            self._gate = self._make_gate(config, sample_rate)
+        except ValueError as e:  # smoothing shorter than one STFT hop or bin
+            raise ConfigError(f"denoise.time_mask_smooth_ms / freq_mask_smooth_hz: {e}; raise it or set it "
+                              "to null.") from None
+        min_len = 2 * config.n_fft  # TorchGate needs at least two windows
+        self._clips = None
+        if config.stationary:
+            for k, clip in enumerate(clips):
+                if clip.shape[-1] < min_len:
+                    raise NoiseClipError(
+                        f"the noise clip of mic_{k} has {clip.shape[-1]} samples; spectral gating with "
+                        f"denoise.n_fft {config.n_fft} needs at least {min_len}. Record a longer clip."
+                    )
+            self._clips = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]
+
+    @staticmethod
+    def _make_gate(config: DenoiseConfig, sample_rate: int) -> TorchGate:
+        return TorchGate(
             sr=sample_rate,
             nonstationary=not config.stationary,
             n_std_thresh_stationary=config.n_std_thresh,
@@ -44,21 +62,6 @@ class Denoiser:
             freq_mask_smooth_hz=config.freq_mask_smooth_hz,
             time_mask_smooth_ms=config.time_mask_smooth_ms,
         ).to("cpu")
-        min_len = 2 * config.n_fft  # TorchGate needs at least two windows
-        self._clips = None
-        if config.stationary:
-            for k, clip in enumerate(clips):
-                if clip.shape[-1] < min_len:
-                    raise NoiseClipError(
-                        f"noise clip {k} has {clip.shape[-1]} samples; spectral gating with "
-                        f"denoise.n_fft {config.n_fft} needs at least {min_len}. Record a longer clip."
-                    )
-            self._clips = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]
-
-    @property
-    def channels(self) -> Optional[int]:
-        """Channels this denoiser has clips for (None: any, non-stationary mode)."""
-        return None if self._clips is None else len(self._clips)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """Gate each channel. audio: float32, shape = (channels, samples); returns a new

@@ -62,7 +62,7 @@ def write_json(path: Path, data: Any) -> Path:
 def storage_error(path: Path, e: OSError) -> StorageError:
     """A StorageError for ``e`` that names ``path`` and says what to do."""
     if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
-        hint = "the disk is full: free space or lower output retention, then run again"
+        hint = "the disk is full: free space or move output.dir to a larger disk, then run again"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "no permission to write there: check the folder's owner and mode"
     else:

@@ -20,7 +20,7 @@ def hop_length(segment_samples: int, n_frames: int) -> int:
     """Hop (samples) that gives at least ``n_frames`` centred frames over a segment.
 
     The first ``n_frames`` are kept. With 10 s at 16 kHz and 240 frames this is exact
-    (hop 669, frame 240 centred 1 sample before the end); other lengths drop at most a
+    (hop 669, frame 240 centred 109 samples before the end); other lengths drop at most a
     few frames' worth of the segment's end.
     """
     hop = segment_samples // (n_frames - 1)
@@ -46,6 +46,9 @@ class LogMel:
         self.sample_rate = sample_rate
         self.segment_samples = segment_samples
         self.hop = hop_length(segment_samples, config.n_frames)
+        if config.f_max is not None and config.f_max > sample_rate / 2:
+            raise ConfigError(f"features.f_max: {config.f_max:g} Hz is above half the sample rate "
+                              f"({sample_rate / 2:g} Hz); lower it or set it to null.")
         self._mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate,
             n_fft=config.n_fft,

@@ -88,11 +88,37 @@ def clip_path(noise_dir: Path, channel: int) -> Path:
 
 
 def save_clip(clip: NoiseClip, noise_dir: Path) -> Path:
-    """Write a clip atomically; an existing clip is kept as ``channel_<C>.pt.bak``."""
+    """Write one clip atomically; an existing clip is kept as ``channel_<C>.pt.bak``."""
+    return save_clips([clip], noise_dir)[0]
+
+
+def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
+    """Write a set of clips all or nothing: every clip is first written in full under a
+    temporary name, and only then are the old clips moved to ``.pt.bak`` and the new
+    ones renamed into place. A failure while writing (a full disk) leaves the old set."""
+    noise_dir = Path(noise_dir)
+    noise_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for clip in clips:
+            path = clip_path(noise_dir, clip.channel)
+            tmp = path.with_name(f".{path.name}.new")
+            atomic_write(tmp, lambda t, c=clip: _write_clip(c, t))
+            staged.append((tmp, path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+    return [path for _, path in staged]
+
+
+def _write_clip(clip: NoiseClip, path: Path) -> None:
     import torch
 
-    path = clip_path(noise_dir, clip.channel)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "format": CLIP_FORMAT,
         "clip": torch.from_numpy(np.ascontiguousarray(clip.audio, dtype=np.float32)),
@@ -101,9 +127,7 @@ def save_clip(clip: NoiseClip, noise_dir: Path) -> Path:
         "device": clip.device,
         "recorded_at": clip.recorded_at.isoformat(),
     }
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".bak"))
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    torch.save(data, path)
 
 
 def load_clip(path: Path) -> NoiseClip:
@@ -163,8 +187,10 @@ def calibrate(
         From capture.
     """
     seconds = seconds if seconds is not None else config.noise.seconds
-    if seconds <= 0:
-        raise ConfigError(f"--seconds must be positive, got {seconds:g}")
+    shortest = 2 * config.denoise.n_fft / config.capture.sample_rate  # spectral gating needs two windows
+    if seconds < shortest:
+        raise ConfigError(f"--seconds / noise.seconds: {seconds:g} s is too short; spectral gating with "
+                          f"denoise.n_fft {config.denoise.n_fft} needs at least {shortest:.2f} s (use several seconds).")
     capture = DeviceCapture(config.capture, segment_frames=round(seconds * config.capture.sample_rate), stop=stop)
     existing = [p for p in (clip_path(config.noise.dir, c) for c in capture.channels) if p.exists()]
     if existing and not force:
@@ -182,11 +208,10 @@ def calibrate(
         raise NoiseClipError(
             "noise recording rejected, nothing saved:\n" + "\n".join(f"  channel {c}: {p}" for c, p in problems)
         )
-    saved = []
-    for row, channel in enumerate(segment.channels):
-        clip = NoiseClip(segment.audio[row], segment.sample_rate, channel, segment.device, segment.start_time)
-        saved.append((save_clip(clip, config.noise.dir), levels(clip.audio, config.noise.clip_level)))
-    return saved
+    clips = [NoiseClip(segment.audio[row], segment.sample_rate, channel, segment.device, segment.start_time)
+             for row, channel in enumerate(segment.channels)]
+    paths = save_clips(clips, config.noise.dir)
+    return [(path, levels(clip.audio, config.noise.clip_level)) for path, clip in zip(paths, clips)]
 
 
 def _problems(audio: np.ndarray, channels: Sequence[int], config: NoiseConfig) -> list[tuple[int, str]]:

@@ -91,10 +91,8 @@ class Chain:
         self.channels = tuple(channels)
         self.sample_rate = sample_rate
         self.noise_clips = self._load_clips() if config.denoise.enabled and config.denoise.stationary else None
-        self.denoiser = (
-            Denoiser(config.denoise, sample_rate, [clip.audio for clip in self.noise_clips])
-            if config.denoise.enabled else None
-        )
+        clips = None if self.noise_clips is None else [clip.audio for clip in self.noise_clips]
+        self.denoiser = Denoiser(config.denoise, sample_rate, clips) if config.denoise.enabled else None
         self.separator = load_separator(config.separation, sample_rate)
         self.logmel = LogMel(config.features, sample_rate, round(config.capture.segment_seconds * sample_rate))
 
@@ -197,12 +195,11 @@ def record(
                 continue  # drain after an error so the capture side never blocks
             try:
                 path = process(*item)
+                exported.append(path)
+                on_exported(path)
             except BaseException as e:  # handed to the calling thread
                 failure.append(e)
                 stop.set()
-                continue
-            exported.append(path)
-            on_exported(path)
 
     capture = DeviceCapture(config.capture, stop=stop)
     process = make_processor(capture.channels)
@@ -212,6 +209,8 @@ def record(
     try:
         with capture:
             for segment in capture.segments():
+                if not worker.is_alive():
+                    break
                 try:
                     pending.put_nowait((segment, dropped))
                     dropped = 0
@@ -226,7 +225,8 @@ def record(
                         config.pipeline.queue_segments, segment.start_time.isoformat(), dropped,
                     )
     finally:
-        pending.put(None)  # the worker always drains, so this cannot block for long
+        if worker.is_alive():
+            pending.put(None)  # the worker drains until it sees this, so this cannot block for long
         worker.join()
     if failure:
         raise failure[0]
@@ -291,6 +291,9 @@ def process_files(
         except SignalcraftError as e:
             failed += 1
             on_error(path, e)
+        except Exception as e:  # anything unforeseen in one file must not stop the others
+            failed += 1
+            on_error(path, StorageError(f"{path}: {type(e).__name__}: {e}"))
     return exported, failed
 
 

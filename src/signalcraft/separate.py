@@ -58,6 +58,9 @@ class Separator:
         self._config = config
         self._sample_rate = sample_rate
         if model is not None:
+            if config.device == "cuda" and not torch.cuda.is_available():
+                raise ModelError("separation.device: cuda requested but torch sees no CUDA device; "
+                                 "use auto or cpu.")
             self._device = torch.device(
                 "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
             )

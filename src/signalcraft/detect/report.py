@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 _COLUMNS = ("folder", "start_time", "mic", "source", "score", "warning", "critical", "status")
 
 
-def stored_rows(config: Config, output_dir: Path, since: str) -> list[Row]:
-    """Rows stored for segments starting at or after ``since`` (ISO 8601, UTC)."""
+def stored_rows(config: Config, output_dir: Path, since_utc: str) -> list[Row]:
+    """Rows stored for segments starting at or after ``since_utc`` (from ``parse_utc``)."""
     with Store(state_path(config, output_dir)) as store:
         return [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"],
-                    r["critical"], r["status"]) for r in store.scores(since_utc=_utc(since))]
+                    r["critical"], r["status"]) for r in store.scores(since_utc=since_utc)]
 
 
-def _utc(text: str) -> str:
+def parse_utc(text: str) -> str:
     """An ISO 8601 time as the store writes it (UTC, with offset)."""
     import datetime as dt
 

@@ -31,7 +31,7 @@ import torch
 from ..config import Config
 from ..export import MANIFEST, STAGING
 from . import thresholds as th
-from .model import Detector, load_detector, save_detector, train_detector_models
+from .model import Detector, DetectorError, load_detector, save_detector, train_detector_models
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,17 @@ def detect(
             if folder.name in seen:
                 continue
             tensors, corrupt = load_tensors(folder, manifest)
-            result.corrupt += corrupt
             result.segments += 1
             if detector is not None and detector.features != manifest.get("features"):
-                detector = load_detector(c.model, features=manifest.get("features"))  # raises with the reason
+                # Recorded with other feature settings: not comparable. Recorded as seen
+                # (so no later run stops here again) with its tensors skipped.
+                try:
+                    load_detector(c.model, features=manifest.get("features"))
+                except DetectorError as e:
+                    log.error("%s: skipped: %s", folder.name, e)
+                corrupt += len(tensors)
+                tensors = {}
+            result.corrupt += corrupt
             with store.transaction():
                 if detector is None:
                     _calibrate(store, folder, manifest, tensors, corrupt, result)
@@ -172,12 +179,12 @@ def _score(store, detector: Detector, folder, manifest, tensors, corrupt, c, res
     at = _now()
     for (mic, source), tensor in sorted(tensors.items()):
         saved = store.get_threshold(mic, source)
-        score = float(detector.score(source, tensor[None])[0])
-        if saved is None:  # a microphone or source that was not there at calibration
-            log.warning("%s mic_%d/%s: no thresholds (not seen during calibration); retrain with "
-                        "`signalcraft train-detector`", folder.name, mic, source)
-            store.add_score(seg, mic, source, score, None, None, CALIBRATING)
+        if saved is None or source not in detector.models:  # not there at calibration
+            log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen during "
+                        "calibration); retrain with `signalcraft train-detector`", folder.name, mic, source)
+            store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             continue
+        score = float(detector.score(source, tensor[None])[0])
         state = th.ThresholdState.from_dict(saved)
         decision = th.decide(state, score, c)
         store.add_score(seg, mic, source, score, state.warning, state.critical, decision.status)

@@ -50,7 +50,6 @@ CHECKPOINT_FORMAT = 1
 class TrainingDataError(SignalcraftError):
     """The training data folder is missing, empty or unreadable."""
 
-    exit_code = ConfigError.exit_code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +79,8 @@ class TrainResult:
     stopped_because: str
 
 
-def _read_recordings(folder: Path, sample_rate: int) -> list[np.ndarray]:
+def _read_recordings(folder: Path, sample_rate: int) -> list[list[np.ndarray]]:
+    """Per file, its channels as mono float32 arrays at ``sample_rate``."""
     import soundfile as sf
 
     from ..audio_backend import torchaudio
@@ -95,7 +95,7 @@ def _read_recordings(folder: Path, sample_rate: int) -> list[np.ndarray]:
         if rate != sample_rate:
             log.info("%s: %d Hz, resampled to %d Hz", path, rate, sample_rate)
             audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, sample_rate).numpy()
-        out.extend(np.ascontiguousarray(channel) for channel in audio)
+        out.append([np.ascontiguousarray(channel) for channel in audio])
     return out
 
 
@@ -133,7 +133,7 @@ def load_training_data(data_dir: Path, sample_rate: int, config: TrainSeparatorC
             noise_train, noise_valid = _split(noise, config.validation_fraction, segment, data_dir / NOISE_DIR)
         except TrainingDataError:
             # Background is interference, never scored: too little to split is still usable.
-            noise_train = noise_valid = [r for r in noise if len(r) >= segment]
+            noise_train = noise_valid = [c for f in noise for c in f if len(c) >= segment]
             log.warning("%s: too little background to hold some out; validation uses the same", data_dir / NOISE_DIR)
     log.info("training data: sources %s, %s training and %s validation recordings, %d noise recordings",
              [f.name for f in folders], [len(t) for t in train], [len(v) for v in valid], len(noise_train))
@@ -141,20 +141,22 @@ def load_training_data(data_dir: Path, sample_rate: int, config: TrainSeparatorC
                         sample_rate)
 
 
-def _split(recordings: list[np.ndarray], fraction: float, segment: int, folder: Path):
-    """Hold out whole recordings (the last ``fraction`` of them, at least one) when there
-    are several, else the last ``fraction`` of the only one. Recordings shorter than a
-    training excerpt are skipped."""
-    usable = [r for r in recordings if len(r) >= segment]
-    if len(usable) < len(recordings):
+def _split(files: list[list[np.ndarray]], fraction: float, segment: int, folder: Path):
+    """Hold out whole files (the last ``fraction`` of them, at least one, never all) when
+    there are several, else the last ``fraction`` of the only one. The channels of a
+    file stay on one side. Channels shorter than a training excerpt are skipped."""
+    usable = [[c for c in f if len(c) >= segment] for f in files]
+    usable = [f for f in usable if f]
+    skipped = sum(len(f) for f in files) - sum(len(f) for f in usable)
+    if skipped:
         log.warning("%s: %d recordings shorter than one training excerpt (%d samples) skipped", folder,
-                    len(recordings) - len(usable), segment)
+                    skipped, segment)
     if len(usable) >= 2:
-        held = max(1, round(len(usable) * fraction))
-        return usable[:-held], usable[-held:]
-    if len(usable) == 1 and len(usable[0]) * fraction >= segment:
-        cut = round(len(usable[0]) * (1 - fraction))
-        return [usable[0][:cut]], [usable[0][cut:]]
+        held = min(len(usable) - 1, max(1, round(len(usable) * fraction)))
+        return [c for f in usable[:-held] for c in f], [c for f in usable[-held:] for c in f]
+    if len(usable) == 1 and min(len(c) for c in usable[0]) * fraction >= segment:
+        cuts = [round(len(c) * (1 - fraction)) for c in usable[0]]
+        return [c[:k] for c, k in zip(usable[0], cuts)], [c[k:] for c, k in zip(usable[0], cuts)]
     raise TrainingDataError(
         f"{folder}: not enough audio to train and validate: needs two recordings of at least "
         f"{segment} samples (one training excerpt), or one of at least {math.ceil(segment / fraction)}. "
