@@ -87,3 +87,16 @@ def test_a_stereo_model_is_refused(tmp_path):
     save_model(tiny_demucs(audio_channels=2), tmp_path, "tiny")
     with pytest.raises(ModelError, match="needs a mono model"):
         load_separator(config(tmp_path), SAMPLE_RATE)
+
+
+def test_device_settings_resolve_in_one_place():
+    from signalcraft.compute import torch_device
+    from signalcraft.errors import ConfigError
+
+    assert torch_device("cpu", "separation.device").type == "cpu"
+    assert torch_device("auto", "separation.device").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="separation.device: unknown device 'gpu'"):
+        torch_device("gpu", "separation.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train_separator.device: cuda requested but torch sees no CUDA"):
+            torch_device("cuda", "train_separator.device")

@@ -55,3 +55,4 @@ class Interrupted(SignalcraftError):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
         self.exit_code = ExitCode(128 + signum) if 128 + signum in ExitCode._value2member_map_ else ExitCode.FAILURE
+

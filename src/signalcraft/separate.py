@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import SeparationConfig
+from .compute import torch_device
 from .errors import SignalcraftError
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,7 @@ class Separator:
         self._config = config
         self._sample_rate = sample_rate
         if model is not None:
-            if config.device == "cuda" and not torch.cuda.is_available():
-                raise ModelError("separation.device: cuda requested but torch sees no CUDA device; "
-                                 "use auto or cpu.")
-            self._device = torch.device(
-                "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-            )
+            self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:

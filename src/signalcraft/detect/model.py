@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import DetectConfig
+from ..compute import torch_device
 from ..errors import SignalcraftError
 from ..export import atomic_write, storage_error
 
@@ -185,14 +186,6 @@ class Detector:
         return torch.cat(scores).numpy()
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DetectorError("device cuda requested but torch sees no CUDA device; use auto or cpu.")
-    if choice not in ("auto", "cuda", "cpu"):
-        raise DetectorError(f"unknown device {choice!r}; use auto, cuda or cpu.")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features: dict) -> tuple[int, int]:
     """The common (n_mels, n_frames) of all sources' tensors; DetectorError if they do not fit."""
     if not tensors_by_source:
@@ -264,7 +257,7 @@ def train_detector_models(
     features = dict(features or {})  # a manifest without settings: nothing to check against
     n_mels, n_frames = _check_training_tensors(tensors_by_source, features)
     args = AutoencoderArgs(n_mels=n_mels, n_frames=n_frames, channels=config.channels)
-    dev = _device(device)
+    dev = torch_device(device, "device")
     models, norm, trained_on = {}, {}, {}
     for source in sorted(tensors_by_source):
         x = tensors_by_source[source].detach().to("cpu", torch.float32)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..config import Config, TrainSeparatorConfig
+from ..compute import torch_device
 from ..errors import ConfigError, SignalcraftError, StorageError
 from ..export import atomic_write
 
@@ -246,12 +247,6 @@ def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, d
     return float(sdr.mean()), float((sdr - base).mean())
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train_separator.device: cuda requested but torch sees no CUDA device; use auto or cpu.")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def checkpoint_path(config: Config) -> Path:
     """Where training progress is kept, resumable: <separation.repo>/checkpoints/<name>.pt."""
     return config.separation.repo / "checkpoints" / f"{config.train_separator.name}.pt"
@@ -285,7 +280,7 @@ def train_separator(
     if resume and not ckpt.exists():
         raise StorageError(f"{ckpt}: no checkpoint to resume. Run without --resume to start training.")
     data = load_training_data(data_dir, sr, c)
-    device = _device(c.device)
+    device = torch_device(c.device, "train_separator.device")
     samples = round(c.segment_seconds * sr)
     torch.manual_seed(c.seed)
     model = build_model(c, data.sources, sr).to(device)
