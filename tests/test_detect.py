@@ -61,7 +61,7 @@ def test_cold_start_calibrates_then_trains(calibrated):
         for mic in (0, 1):
             state = store.get_threshold(mic, "mix")
             assert state is not None and 0 < state["warning"] < state["critical"]
-        assert "fitted" in store.threshold_changes()[0]["reason"]
+        assert "fit: gamma on" in store.threshold_changes()[0]["reason"]
 
 
 def test_normal_segments_stay_normal_and_a_fault_ends_critical(calibrated):

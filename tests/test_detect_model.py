@@ -1,5 +1,4 @@
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -234,16 +233,3 @@ def test_training_is_repeatable_with_the_same_seed(capsys):
     assert np.array_equal(first.score("pump", x), second.score("pump", x))
     assert not np.array_equal(first.score("pump", x), other.score("pump", x))
     assert capsys.readouterr().err == ""  # progress=False: no bar
-
-
-def test_scoring_speed_is_reported():
-    torch.manual_seed(0)
-    args = AutoencoderArgs()
-    detector = Detector({"pump": ConvAutoencoder(args).eval()}, {"pump": flat_norm(args)}, args, FEATURES, {})
-    x = spectrogram(32, seed=5)
-    detector.score("pump", x[:4])  # warm-up
-    began = time.perf_counter()
-    scores = detector.score("pump", x)
-    ms = (time.perf_counter() - began) / len(x) * 1e3
-    print(f"\nscoring: {ms:.1f} ms per tensor on {torch.get_num_threads()} threads")
-    assert scores.shape == (32,) and np.all(np.isfinite(scores))

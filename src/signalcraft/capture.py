@@ -267,12 +267,12 @@ class DeviceCapture:
 
     def _next_block(self) -> Optional[tuple[np.ndarray, bool, int]]:
         """The next block from the callback; None once ``stop`` is set."""
-        waited = 0.0
+        since = time.monotonic()
         while not self.stop.is_set():
             try:
                 return self._blocks.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                waited += _POLL_SECONDS
+                waited = time.monotonic() - since
             if self._stream is None or not self._stream.active:
                 raise DeviceError(f"{self.device.name!r} stopped delivering audio (stream ended).")
             if waited >= self.stall_seconds:

@@ -127,12 +127,6 @@ class Detector:
     def sources(self) -> tuple[str, ...]:
         return tuple(self.models)
 
-    def to(self, device: str | torch.device) -> "Detector":
-        """Move every model to ``device`` (scoring runs where the models are)."""
-        for model in self.models.values():
-            model.to(device)
-        return self
-
     def score(self, source: str, tensors: torch.Tensor) -> np.ndarray:
         """Anomaly scores: squared reconstruction error of each standardised tensor,
         averaged over frames per mel band, then over the worst ``SCORE_BAND_FRACTION``

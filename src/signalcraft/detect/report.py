@@ -120,7 +120,7 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
             path = output_dir / row["folder"] / f"mic_{mic}" / f"{source}.pt"
             try:
                 image = torch.load(path, map_location="cpu", weights_only=True)[0].numpy()
-                ax.imshow(image, origin="lower", aspect="auto", vmin=-100, vmax=0, cmap="magma")
+                ax.imshow(image, origin="lower", aspect="auto", vmin=config.features.floor_db, vmax=0, cmap="magma")
             except Exception:
                 ax.text(0.5, 0.5, "tensor no longer on disk", ha="center", transform=ax.transAxes)
             ax.set(title=f"{title}: {row['folder']}", xlabel="frame", ylabel="mel band")

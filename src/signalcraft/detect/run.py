@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, FeaturesConfig
 from ..export import MANIFEST, STAGING
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector, train_detector_models
@@ -99,7 +99,7 @@ def complete_segments(output_dir: Path) -> Iterator[tuple[Path, dict]]:
 def load_tensors(folder: Path, manifest: dict) -> tuple[dict[tuple[int, str], torch.Tensor], int]:
     """The segment's tensors by (mic, source), and how many were corrupt or misshapen."""
     features = manifest.get("features", {})
-    shape = (1, features.get("n_mels", 240), features.get("n_frames", 240))
+    shape = (1, features.get("n_mels", FeaturesConfig.n_mels), features.get("n_frames", FeaturesConfig.n_frames))
     out, corrupt = {}, 0
     for mic_name, sources in manifest.get("tensors", {}).items():
         mic = int(mic_name.split("_", 1)[1])
@@ -237,8 +237,7 @@ def train_from_calibration(config: Config, output_dir: Path, store: Store,
     with store.transaction():
         for (mic, source), scores in sorted(out_of_fold.items()):
             state = th.fit(np.asarray(scores), c)
-            store.set_threshold(mic, source, state.to_dict(),
-                                f"fitted ({c.threshold_method}) on {len(scores)} calibration scores", at)
+            store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
             log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
                      state.critical)
         save_detector(detector, c.model)

@@ -239,10 +239,6 @@ class Store:
 
     # Segments
 
-    def is_scored(self, folder: str) -> bool:
-        """True when the segment ``folder`` (relative to the output folder) is recorded."""
-        return self._execute("SELECT 1 FROM segments WHERE folder = ?", (folder,)).fetchone() is not None
-
     def scored_folders(self) -> set[str]:
         """Every recorded segment folder."""
         return {r[0] for r in self._execute("SELECT folder FROM segments")}
@@ -272,7 +268,7 @@ class Store:
                 (folder, start_time_utc, scored_at, int(n_tensors), int(n_corrupt), phase),
             )
         except sqlite3.IntegrityError:
-            raise StoreError(f"{self.path}: segment {folder} is already recorded; check is_scored() first.") from None
+            raise StoreError(f"{self.path}: segment {folder} is already recorded (did another detect run score it?).") from None
         return int(cursor.lastrowid)
 
     # Scores
@@ -312,15 +308,6 @@ class Store:
             params,
         )
         return [dict(r) for r in rows]
-
-    def calibration_scores(self, mic: int, source: str) -> np.ndarray:
-        """Scores of (mic, source) from calibration segments that have one, oldest first."""
-        rows = self._execute(
-            "SELECT c.score FROM scores c JOIN segments s ON s.id = c.segment_id WHERE s.phase = 'calibration' "
-            "AND c.mic = ? AND c.source = ? AND c.score IS NOT NULL ORDER BY s.start_time_utc, s.id",
-            (int(mic), source),
-        )
-        return np.array([r[0] for r in rows], dtype=np.float64)
 
     def calibration_count(self, mic: Optional[int] = None, source: Optional[str] = None) -> int:
         """Calibration segments recorded: all of them, or those with a tensor of (mic, source)."""
