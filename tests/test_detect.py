@@ -1,6 +1,7 @@
 """`detect` end to end: simulated segments through the real chain, cold start,
 calibration, scoring, alerts, incremental runs, bad input and exit codes."""
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -158,3 +159,37 @@ def test_report_writes_pngs_and_a_summary(calibrated, tmp_path):
     assert {m["mic"] for m in summary["machines"]} == {0, 1}
     assert (tmp_path / "r" / "mic_0_mix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result.stdout.splitlines()) < 25  # fits one screen
+
+
+def test_a_detector_without_its_thresholds_is_refused_not_silently_calibrating(calibrated, tmp_path):
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    (project / "out" / "signalcraft.sqlite").unlink()  # a new state file beside a trained detector
+    result = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"))
+    assert result.returncode == ExitCode.FAILURE
+    assert "holds no thresholds for it" in result.stderr and "train-detector" in result.stderr
+
+
+def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(calibrated, tmp_path):
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    cfg, out = str(project / "config.yaml"), str(project / "out")
+    before = (project / "detector.pt").read_bytes()
+    starts = sorted(json.loads(m.read_text())["start_time_utc"] for m in (project / "out").glob("*/manifest.json"))
+
+    nothing = run_cli("--config", cfg, "train-detector", out, "--until", starts[0])
+    assert nothing.returncode == ExitCode.FAILURE and "0 segment(s) to train on" in nothing.stderr
+    assert (project / "detector.pt").read_bytes() == before
+    bad = run_cli("--config", cfg, "train-detector", out, "--since", "yesterday")
+    assert bad.returncode == ExitCode.USAGE and "--since 'yesterday': not an ISO 8601 time" in bad.stderr
+
+    # The first ten segments only, thinned to eight; given in local time with an offset.
+    until = dt.datetime.fromisoformat(starts[10]).astimezone()
+    result = run_cli("--config", cfg, "train-detector", out, "--until", until.isoformat(), "--max-segments", "8")
+    assert result.returncode == 0, result.stderr
+    assert "training on 8 of 10 segments" in result.stderr
+    assert (project / "detector.pt").read_bytes() != before
+    with Store(project / "out" / "signalcraft.sqlite") as store:
+        assert len(store.threshold_changes()) > 2

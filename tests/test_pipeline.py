@@ -22,7 +22,7 @@ from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, run_cli
 
 MANIFEST_KEYS = {
     "format", "signalcraft_version", "start_time_utc", "start_time_local", "duration_s", "sample_rate",
-    "device", "channels", "start_frame", "overflows", "dropped_frames", "dropped_segments", "levels",
+    "device", "channels", "start_frame", "overflows", "dropped_frames", "dropped_segments", "reconnects", "levels",
     "denoise", "separator", "features", "tensors", "files",
 }
 

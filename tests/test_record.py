@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -71,3 +72,19 @@ def test_sigterm_finishes_cleanly_with_the_conventional_code(vmic, project):
         assert sf.info(str(folder / "audio.flac")).frames == 2 * SAMPLE_RATE
     assert not list((output / STAGING).rglob("*")), "a partial segment was left behind"
     assert not list(output.rglob("*.tmp"))
+
+
+def test_process_dates_a_kept_segment_audio_by_its_manifest(vmic, project):
+    raw_only(project)
+    assert run_cli("--config", str(project), "record", "--repeat", "1").returncode == 0
+    [folder] = segment_folders(project.parent / "out")
+    os.utime(folder / "audio.flac", (0, 0))  # a copied file's time says nothing
+    edit = yaml.safe_load(project.read_text())
+    edit["output"]["dir"] = "again"
+    project.write_text(yaml.safe_dump(edit))
+    result = run_cli("--config", str(project), "process", str(folder / "audio.flac"))
+    assert result.returncode == 0, result.stderr
+    [again] = segment_folders(project.parent / "again")
+    assert again.name == folder.name
+    original, redone = (json.loads((f / MANIFEST).read_text()) for f in (folder, again))
+    assert redone["start_time_utc"] == original["start_time_utc"]

@@ -56,6 +56,9 @@ class Segment:
         Input overflows the device reported while this segment was captured.
     dropped_frames : int
         Frames lost inside this segment because the capture queue was full.
+    reconnects : int
+        Times the device was lost (and reopened) just before this segment; the audio
+        from the loss to this segment's start is missing.
     """
 
     audio: np.ndarray
@@ -66,6 +69,7 @@ class Segment:
     channels: tuple[int, ...]
     overflows: int = 0
     dropped_frames: int = 0
+    reconnects: int = 0
 
     @property
     def duration(self) -> float:
@@ -331,15 +335,17 @@ def file_segments(
     segment_seconds: float,
     channels: Optional[Sequence[int]] = None,
     *,
+    start_time: Optional[dt.datetime] = None,
     realtime: bool = False,
     stop: Optional[threading.Event] = None,
 ) -> Iterator[Segment]:
     """Replay a multichannel WAV/FLAC file as consecutive Segments.
 
     A tail shorter than one segment is not yielded (it is logged): every Segment has the
-    same length, as from a device. ``start_time`` counts from the file's modification
-    time minus its duration (when a recorder finished writing it). With ``realtime``
-    segments are released no faster than they would arrive from a device.
+    same length, as from a device. ``start_time`` (UTC) is when the file's first sample
+    was recorded; by default the file's modification time minus its duration (when a
+    recorder finished writing it). With ``realtime`` segments are released no faster
+    than they would arrive from a device.
     """
     import soundfile as sf
 
@@ -353,7 +359,7 @@ def file_segments(
         picked = resolve_channels(channels, f.channels, str(path))
         pick = np.array(picked) - 1
         n = round(segment_seconds * sr)
-        origin = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) - dt.timedelta(
+        origin = start_time or dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) - dt.timedelta(
             seconds=f.frames / sr
         )
         t0 = time.monotonic()

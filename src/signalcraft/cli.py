@@ -8,6 +8,7 @@ code of their class; see ``errors.ExitCode`` and the README.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -17,20 +18,19 @@ from typing import Iterator, Optional
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .config import ENV_VAR, Config, load_config
 from .errors import ExitCode, Interrupted, SignalcraftError
 
 log = logging.getLogger("signalcraft")
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+@dataclasses.dataclass
+class _Options:
+    """The group's options, for every command."""
+
+    config_path: Optional[Path]
+    quiet: bool
 
 
 @contextlib.contextmanager
@@ -83,7 +83,9 @@ class _Group(click.Group):
     help=f"Configuration file. Default: ${ENV_VAR}, else ./config.yaml, else built-in defaults.",
 )
 @click.option("--verbose", "-v", count=True, help="Log more detail.")
-@click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors (for cron).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="For cron: print nothing unless something is wrong (warnings, errors, "
+                   "detect's WARNING/CRITICAL rows). The log file (log.file) still gets everything.")
 @click.version_option(__version__, prog_name="signalcraft")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bool) -> None:
@@ -91,14 +93,41 @@ def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bo
 
     \b
     Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 detect
-    found WARNING, 4 detect found CRITICAL, 130 stopped by Ctrl-C, 143 by SIGTERM.
+    found WARNING, 4 detect found CRITICAL, 5 another run holds the device or
+    output folder (this run did nothing), 130 stopped by Ctrl-C, 143 by SIGTERM.
     """
-    _setup_logging(verbose, quiet)
-    ctx.obj = config_path
+    logs.setup_stderr(verbose, quiet)
+    ctx.obj = _Options(config_path, quiet)
 
 
 def _config(ctx: click.Context) -> Config:
-    return load_config(ctx.obj)
+    """Load the configuration and start logging to its log file."""
+    config = load_config(ctx.obj.config_path)
+    logs.add_file(config.log)
+    log.debug("signalcraft %s %s (config %s)", __version__, ctx.info_name, config.source or "built-in defaults")
+    return config
+
+
+def _echo(ctx: click.Context, text: str, nl: bool = True) -> None:
+    """Print a normal result on stdout; nothing in quiet mode."""
+    if not ctx.find_object(_Options).quiet:
+        click.echo(text, nl=nl)
+
+
+def _device_lock(config: Config, command: str):
+    """The lock that keeps two runs off one audio device."""
+    from .capture import resolve_device
+    from .locks import RunLock, device_lock_path
+
+    name = resolve_device(config.capture.device).name
+    return RunLock(device_lock_path(name), f"audio device {name!r}", command)
+
+
+def _output_lock(output: Path, command: str):
+    """The lock that keeps two runs from changing one output folder's detection state."""
+    from .locks import RunLock, output_lock_path
+
+    return RunLock(output_lock_path(output), f"output folder {output}", command)
 
 
 @cli.command()
@@ -132,13 +161,15 @@ def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -
     Every channel is checked first: a dead channel (silence or a level below
     noise.dead_rms_dbfs) or clipping rejects the recording and nothing is saved.
     """
+    from .export import remove_leftovers
     from .noise import calibrate
 
     config = _config(ctx)
-    with _stop_on_signals() as stop:
+    with _device_lock(config, "calibrate-noise"), _stop_on_signals() as stop:
+        remove_leftovers(config.noise.dir)
         saved = calibrate(config, seconds=seconds, force=force, stop=stop)
     for path, lv in saved:
-        click.echo(f"{path}  RMS {lv.rms_dbfs:6.1f} dBFS  peak {lv.peak:.3f}")
+        _echo(ctx, f"{path}  RMS {lv.rms_dbfs:6.1f} dBFS  peak {lv.peak:.3f}")
 
 
 @cli.command()
@@ -155,14 +186,23 @@ def record(ctx: click.Context, repeat: int) -> None:
     output/<YYYY-MM-DD_HH-MM-SS>/mic_<N>/<source>.pt, a folder that appears only when
     complete. Prints each folder as it is written. Ctrl-C or SIGTERM discards the
     partial segment, finishes the captured ones and exits 130 or 143.
+
+    \b
+    For unattended use:
+    - one `record` per device: a second one exits 5 at once;
+    - files left by a killed run are removed at the start;
+    - it will not start, and stops cleanly, when the output disk has less than
+      output.min_free_gb free (exit 1);
+    - a device that fails mid-run is reopened capture.reconnect_attempts times with
+      growing waits before giving up (exit 1); completed segments are always kept.
     """
     from . import pipeline
 
     config = _config(ctx)
-    with _stop_on_signals() as stop:
+    with _device_lock(config, "record"), _stop_on_signals() as stop:
         pipeline.record(
             config, repeat, pipeline.chain_factory(config), stop=stop,
-            on_exported=lambda path: click.echo(str(path)),
+            on_exported=lambda path: _echo(ctx, str(path)),
         )
 
 
@@ -187,7 +227,7 @@ def process(ctx: click.Context, files: tuple[Path, ...]) -> None:
     with _stop_on_signals() as stop, bar:
         exported, failed = pipeline.process_files(
             config, paths, stop=stop,
-            on_exported=lambda path: None if show else click.echo(str(path)),
+            on_exported=lambda path: None if show else _echo(ctx, str(path)),
             on_segment=(lambda: bar.update(1)) if show else (lambda: None),
             on_error=lambda path, e: log.error("%s", e),
         )
@@ -291,46 +331,105 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     microphone and machine. CRITICAL needs detect.alert_k of the last detect.alert_n
     segments above the critical level.
 
+    Then applies retention (output.keep_days, output.max_gb) to the segments it has
+    finished with. One `detect` per output folder at a time: a second exits 5.
+    With -q nothing is printed unless a row is WARNING or CRITICAL.
+
     \b
     Exit codes: 0 all normal (or still calibrating), 3 WARNING found,
-    4 CRITICAL found, 1 failure, 2 bad usage or configuration.
+    4 CRITICAL found, 5 another detect is running on OUTPUT, 1 failure,
+    2 bad usage or configuration.
     """
     from .detect import report
     from .detect.run import detect as run_detect
+    from .export import remove_leftovers
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     config = _config(ctx)
-    since_utc = report.parse_utc(since) if since is not None else None  # before scoring: a typo loses nothing
-    result = run_detect(config, output)
+    since_utc = report.parse_utc(since, "--since") if since is not None else None  # a typo loses nothing
+    with _output_lock(output, "detect"):
+        remove_leftovers(output)
+        result = run_detect(config, output)
+        _prune(config, output)
     rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
-    click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table"), nl=False)
+    if ctx.obj.quiet:
+        rows = [r for r in rows if r.status in ("WARNING", "CRITICAL")]
+    if rows or not ctx.obj.quiet:
+        click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table"), nl=False)
+    log.info("detect %s: %d new segments, %d WARNING or CRITICAL tensors, %d CRITICAL, %d corrupt tensors skipped",
+             output, result.segments, result.anomalies, result.critical, result.corrupt)
     if result.critical:
         ctx.exit(ExitCode.CRITICAL)
     if result.anomalies:
         ctx.exit(ExitCode.WARNING)
 
 
+def _prune(config: Config, output: Path, dry_run: bool = False):
+    """Retention over OUTPUT: only segments detect has finished with may go."""
+    from .detect.run import state_path
+    from .detect.store import Store
+    from .retention import prune
+
+    if config.output.keep_days is None and config.output.max_gb is None:
+        return None
+    state = state_path(config, output)
+    done: set[str] = set()
+    if state.exists():
+        with Store(state) as store:
+            done = store.finished_folders()
+    return prune(output, config.output, done, dry_run=dry_run)
+
+
 @cli.command("train-detector")
 @click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--since", metavar="TIMESTAMP",
+              help="Train on segments starting at or after TIMESTAMP (ISO 8601; UTC unless it has an offset).")
 @click.option("--until", metavar="TIMESTAMP",
-              help="Train on segments starting before TIMESTAMP (ISO 8601, UTC). Default: all segments.")
+              help="Train on segments starting before TIMESTAMP (ISO 8601; UTC unless it has an offset).")
+@click.option("--max-segments", type=click.IntRange(min=2), default=600, show_default=True,
+              help="Train on at most this many segments, evenly spread over the period (all are held in memory).")
 @click.pass_context
-def train_detector(ctx: click.Context, output: Path, until: Optional[str]) -> None:
+def train_detector(ctx: click.Context, output: Path, since: Optional[str], until: Optional[str],
+                   max_segments: int) -> None:
     """Train the detector on segments in OUTPUT, taken as normal, and set thresholds.
 
     Use it to retrain after maintenance or a change of machines; make sure the
-    segments it trains on are of machines running normally. The previous detector
-    is kept until the new one is saved.
+    segments it trains on are of machines running normally (choose the period with
+    --since and --until). The previous detector is kept until the new one is saved.
+    Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
     """
-    from .detect.run import state_path, train_from_calibration
+    from .detect.report import parse_time
+    from .detect.run import segments_between, state_path, train_on_segments
     from .detect.store import Store
 
     config = _config(ctx)
-    until = until or "9999"
-    with Store(state_path(config, output)) as store:
-        train_from_calibration(config, output, store, until=until)
-    click.echo(str(config.detect.model))
+    window = [parse_time(t, option) if t is not None else None for t, option in ((since, "--since"), (until, "--until"))]
+    with _output_lock(output, "train-detector"), Store(state_path(config, output)) as store:
+        train_on_segments(config, output, store, segments_between(output, *window), max_segments=max_segments)
+    _echo(ctx, str(config.detect.model))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dry-run", "-n", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.pass_context
+def prune(ctx: click.Context, output: Path, dry_run: bool) -> None:
+    """Delete the oldest segments in OUTPUT beyond output.keep_days / output.max_gb.
+
+    `detect` does this after every run; use `prune` to apply new limits at once or
+    to see what they would delete. Segments `detect` has not scored yet are never
+    deleted. Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
+    """
+    config = _config(ctx)
+    if config.output.keep_days is None and config.output.max_gb is None:
+        raise click.UsageError("no retention limit set: set output.keep_days and/or output.max_gb in the config")
+    with _output_lock(output, "prune"):
+        result = _prune(config, output, dry_run=dry_run)
+    for name in result.deleted:
+        _echo(ctx, f"{'would delete' if dry_run else 'deleted'} {output / name}")
+    _echo(ctx, f"{len(result.deleted)} segments, {result.freed_bytes / 1e9:.2f} GB"
+               f"{' would be' if dry_run else ''} freed; {result.kept_unscored} kept because not scored yet")
 
 
 @cli.command()
@@ -353,6 +452,32 @@ def report(ctx: click.Context, output: Path, report_dir: Optional[Path]) -> None
     for line in summary_lines(files[-1]):
         click.echo(line)
     click.echo(f"report: {files[-1].parent}")
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder whose detection state to check [default: output.dir].")
+@click.pass_context
+def doctor(ctx: click.Context, output: Optional[Path]) -> None:
+    """Check that everything a cron run needs is in place, one line per check.
+
+    \b
+    Checks: the config, PortAudio, the capture device and its channels, the noise
+    clips (present, readable, for these channels and rate), the separator model,
+    the detector and its state, free disk and retention, the log file.
+    OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: needs
+    a check above that failed.
+    Exit code: 0 if nothing FAILed, else 1.
+    """
+    from .doctor import FAIL, run_checks
+
+    failed = 0
+    for check in run_checks(ctx.obj.config_path, output):
+        click.echo(check.line())
+        failed += check.status == FAIL
+    if failed:
+        log.error("%d check(s) failed", failed)
+        ctx.exit(ExitCode.FAILURE)
 
 
 def main() -> None:

@@ -56,9 +56,16 @@ class CaptureConfig:
     block_frames: int = 1024  # frames per PortAudio callback
     # Blocks of audio the capture queue holds while segments are assembled, s.
     queue_seconds: float = 30.0
+    # When the device fails mid-run (unplugged, PortAudio error), `record` reopens it
+    # up to this many times in a row, waiting reconnect_delay_s before the first try
+    # and doubling the wait each time (at most 60 s). 0: give up at once.
+    reconnect_attempts: int = 5
+    reconnect_delay_s: float = 2.0
 
     def __post_init__(self):
         _require(self.sample_rate > 0, "sample_rate", "must be a positive number of Hz")
+        _require(self.reconnect_attempts >= 0, "reconnect_attempts", "must be 0 or more")
+        _require(self.reconnect_delay_s >= 0, "reconnect_delay_s", "must be 0 or more seconds")
         _require(self.segment_seconds > 0, "segment_seconds", "must be positive")
         _require(self.block_frames > 0, "block_frames", "must be positive")
         _require(self.queue_seconds > 0, "queue_seconds", "must be positive")
@@ -269,6 +276,34 @@ class OutputConfig:
 
     dir: Path = Path("output")  # output/<YYYY-MM-DD_HH-MM-SS>/ per segment, local time
     keep_raw: bool = False  # also keep each segment's audio as audio.flac
+    # Retention, applied by `detect` after scoring (and by `prune`): delete the oldest
+    # segments older than keep_days and/or beyond max_gb in all. Segments not yet
+    # scored are never deleted. None: no limit.
+    keep_days: Optional[float] = None
+    max_gb: Optional[float] = None
+    # `record` refuses to start, and stops, when the output disk has less free space.
+    min_free_gb: float = 1.0
+
+    def __post_init__(self):
+        _require(self.keep_days is None or self.keep_days > 0, "keep_days", "must be positive, or null")
+        _require(self.max_gb is None or self.max_gb > 0, "max_gb", "must be positive, or null")
+        _require(self.min_free_gb >= 0, "min_free_gb", "must be 0 or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where log messages go besides stderr."""
+
+    # Log file, rotated by size; None: stderr only. Every command appends to it,
+    # also in quiet mode (-q), at `level`.
+    file: Optional[Path] = Path("logs/signalcraft.log")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_mb: float = 10.0  # size at which the file is rotated
+    backups: int = 5  # rotated files kept: signalcraft.log.1 ... .5
+
+    def __post_init__(self):
+        _require(self.max_mb > 0, "max_mb", "must be positive")
+        _require(self.backups >= 1, "backups", "must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +319,7 @@ class Config:
     detect: DetectConfig = dataclasses.field(default_factory=DetectConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.
     source: Optional[Path] = dataclasses.field(default=None, compare=False)
 

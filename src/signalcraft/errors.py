@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad command line or configuration (click uses 2 for usage errors too)
     WARNING = 3  # detect ran fine and found WARNING segments (no CRITICAL)
     CRITICAL = 4  # detect ran fine and found CRITICAL segments
+    BUSY = 5  # another run holds the device or output folder; this run did nothing
     SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT)
     SIGTERM = 143  # stopped by SIGTERM (128 + SIGTERM), e.g. by systemd or kill
 
@@ -35,7 +36,14 @@ class ConfigError(SignalcraftError):
 
 
 class DeviceError(SignalcraftError):
-    """An audio device is missing, refuses the settings, or stopped delivering audio."""
+    """An audio device is missing, refuses the settings, or stopped delivering audio.
+
+    ``retry`` is False when reopening the device cannot help (a settings mismatch).
+    """
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 class NoiseClipError(SignalcraftError):

@@ -5,6 +5,10 @@ A segment is assembled in ``<output>/.incomplete/`` and renamed into
 and, last of all, ``manifest.json`` are written. Readers therefore never see a partial
 segment: a folder without a manifest is not a segment. Two segments that start in the
 same second get ``_2``, ``_3``... suffixes.
+
+Temporary names carry the writer's pid (``.<name>.<pid>.<hex>.tmp`` beside a file,
+``.incomplete/<name>.<pid>.<hex>/`` for a segment), so that ``remove_leftovers`` can
+delete what a killed process left behind without touching a live writer's files.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -39,7 +44,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         The disk is full or the folder is not writable; the message names the file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -51,6 +56,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             raise storage_error(path, e) from None
         raise
     return path
+
+
+def save_torch(path: Path, obj: Any) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically. It is serialised in memory and
+    written by Python, because torch's own file writer reports a full disk as an
+    unrelated RuntimeError; this way it is a StorageError that says so."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -126,6 +145,44 @@ class SegmentWriter:
                 raise storage_error(final, e) from None
             return final
         raise StorageError(f"{self.output_dir}: more than 999 segments start at {self.name}.")
+
+
+_TMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_STAGING_ENTRY = re.compile(r"^.+\.(\d+)\.[0-9a-f]{8}$")
+
+
+def remove_leftovers(folder: Path) -> int:
+    """Delete the temporary files and staged segments in ``folder`` (and its
+    ``.incomplete/``) whose writing process no longer runs: what a SIGKILL, a crash or
+    a power cut left behind. Files of live processes are left alone. Returns how many
+    entries were removed (each is logged)."""
+    from .locks import pid_alive
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    candidates = [(p, _TMP_FILE) for p in folder.glob(".*.tmp")]
+    staging = folder / STAGING
+    if staging.is_dir():
+        candidates += [(p, _STAGING_ENTRY) for p in staging.iterdir()]
+    for path, pattern in candidates:
+        match = pattern.match(path.name)
+        if match is None or pid_alive(int(match[1])):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # another run cleaned it first
+        except OSError as e:
+            log.warning("%s: left by an interrupted run, but cannot be removed: %s", path, e.strerror)
+            continue
+        log.info("removed %s, left by an interrupted run", path)
+        removed += 1
+    return removed
 
 
 def is_complete(folder: Path) -> bool:

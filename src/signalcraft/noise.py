@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
-from .export import atomic_write
+from .export import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
     try:
         for clip in clips:
             path = clip_path(noise_dir, clip.channel)
-            tmp = path.with_name(f".{path.name}.new")
-            atomic_write(tmp, lambda t, c=clip: _write_clip(c, t))
+            # The name pattern of export.remove_leftovers: cleared if this run is killed.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            save_torch(tmp, _clip_data(clip))
             staged.append((tmp, path))
     except BaseException:
         for tmp, _ in staged:
@@ -116,10 +118,10 @@ def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
     return [path for _, path in staged]
 
 
-def _write_clip(clip: NoiseClip, path: Path) -> None:
+def _clip_data(clip: NoiseClip) -> dict:
     import torch
 
-    data = {
+    return {
         "format": CLIP_FORMAT,
         "clip": torch.from_numpy(np.ascontiguousarray(clip.audio, dtype=np.float32)),
         "sample_rate": clip.sample_rate,
@@ -127,7 +129,6 @@ def _write_clip(clip: NoiseClip, path: Path) -> None:
         "device": clip.device,
         "recorded_at": clip.recorded_at.isoformat(),
     }
-    torch.save(data, path)
 
 
 def load_clip(path: Path) -> NoiseClip:

@@ -10,19 +10,21 @@ segment's manifest: never a silent loss.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from . import __version__
 from .capture import DeviceCapture, Segment
 from .config import Config
-from .errors import NoiseClipError
-from .export import SegmentWriter, atomic_write
+from .errors import DeviceError, NoiseClipError
+from .export import MANIFEST, SegmentWriter, atomic_write, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def segment_manifest(segment: Segment, dropped_segments: int) -> dict:
         "overflows": segment.overflows,
         "dropped_frames": segment.dropped_frames,
         "dropped_segments": dropped_segments,
+        "reconnects": segment.reconnects,
     }
 
 
@@ -125,14 +128,12 @@ class Chain:
         if segment.channels != self.channels or segment.sample_rate != self.sample_rate:
             raise ValueError(f"chain is for channels {self.channels} at {self.sample_rate} Hz, segment has "
                              f"{segment.channels} at {segment.sample_rate} Hz")
-        import torch
-
         mels = self.features(segment.audio)
         with SegmentWriter(self.config.output.dir, segment.start_time) as w:
             for mic in range(mels.shape[0]):
                 for k, source in enumerate(self.separator.sources):
                     tensor = mels[mic, k][None].clone()  # clone: save only this slice's storage
-                    atomic_write(w.path(f"mic_{mic}/{source}.pt"), lambda tmp: torch.save(tensor, tmp))
+                    save_torch(w.path(f"mic_{mic}/{source}.pt"), tensor)
             if self.config.output.keep_raw:
                 write_flac(w.path("audio.flac"), segment, self.config.capture.sample_format)
             return w.commit(self.manifest(segment, dropped_segments))
@@ -180,11 +181,28 @@ def record(
     if 0 or None). A dropped segment does not count, so every drop is recorded in the
     manifest of a later segment.
 
+    Before capture starts, files left by an interrupted earlier run are removed and the
+    output disk must have ``output.min_free_gb`` free; it is checked again before each
+    segment is queued, and a full disk ends the run cleanly. A device that fails mid-run
+    is reopened (``capture.reconnect_attempts``, see ``device_segments``).
+
     Returns the exported folders in order. When ``stop`` is set the partial segment is
     discarded and every complete one already captured is still processed. An error in
     processing stops capture and is raised here after the worker has finished.
+
+    Raises
+    ------
+    DeviceError
+        The device is missing at the start, or stayed unusable through every reconnect.
+    StorageError
+        The output disk is below ``output.min_free_gb`` or a write failed.
     """
+    from .export import remove_leftovers
+    from .retention import check_free_space
+
     stop = stop or threading.Event()
+    remove_leftovers(config.output.dir)
+    check_free_space(config.output)
     pending: queue.Queue = queue.Queue(maxsize=config.pipeline.queue_segments)
     exported: list[Path] = []
     failure: list[BaseException] = []
@@ -201,36 +219,105 @@ def record(
                 failure.append(e)
                 stop.set()
 
-    capture = DeviceCapture(config.capture, stop=stop)
+    capture = DeviceCapture(config.capture, stop=stop)  # a device missing at the start fails here
     process = make_processor(capture.channels)
     worker = threading.Thread(target=work, name="signalcraft-worker", daemon=True)
     worker.start()
     dropped = queued = 0
+    segments = device_segments(config, capture, stop)
     try:
-        with capture:
-            for segment in capture.segments():
-                if not worker.is_alive():
+        for segment in segments:
+            if not worker.is_alive() or failure:
+                break
+            check_free_space(config.output)
+            try:
+                pending.put_nowait((segment, dropped))
+                dropped = 0
+                queued += 1
+                if queued == repeat:
                     break
-                try:
-                    pending.put_nowait((segment, dropped))
-                    dropped = 0
-                    queued += 1
-                    if queued == repeat:
-                        break
-                except queue.Full:
-                    dropped += 1
-                    log.warning(
-                        "processing is %d segments behind: dropped the segment starting %s "
-                        "(%d dropped since the last exported one)",
-                        config.pipeline.queue_segments, segment.start_time.isoformat(), dropped,
-                    )
+            except queue.Full:
+                dropped += 1
+                log.warning(
+                    "processing is %d segments behind: dropped the segment starting %s "
+                    "(%d dropped since the last exported one)",
+                    config.pipeline.queue_segments, segment.start_time.isoformat(), dropped,
+                )
     finally:
+        segments.close()  # closes the stream
         if worker.is_alive():
             pending.put(None)  # the worker drains until it sees this, so this cannot block for long
         worker.join()
     if failure:
         raise failure[0]
     return exported
+
+
+MAX_RECONNECT_DELAY_S = 60.0
+
+
+def device_segments(config: Config, capture: DeviceCapture, stop: threading.Event) -> Iterator[Segment]:
+    """Segments from ``capture``; when the device fails (unplugged, PortAudio error,
+    stalled), reopen it by its configured name after ``capture.reconnect_delay_s``,
+    doubling the wait on each failure in a row (at most ``MAX_RECONNECT_DELAY_S``). The
+    first segment after a reopening counts the device losses before it in
+    ``Segment.reconnects``.
+
+    Raises
+    ------
+    DeviceError
+        More than ``capture.reconnect_attempts`` failures in a row, or the device came
+        back with other channels.
+    """
+    c = config.capture
+    channels = capture.channels
+    failures = reconnects = 0
+    current: Optional[DeviceCapture] = capture
+    opened = False  # a device that fails to open at the start is a set-up problem: no retries
+    while True:
+        streaming = False
+        try:
+            if current is None:
+                _rescan_devices()
+                current = DeviceCapture(c, stop=stop)
+                if current.channels != channels:
+                    raise DeviceError(f"{current.device.name!r} came back with channels {list(current.channels)} "
+                                      f"instead of {list(channels)}; not recording into the same outputs.",
+                                      retry=False)
+            with current:
+                if reconnects:
+                    log.warning("%r reopened; capture resumes", current.device.name)
+                opened = streaming = True
+                for segment in current.segments():
+                    failures = 0
+                    if reconnects:
+                        segment = dataclasses.replace(segment, reconnects=reconnects)
+                        reconnects = 0
+                    yield segment
+            return  # stopped
+        except DeviceError as e:
+            current = None
+            failures += 1
+            if not opened or not e.retry or failures > c.reconnect_attempts:
+                if failures > 1:
+                    raise DeviceError(f"{e} Gave up after {failures - 1} attempts to reopen it "
+                                      "(capture.reconnect_attempts).") from None
+                raise
+            delay = min(c.reconnect_delay_s * 2 ** (failures - 1), MAX_RECONNECT_DELAY_S)
+            log.warning("%s Reopening in %.3g s (attempt %d of %d).", e, delay, failures, c.reconnect_attempts)
+            reconnects += streaming  # a loss of a running stream, not a failed reopening
+            if stop.wait(delay):
+                return
+
+
+def _rescan_devices() -> None:
+    """Make PortAudio list the devices again: it enumerates them once when it starts, so
+    an interface plugged back in is not seen (or has another index) until then. No
+    stream of this process may be open."""
+    import sounddevice as sd
+
+    sd._terminate()  # sounddevice's documented way to refresh the device list
+    sd._initialize()
 
 
 def file_channels(config: Config, file_channel_count: int, path: Path) -> tuple[int, ...]:
@@ -283,7 +370,8 @@ def process_files(
             key = (channels, info.samplerate)
             if key not in chains:
                 chains[key] = Chain(config, channels, info.samplerate)
-            for segment in file_segments(path, config.capture.segment_seconds, stop=stop):
+            for segment in file_segments(path, config.capture.segment_seconds, start_time=recorded_at(path),
+                                         stop=stop):
                 folder = chains[key](dataclasses.replace(segment, channels=channels))
                 exported.append(folder)
                 on_exported(folder)
@@ -295,6 +383,19 @@ def process_files(
             failed += 1
             on_error(path, StorageError(f"{path}: {type(e).__name__}: {e}"))
     return exported, failed
+
+
+def recorded_at(path: Path) -> Optional[dt.datetime]:
+    """When the first sample of ``path`` was captured, if it is the audio.flac of a
+    segment folder (from its manifest); else None (the file's own time is used)."""
+    manifest = Path(path).parent / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        return dt.datetime.fromisoformat(json.loads(manifest.read_text(encoding="utf-8"))["start_time_utc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable start time in %s; dating the file by its modification time", path, manifest)
+        return None
 
 
 def count_segments(config: Config, paths: list[Path]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime as dt
 import io
 import json
 import logging
@@ -29,24 +30,28 @@ _COLUMNS = ("folder", "start_time", "mic", "source", "score", "warning", "critic
 
 def stored_rows(config: Config, output_dir: Path, since_utc: str) -> list[Row]:
     """Rows stored for segments starting at or after ``since_utc`` (from ``parse_utc``)."""
-    with Store(state_path(config, output_dir)) as store:
+    with Store(state_path(config, output_dir), create=False) as store:
         return [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"],
                     r["critical"], r["status"]) for r in store.scores(since_utc=since_utc)]
 
 
-def parse_utc(text: str) -> str:
-    """An ISO 8601 time as the store writes it (UTC, with offset)."""
-    import datetime as dt
-
+def parse_time(text: str, option: str) -> dt.datetime:
+    """An ISO 8601 time given to ``option``, as an aware UTC datetime (UTC if it has no
+    offset)."""
     from ..errors import ConfigError
 
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--since {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
+        raise ConfigError(f"{option} {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.timezone.utc)
-    return t.astimezone(dt.timezone.utc).isoformat()
+    return t.astimezone(dt.timezone.utc)
+
+
+def parse_utc(text: str, option: str = "--since") -> str:
+    """An ISO 8601 time as the store writes it (UTC, with offset)."""
+    return parse_time(text, option).isoformat()
 
 
 def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
@@ -95,7 +100,7 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
     import torch
 
     report_dir.mkdir(parents=True, exist_ok=True)
-    with Store(state_path(config, output_dir)) as store:
+    with Store(state_path(config, output_dir), create=False) as store:
         rows = [r for r in store.scores() if r["score"] is not None]
         alerts = store.alerts()
         counts = store.counts()

@@ -135,6 +135,13 @@ def detect(
     result = DetectResult()
     with Store(state_path(config, output_dir)) as store:
         detector = load_detector(c.model) if c.model.exists() else None
+        if detector is not None and not store.has_thresholds():
+            raise DetectorError(
+                f"{c.model}: a trained detector, but the state file {store.path} holds no thresholds for it "
+                "(a new or moved state file). Run `signalcraft train-detector OUTPUT` to retrain and set "
+                "thresholds, point detect.state at the state file that goes with this detector, or move the "
+                "detector file away to calibrate from scratch."
+            )
         seen = store.scored_folders()
         for folder, manifest in complete_segments(output_dir):
             if folder.name in seen:
@@ -199,20 +206,43 @@ def _score(store, detector: Detector, folder, manifest, tensors, corrupt, c, res
                                state.warning, state.critical, decision.status))
 
 
-def train_from_calibration(config: Config, output_dir: Path, store: Store,
-                           until: Optional[str] = None) -> Detector:
-    """Train the detector on the calibration segments (or, with ``until``, on every
-    segment that starts before it) and fit thresholds per (mic, source). The previous
-    detector file stays in place until the new one is saved."""
-    c = config.detect
-    chosen = [(f, m) for f, m in complete_segments(output_dir)
-              if (until is None and store.phase(f.name) == "calibration")
-              or (until is not None and m.get("start_time_utc", "") < until)]
-    if len(chosen) < 2:
-        from ..errors import SignalcraftError
+def train_from_calibration(config: Config, output_dir: Path, store: Store) -> Detector:
+    """Cold start: train on the calibration segments recorded in ``store``."""
+    chosen = [(f, m) for f, m in complete_segments(output_dir) if store.phase(f.name) == "calibration"]
+    return train_on_segments(config, output_dir, store, chosen)
 
-        raise SignalcraftError(f"{output_dir}: {len(chosen)} segment(s) to train on; need at least 2 "
-                               f"(detect.calibration_segments is {c.calibration_segments}).")
+
+def segments_between(output_dir: Path, since: Optional[dt.datetime] = None,
+                     until: Optional[dt.datetime] = None) -> list[tuple[Path, dict]]:
+    """Complete segments starting at or after ``since`` and before ``until`` (aware
+    datetimes; None: no bound), oldest first. A manifest without a readable start time
+    is left out (logged)."""
+    chosen = []
+    for folder, manifest in complete_segments(output_dir):
+        try:
+            start = dt.datetime.fromisoformat(manifest["start_time_utc"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("%s: no readable start_time_utc in its manifest; not used for training", folder)
+            continue
+        if (since is None or start >= since) and (until is None or start < until):
+            chosen.append((folder, manifest))
+    return chosen
+
+
+def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: list[tuple[Path, dict]],
+                      max_segments: Optional[int] = None) -> Detector:
+    """Train the detector on ``chosen`` (folder, manifest) segments, taken as normal, and
+    fit thresholds per (mic, source). More than ``max_segments`` are thinned evenly
+    (every tensor is held in memory while training). The previous detector file stays in
+    place until the new one is saved."""
+    c = config.detect
+    if max_segments is not None and len(chosen) > max_segments:
+        keep = np.linspace(0, len(chosen) - 1, max_segments).round().astype(int)
+        log.info("training on %d of %d segments, evenly spread", max_segments, len(chosen))
+        chosen = [chosen[k] for k in keep]
+    if len(chosen) < 2:
+        raise DetectorError(f"{output_dir}: {len(chosen)} segment(s) to train on; need at least 2 "
+                            f"(detect.calibration_segments is {c.calibration_segments}).")
     loaded = [load_tensors(f, m)[0] for f, m in chosen]
     features = chosen[0][1].get("features")
     folds = [loaded[0::2], loaded[1::2]]

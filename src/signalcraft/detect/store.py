@@ -102,20 +102,25 @@ class Store:
     Parameters
     ----------
     path : Path
-        The SQLite file; it and its folder are created if missing.
+        The SQLite file; with ``create`` it and its folder are created if missing.
     timeout_s : float
         How long to wait for another process's write transaction, s.
+    create : bool
+        False for readers (reports): a missing file is an error, not a new empty state.
 
     Raises
     ------
     StoreError
-        The file is not a SQLite database, belongs to another program, was written by a
-        newer signalcraft, or cannot be opened.
+        The file is missing (``create`` False), is not a SQLite database, belongs to
+        another program, was written by a newer signalcraft, or cannot be opened.
     """
 
-    def __init__(self, path: Path, timeout_s: float = BUSY_TIMEOUT_S):
+    def __init__(self, path: Path, timeout_s: float = BUSY_TIMEOUT_S, create: bool = True):
         self.path = Path(path)
         self._depth = 0  # nesting of transaction()
+        if not create and not self.path.is_file():
+            raise StoreError(f"{self.path}: no detection state yet. Run `signalcraft detect` on the output "
+                             "folder first (or set detect.state to where its state file is).")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -243,6 +248,13 @@ class Store:
         """Every recorded segment folder."""
         return {r[0] for r in self._execute("SELECT folder FROM segments")}
 
+    def finished_folders(self) -> set[str]:
+        """Segments detect has finished with: scored ones, and calibration ones once the
+        detector is trained. Retention may delete only these."""
+        phases = ("scored", "calibration") if self.calibration_done() else ("scored",)
+        marks = ",".join("?" * len(phases))
+        return {r[0] for r in self._execute(f"SELECT folder FROM segments WHERE phase IN ({marks})", phases)}
+
     def phase(self, folder: str) -> Optional[str]:
         """'calibration' or 'scored' for a recorded segment, None for an unknown one."""
         row = self._execute("SELECT phase FROM segments WHERE folder = ?", (folder,)).fetchone()
@@ -333,6 +345,10 @@ class Store:
         return None if row is None else row[0]
 
     # Thresholds
+
+    def has_thresholds(self) -> bool:
+        """True once thresholds were fitted for at least one (mic, source)."""
+        return self._execute("SELECT 1 FROM thresholds LIMIT 1").fetchone() is not None
 
     def get_threshold(self, mic: int, source: str) -> Optional[dict[str, Any]]:
         """The current threshold state of (mic, source) as saved, or None."""

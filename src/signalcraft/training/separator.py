@@ -39,7 +39,7 @@ import torch
 from ..config import Config, TrainSeparatorConfig
 from ..compute import torch_device
 from ..errors import ConfigError, SignalcraftError, StorageError
-from ..export import atomic_write
+from ..export import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def _save_checkpoint(path, c, sources, model, optimizer, rng, state) -> None:
         **{k: v for k, v in state.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    save_torch(path, data)
 
 
 def _load_checkpoint(path, c, sources, model, optimizer, rng) -> dict:

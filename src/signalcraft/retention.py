@@ -1,0 +1,162 @@
+"""Disk space: retention of old segments and the free-space guard of `record`.
+
+Retention deletes the oldest complete segments beyond ``output.keep_days`` and/or
+``output.max_gb``. It never deletes a segment that `detect` has not finished with
+(not yet scored, or calibration data of a detector not yet trained): those are kept
+even when that means staying above the limits, and the count is reported. A segment
+is first renamed into ``.incomplete/`` and then deleted, so a reader never sees half a
+segment, and a run killed halfway leaves only staging that `remove_leftovers` clears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Container, Optional
+
+from .config import OutputConfig
+from .errors import StorageError
+from .export import FOLDER_FORMAT, MANIFEST, STAGING
+
+log = logging.getLogger(__name__)
+
+GB = 1e9  # bytes; disk sizes are quoted in decimal units, as `df -H` and vendors do
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What a retention pass did (or, with ``dry_run``, would do)."""
+
+    deleted: list[str] = dataclasses.field(default_factory=list)  # folder names, oldest first
+    freed_bytes: int = 0
+    kept_unscored: int = 0  # over a limit, but kept because detect has not finished with them
+    total_bytes: int = 0  # size of the segments left (counted only when max_gb is set)
+
+
+def free_gb(path: Path) -> float:
+    """Free space (GB) on the filesystem that holds ``path`` or its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / GB
+
+
+def check_free_space(config: OutputConfig) -> float:
+    """Free GB on the output disk.
+
+    Raises
+    ------
+    StorageError
+        Less than ``config.min_free_gb`` is free.
+    """
+    free = free_gb(config.dir)
+    if free < config.min_free_gb:
+        raise StorageError(
+            f"{config.dir}: only {free:.2f} GB free on this disk, below output.min_free_gb "
+            f"({config.min_free_gb:g} GB); not recording. Free space, set output.keep_days or "
+            "output.max_gb (applied by `signalcraft detect`), or move output.dir to a larger disk."
+        )
+    return free
+
+
+def segment_folders(output_dir: Path) -> list[Path]:
+    """Complete segment folders (manifest present), oldest first by name."""
+    if not Path(output_dir).is_dir():
+        return []
+    folders = [p for p in Path(output_dir).iterdir()
+               if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
+    return sorted(folders, key=lambda p: p.name)
+
+
+def folder_time(folder: Path) -> Optional[dt.datetime]:
+    """Local start time from a segment folder's name (``YYYY-MM-DD_HH-MM-SS[_k]``)."""
+    try:
+        return dt.datetime.strptime(folder.name[:19], FOLDER_FORMAT)
+    except ValueError:
+        return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes in the files under ``folder``."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def prune(
+    output_dir: Path,
+    config: OutputConfig,
+    done: Container[str],
+    now: Optional[dt.datetime] = None,
+    dry_run: bool = False,
+) -> PruneResult:
+    """Apply ``config.keep_days`` and ``config.max_gb`` to the segments in ``output_dir``.
+
+    Parameters
+    ----------
+    done : container of str
+        Folder names detect has finished with; only these may be deleted.
+    now : datetime, optional
+        Local naive time to age segments against; default now.
+    dry_run : bool
+        Report what would be deleted, delete nothing.
+    """
+    result = PruneResult()
+    if config.keep_days is None and config.max_gb is None:
+        return result
+    folders = segment_folders(output_dir)
+    now = now or dt.datetime.now()
+    sizes = {f: folder_bytes(f) for f in folders} if config.max_gb is not None else {}
+    total = sum(sizes.values())
+    doomed: list[Path] = []
+    for folder in folders:  # oldest first
+        started = folder_time(folder)
+        too_old = (config.keep_days is not None and started is not None
+                   and now - started > dt.timedelta(days=config.keep_days))
+        too_big = config.max_gb is not None and total > config.max_gb * GB
+        if not (too_old or too_big):
+            continue  # nothing newer is older; space may still be over only if unscored ones block
+        if folder.name not in done:
+            result.kept_unscored += 1
+            continue
+        doomed.append(folder)
+        total -= sizes.get(folder, 0)
+    for folder in doomed:
+        freed = sizes.get(folder) if folder in sizes else folder_bytes(folder)
+        if not dry_run:
+            _delete(Path(output_dir), folder)
+        result.deleted.append(folder.name)
+        result.freed_bytes += freed
+    result.total_bytes = total
+    if result.deleted:
+        log.info("retention: %s %d segments (%s ... %s), %.2f GB", "would delete" if dry_run else "deleted",
+                 len(result.deleted), result.deleted[0], result.deleted[-1], result.freed_bytes / GB)
+    if result.kept_unscored:
+        log.warning("retention: kept %d segments over output.keep_days/max_gb because `signalcraft detect` "
+                    "has not scored them yet", result.kept_unscored)
+    return result
+
+
+def _delete(output_dir: Path, folder: Path) -> None:
+    """Unpublish (rename into staging) and then delete one segment folder."""
+    staging = output_dir / STAGING
+    # The name pattern of remove_leftovers: a deletion killed halfway is finished later.
+    target = staging / f"{folder.name}.deleting.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        staging.mkdir(exist_ok=True)
+        os.rename(folder, target)
+    except FileNotFoundError:
+        return  # already gone
+    except OSError as e:
+        raise StorageError(f"{folder}: cannot delete old segment: {e.strerror}. Check the folder's "
+                           "owner and mode.") from None
+    shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""Retention, leftovers, the shared rotating log file, quiet mode and `doctor`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from signalcraft.config import OutputConfig
+from signalcraft.detect.store import Store
+from signalcraft.errors import ExitCode
+from signalcraft.export import STAGING, SegmentWriter, remove_leftovers
+from signalcraft.retention import GB, folder_bytes, prune
+
+from conftest import run_cli
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, 0)
+
+
+def make_segments(output: Path, days_ago: list[float], size: int = 10_000) -> list[str]:
+    """Real segment folders (a file of ``size`` bytes and a manifest) starting at
+    NOW minus each of ``days_ago``; returns their names, oldest first."""
+    names = []
+    for age in days_ago:
+        start = (NOW - dt.timedelta(days=age)).astimezone(dt.timezone.utc)
+        with SegmentWriter(output, start) as w:
+            w.path("mic_0/mix.pt").write_bytes(b"\0" * size)
+            names.append(w.commit({"start_time_utc": start.isoformat()}).name)
+    return sorted(names)
+
+
+def test_keep_days_deletes_only_old_segments_that_detect_has_finished_with(tmp_path):
+    output = tmp_path / "out"
+    names = make_segments(output, [10, 9, 8, 1, 0.5])  # the three oldest are over 7 days
+    done = {names[0], names[2], names[3]}  # names[1] is old but not scored yet
+    result = prune(output, OutputConfig(keep_days=7), done, now=NOW)
+    assert result.deleted == [names[0], names[2]]
+    assert result.kept_unscored == 1
+    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) == [names[1], names[3], names[4]]
+    assert not list((output / STAGING).iterdir())  # unpublished first, then removed
+
+
+def test_max_gb_deletes_the_oldest_finished_segments_until_under_the_limit(tmp_path):
+    output = tmp_path / "out"
+    names = make_segments(output, [5, 4, 3, 2, 1])
+    each = folder_bytes(output / names[0])
+    limit = OutputConfig(max_gb=2.5 * each / GB)  # room for two and a half segments
+    dry = prune(output, limit, set(names), now=NOW, dry_run=True)
+    assert dry.deleted == names[:3] and len(list(output.iterdir())) == 6  # five and .incomplete
+    result = prune(output, limit, set(names), now=NOW)
+    assert result.deleted == names[:3] and result.freed_bytes == 3 * each
+    assert result.total_bytes == 2 * each
+    # Unscored segments are kept even over the limit.
+    more = make_segments(output, [0.5, 0.4])
+    result = prune(output, limit, set(names), now=NOW)
+    assert result.deleted == names[3:] and result.kept_unscored == 0
+    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) == more
+
+
+def test_retention_through_detect_uses_the_state_database(tmp_path):
+    output = tmp_path / "out"
+    names = make_segments(output, [40, 30, 1])
+    with Store(output / "signalcraft.sqlite") as store, store.transaction():
+        for name in names[:2]:
+            store.record_segment(name, "", "", 0, 0, phase="calibration")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"dir": "out", "keep_days": 7}, "detect": {"model": "det.pt"}}))
+    # Calibration segments of a detector not trained yet are kept: training needs them.
+    result = run_cli("--config", str(config), "prune", str(output), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "0 segments, 0.00 GB would be freed; 2 kept because not scored yet" in result.stdout
+    with Store(output / "signalcraft.sqlite") as store:
+        store.mark_calibration_done()
+    result = run_cli("--config", str(config), "prune", str(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [f"deleted {output / n}" for n in names[:2]]
+    assert [p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir()] == [names[2]]
+
+
+def test_leftovers_of_live_processes_are_kept(tmp_path):
+    staging = tmp_path / STAGING
+    staging.mkdir(parents=True)
+    mine = staging / f"2026-11-21_12-00-00.{os.getpid()}.0123abcd"
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    dead = staging / f"2026-11-21_12-00-00.{dead_pid}.0123abcd"
+    for folder in (mine, dead):
+        folder.mkdir()
+    stray = tmp_path / f".detector.pt.{dead_pid}.89abcdef.tmp"
+    stray.write_bytes(b"x")
+    unrelated = tmp_path / ".keep.tmp"  # not a signalcraft temporary name
+    unrelated.write_bytes(b"x")
+    assert remove_leftovers(tmp_path) == 2
+    assert mine.exists() and unrelated.exists() and not dead.exists() and not stray.exists()
+
+
+# Logging
+
+
+def test_processes_sharing_a_rotating_log_lose_no_line(tmp_path):
+    log = tmp_path / "logs" / "signalcraft.log"
+    writer = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from signalcraft.config import LogConfig\n"
+        "from signalcraft import logs\n"
+        f"logs.add_file(LogConfig(file=Path({str(log)!r}), max_mb=4096 / 2**20, backups=200))\n"
+        "for i in range(300):\n"
+        "    logging.getLogger('t').info('writer %s line %03d ' + 'x' * 40, sys.argv[1], i)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", writer, name]) for name in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    files = sorted(log.parent.glob("signalcraft.log*"))
+    assert len(files) > 5  # it rotated
+    lines = [line for f in files if not f.name.endswith(".lock") for line in f.read_text().splitlines()]
+    for name in "ab":
+        mine = sorted(line.split(f"writer {name} line ")[1][:3] for line in lines if f"writer {name} line " in line)
+        assert mine == [f"{i:03d}" for i in range(300)]  # each line exactly once
+    assert all(f.stat().st_size <= 4096 + 200 for f in files)
+
+
+def test_quiet_mode_prints_nothing_when_all_is_well_but_logs_to_the_file(tmp_path):
+    (tmp_path / "out").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"dir": "out"}, "log": {"file": "logs/sc.log"}}))
+    result = run_cli("-q", "--config", str(config), "detect", str(tmp_path / "out"))
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+    assert "detect " in (tmp_path / "logs" / "sc.log").read_text()
+    result = run_cli("-q", "--config", str(config), "detect", str(tmp_path / "missing"))
+    assert result.returncode == ExitCode.USAGE and "missing" in result.stderr  # but errors still show
+
+
+# doctor
+
+
+@pytest.fixture
+def healthy(vmic, project, model_repo):
+    """The virtual device with noise clips recorded, a separator, retention set."""
+    config = yaml.safe_load(project.read_text())
+    config["separation"] = {"repo": str(model_repo), "model": "tiny"}
+    config["output"]["keep_days"] = 30
+    project.write_text(yaml.safe_dump(config))
+    calibrated = run_cli("--config", str(project), "calibrate-noise")
+    assert calibrated.returncode == 0, calibrated.stderr
+    return project
+
+
+def lines(stdout: str) -> dict[str, str]:
+    """doctor's output by check name -> the whole line."""
+    return {line[6:19].strip(): line for line in stdout.splitlines()}
+
+
+def test_doctor_passes_a_healthy_setup(healthy):
+    result = run_cli("--config", str(healthy), "doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = lines(result.stdout)
+    assert list(found) == ["config", "portaudio", "device", "noise clips", "separator", "detector", "disk",
+                           "log file"]
+    assert all(line.startswith("OK") for line in found.values()), result.stdout
+    assert "'signalcraft_vmic', channels [1, 2, 3, 4] of " in found["device"]
+    assert "4 clips in" in found["noise clips"] and "sources pump, fan" in found["separator"]
+
+
+def test_doctor_names_each_problem(healthy):
+    for clip in (healthy.parent / "noise").glob("channel_[23].pt"):
+        clip.unlink()
+    config = yaml.safe_load(healthy.read_text())
+    config["capture"]["device"] = "Scarlett 18i20"
+    healthy.write_text(yaml.safe_dump(config))
+    result = run_cli("--config", str(healthy), "doctor")
+    assert result.returncode == ExitCode.FAILURE
+    found = lines(result.stdout)
+    assert found["device"].startswith("FAIL") and "'Scarlett 18i20'" in found["device"]
+    assert "signalcraft_vmic" in found["device"]  # lists what is there
+    assert found["noise clips"].startswith("FAIL")
+    assert "channel_2.pt missing; channel_3.pt missing" in found["noise clips"]
+    assert "calibrate-noise" in found["noise clips"]
+    assert found["separator"].startswith("OK") and found["config"].startswith("OK")
+
+
+def test_doctor_reports_a_broken_config_and_stops(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("output:\n  folder: out\n")
+    result = run_cli("--config", str(config), "doctor")
+    assert result.returncode == ExitCode.FAILURE
+    assert result.stdout.startswith("FAIL  config") and "output.folder: unknown key" in result.stdout
+    assert len(result.stdout.splitlines()) == 1
