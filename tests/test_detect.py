@@ -135,6 +135,23 @@ def test_exit_codes_and_output_formats(calibrated, tmp_path):
     assert broken.returncode == ExitCode.FAILURE and "detector.pt" in broken.stderr
 
 
+def test_quiet_detect_prints_only_the_anomalies(calibrated, tmp_path):
+    """What cron mails: nothing while all is normal, the flagged rows when not."""
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    config = config_from_dict(SETTINGS, project / "config.yaml")
+    cfg, out = str(project / "config.yaml"), str(project / "out")
+    process_files(config, [scene_file(project, seed) for seed in range(700, 702)])
+    quiet = run_cli("-q", "--config", cfg, "detect", out)
+    assert (quiet.returncode, quiet.stdout) == (ExitCode.OK, ""), quiet.stdout + quiet.stderr
+    process_files(config, [scene_file(project, seed, "bearing") for seed in range(710, 714)])
+    quiet = run_cli("-q", "--config", cfg, "detect", out)
+    assert quiet.returncode == ExitCode.CRITICAL, quiet.stderr
+    statuses = {line.split()[-1] for line in quiet.stdout.splitlines()[1:] if line.startswith("20")}
+    assert "CRITICAL" in statuses and statuses <= {"WARNING", "CRITICAL"}
+
+
 def test_warning_exit_code(calibrated, tmp_path):
     """One abnormal segment after normal ones: WARNING, not yet CRITICAL (k of n)."""
     root, *_ = calibrated

@@ -1,11 +1,12 @@
 import dataclasses
+import resource
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from signalcraft.config import DetectConfig
-from signalcraft.detect import model as detect_model
 from signalcraft.detect.model import (
     MODEL_FORMAT,
     AutoencoderArgs,
@@ -146,17 +147,21 @@ def test_a_full_size_detector_file_is_under_10_mb(tmp_path):
     assert size < 10e6
 
 
-def test_a_failed_save_keeps_the_previous_file(detector, tmp_path, monkeypatch):
+def test_a_failed_save_keeps_the_previous_file(detector, tmp_path):
+    """A write cut short (here by a file-size limit below the detector's size) raises a
+    StorageError naming the file, and the previous detector stays whole."""
     path = save_detector(detector, tmp_path / "detector.pt")
     before = path.read_bytes()
-
-    def fail(obj, f):
-        open(f, "wb").write(b"half a file")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(detect_model.torch, "save", fail)
-    with pytest.raises(SignalcraftError, match="disk is full"):
-        save_detector(detector, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        with pytest.raises(SignalcraftError, match="file too large") as e:
+            save_detector(detector, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(path) in str(e.value)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 

@@ -82,6 +82,21 @@ def test_retention_through_detect_uses_the_state_database(tmp_path):
     assert [p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir()] == [names[2]]
 
 
+def test_detect_applies_retention_after_scoring(tmp_path):
+    output = tmp_path / "out"
+    names = make_segments(output, [40, 30, 0])
+    with Store(output / "signalcraft.sqlite") as store, store.transaction():
+        for name in names:
+            store.record_segment(name, "", "", 0, 0, phase="calibration")
+        store.mark_calibration_done()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"dir": "out", "keep_days": 7}, "detect": {"model": "det.pt"}}))
+    result = run_cli("--config", str(config), "detect", str(output))
+    assert result.returncode == 0, result.stderr
+    assert f"retention: deleted 2 segments ({names[0]} ... {names[1]})" in result.stderr
+    assert [p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir()] == [names[2]]
+
+
 def test_leftovers_of_live_processes_are_kept(tmp_path):
     staging = tmp_path / STAGING
     staging.mkdir(parents=True)
@@ -95,8 +110,13 @@ def test_leftovers_of_live_processes_are_kept(tmp_path):
     stray.write_bytes(b"x")
     unrelated = tmp_path / ".keep.tmp"  # not a signalcraft temporary name
     unrelated.write_bytes(b"x")
-    assert remove_leftovers(tmp_path) == 2
-    assert mine.exists() and unrelated.exists() and not dead.exists() and not stray.exists()
+    # A live pid on a day-old name: the pid was reused after a reboot.
+    reused = tmp_path / f".clip.pt.{os.getpid()}.0badf00d.tmp"
+    reused.write_bytes(b"x")
+    os.utime(reused, (0, 0))
+    assert remove_leftovers(tmp_path) == 3
+    assert mine.exists() and unrelated.exists()
+    assert not dead.exists() and not stray.exists() and not reused.exists()
 
 
 # Logging
@@ -109,7 +129,7 @@ def test_processes_sharing_a_rotating_log_lose_no_line(tmp_path):
         "from pathlib import Path\n"
         "from signalcraft.config import LogConfig\n"
         "from signalcraft import logs\n"
-        f"logs.add_file(LogConfig(file=Path({str(log)!r}), max_mb=4096 / 2**20, backups=200))\n"
+        f"logs.add_file(LogConfig(file=Path({str(log)!r}), max_mb=4096 / 1e6, backups=200))\n"
         "for i in range(300):\n"
         "    logging.getLogger('t').info('writer %s line %03d ' + 'x' * 40, sys.argv[1], i)\n"
     )

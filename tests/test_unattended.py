@@ -185,7 +185,8 @@ def test_a_full_disk_mid_write_leaves_only_whole_segments_and_says_so(tmp_path, 
     result = subprocess.run([*CLI, "--config", str(config), "process", str(wav)], capture_output=True, text=True,
                             preexec_fn=None if small_disk else limit_file_size, stdin=subprocess.DEVNULL)
     assert result.returncode == ExitCode.FAILURE, result.stderr
-    assert "cannot write: the disk is full" in result.stderr and ".pt" in result.stderr
+    assert ("cannot write: the disk is full" if small_disk else "cannot write: file too large") in result.stderr
+    assert ".pt: cannot write" in result.stderr
     assert len(published(output)) < 16
     assert_only_whole_segments(output)
     assert not list((output / STAGING).iterdir())
@@ -314,3 +315,23 @@ def test_a_device_missing_at_the_start_fails_at_once_without_retrying(vmic, flak
     with pytest.raises(DeviceError, match="cannot open 'signalcraft_vmic' for capture"):
         pipeline.record(config, 1, pipeline.chain_factory(config), stop=threading.Event())
     assert FlakyDevice.opened == 2
+
+
+def test_no_reconnect_attempts_means_the_first_loss_ends_the_run(vmic, flaky):
+    edit(flaky, capture={"reconnect_attempts": 0})
+    config = load_config(flaky)
+    with pytest.raises(DeviceError, match="stopped delivering audio") as e:
+        pipeline.record(config, 0, pipeline.chain_factory(config))
+    assert "Gave up" not in str(e.value) and FlakyDevice.opened == 1
+    assert len(published(config.output.dir)) == 2
+
+
+def test_a_stop_during_the_reconnect_wait_ends_cleanly(vmic, flaky, monkeypatch):
+    monkeypatch.setattr(FlakyDevice, "refusals", 99)
+    edit(flaky, capture={"reconnect_delay_s": 30.0})
+    config = load_config(flaky)
+    stop = threading.Event()
+    threading.Timer(2.0, stop.set).start()  # Ctrl-C while it waits to reopen
+    began = time.monotonic()
+    exported = pipeline.record(config, 0, pipeline.chain_factory(config), stop=stop)
+    assert time.monotonic() - began < 15 and len(exported) == 2 and FlakyDevice.opened == 1

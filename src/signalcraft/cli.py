@@ -101,9 +101,11 @@ def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bo
 
 
 def _config(ctx: click.Context) -> Config:
-    """Load the configuration and start logging to its log file."""
+    """Load the configuration and start logging to its log file (only with a config
+    file: log.file is relative to it)."""
     config = load_config(ctx.obj.config_path)
-    logs.add_file(config.log)
+    if config.source is not None:
+        logs.add_file(config.log)
     log.debug("signalcraft %s %s (config %s)", __version__, ctx.info_name, config.source or "built-in defaults")
     return config
 
@@ -120,7 +122,7 @@ def _device_lock(config: Config, command: str):
     from .locks import RunLock, device_lock_path
 
     name = resolve_device(config.capture.device).name
-    return RunLock(device_lock_path(name), f"audio device {name!r}", command)
+    return RunLock(device_lock_path(name), f"audio device {name!r}", command, shared=True)
 
 
 def _output_lock(output: Path, command: str):
@@ -332,7 +334,8 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     segments above the critical level.
 
     Then applies retention (output.keep_days, output.max_gb) to the segments it has
-    finished with. One `detect` per output folder at a time: a second exits 5.
+    finished with; if that fails the alerts still count (exit 3/4, else 1). One
+    `detect` per output folder at a time: a second exits 5.
     With -q nothing is printed unless a row is WARNING or CRITICAL.
 
     \b
@@ -350,8 +353,14 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     since_utc = report.parse_utc(since, "--since") if since is not None else None  # a typo loses nothing
     with _output_lock(output, "detect"):
         remove_leftovers(output)
+        remove_leftovers(config.detect.model.parent)
         result = run_detect(config, output)
-        _prune(config, output)
+        try:  # the alerts are stored: a retention problem must not hide them
+            _prune(config, output)
+            pruned = True
+        except SignalcraftError as e:
+            log.error("retention: %s", e)
+            pruned = False
     rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
     if ctx.obj.quiet:
         rows = [r for r in rows if r.status in ("WARNING", "CRITICAL")]
@@ -363,6 +372,8 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
         ctx.exit(ExitCode.CRITICAL)
     if result.anomalies:
         ctx.exit(ExitCode.WARNING)
+    if not pruned:
+        ctx.exit(ExitCode.FAILURE)
 
 
 def _prune(config: Config, output: Path, dry_run: bool = False):

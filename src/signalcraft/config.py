@@ -298,7 +298,7 @@ class LogConfig:
     # also in quiet mode (-q), at `level`.
     file: Optional[Path] = Path("logs/signalcraft.log")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    max_mb: float = 10.0  # size at which the file is rotated
+    max_mb: float = 10.0  # size at which the file is rotated, MB (10**6 bytes)
     backups: int = 5  # rotated files kept: signalcraft.log.1 ... .5
 
     def __post_init__(self):

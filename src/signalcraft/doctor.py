@@ -1,9 +1,10 @@
 """`signalcraft doctor`: is this installation ready to run unattended?
 
 Each check returns one line: OK, WARN (works, but worth a look), FAIL (a run would
-fail) or SKIP. The checks run in order; a later one that needs an earlier one's result
-(the device for the noise clips, say) is SKIPped instead of failing for the same cause
-twice.
+fail) or SKIP (cannot be checked: it needs what an earlier check could not find, such
+as the device's channel count when capture.channels is null). The noise clips are
+checked against capture.channels even when the device is missing, so both problems
+are named at once.
 """
 
 from __future__ import annotations
@@ -70,19 +71,16 @@ def _check_portaudio(ctx: _Context) -> tuple[str, str]:
 
 def _check_device(ctx: _Context) -> tuple[str, str]:
     from .capture import resolve_channels, resolve_device
-    from .locks import LockBusy, RunLock, device_lock_path
+    from .locks import device_lock_path, holder
 
     c = ctx.config.capture
     device = resolve_device(c.device)
     ctx.channels = resolve_channels(c.channels, device.max_input_channels, device.name)
     ctx.device = device
     where = f"[{device.index}] {device.name!r}, channels {list(ctx.channels)} of {device.max_input_channels}"
-    try:
-        with RunLock(device_lock_path(device.name), f"audio device {device.name!r}", "doctor"):
-            pass
-    except LockBusy as e:  # recording right now: it cannot be opened twice, and that is fine
-        h = e.holder
-        return OK, f"{where}; in use by `signalcraft {h.get('command', '?')}` (pid {h.get('pid', '?')})"
+    running = holder(device_lock_path(device.name))  # looked at, not taken: a starting record must not fail
+    if running is not None:  # recording now: it cannot be opened twice, and that is fine
+        return OK, f"{where}; in use by `signalcraft {running.get('command', '?')}` (pid {running['pid']})"
     import sounddevice as sd
 
     try:
@@ -138,7 +136,7 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
 
 def _check_detector(ctx: _Context) -> tuple[str, str]:
     from .detect.model import load_detector
-    from .detect.run import complete_segments, state_path
+    from .detect.run import complete_segments, segment_names, state_path
     from .detect.store import Store
 
     c = ctx.config.detect
@@ -146,22 +144,24 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
     state = state_path(ctx.config, ctx.output)
     if not state.exists():
         if detector is not None:
-            return WARN, (f"{c.model} is trained but {state} does not exist yet: `detect` will stop and ask for "
-                          "`signalcraft train-detector` (a detector needs its thresholds)")
+            return FAIL, (f"{c.model} is trained but {state} does not exist: `detect` refuses a detector without "
+                          f"its thresholds. Run `signalcraft train-detector {ctx.output}`, or move the detector away "
+                          "to calibrate from scratch")
         return OK, f"not started: the first `detect` on {ctx.output} starts calibrating"
+    names = segment_names(ctx.output) if ctx.output.is_dir() else []
     with Store(state, create=False) as store:
-        seen = store.scored_folders()
+        seen = store.counts()["segments"]
+        known = store.scored_folders(among=names)
         collected = store.calibration_count()
         has_thresholds = store.has_thresholds()
-    waiting = sum(1 for folder, _ in complete_segments(ctx.output) if folder.name not in seen) \
-        if ctx.output.is_dir() else 0
+    waiting = sum(1 for _ in complete_segments(ctx.output, skip=known)) if names else 0
     if detector is None:
         return OK, f"calibrating {collected}/{c.calibration_segments}; {waiting} segments waiting for `detect`"
     if not has_thresholds:
         return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run `signalcraft train-detector "
                       f"{ctx.output}`")
     status = WARN if waiting > 100 else OK
-    return status, (f"{c.model.name} trained for {', '.join(detector.sources)}; {len(seen)} segments seen, "
+    return status, (f"{c.model.name} trained for {', '.join(detector.sources)}; {seen} segments seen, "
                     f"{waiting} waiting for `detect`" + (" (is detect running from cron?)" if status == WARN else ""))
 
 

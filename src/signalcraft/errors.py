@@ -38,7 +38,8 @@ class ConfigError(SignalcraftError):
 class DeviceError(SignalcraftError):
     """An audio device is missing, refuses the settings, or stopped delivering audio.
 
-    ``retry`` is False when reopening the device cannot help (a settings mismatch).
+    ``retry`` is False when reopening the device cannot help (it came back with other
+    channels than the run records).
     """
 
     def __init__(self, message: str, retry: bool = True):

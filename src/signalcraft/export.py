@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -80,8 +81,10 @@ def write_json(path: Path, data: Any) -> Path:
 
 def storage_error(path: Path, e: OSError) -> StorageError:
     """A StorageError for ``e`` that names ``path`` and says what to do."""
-    if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
+    if e.errno == errno.ENOSPC:
         hint = "the disk is full: free space or move output.dir to a larger disk, then run again"
+    elif e.errno == errno.EFBIG:
+        hint = "file too large: over this process's file-size limit (ulimit -f) or the filesystem's"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "no permission to write there: check the folder's owner and mode"
     else:
@@ -149,13 +152,17 @@ class SegmentWriter:
 
 _TMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 _STAGING_ENTRY = re.compile(r"^.+\.(\d+)\.[0-9a-f]{8}$")
+# Writing one file or one segment takes seconds: a temporary name this old has no live
+# writer, even if its pid (reused after a reboot) belongs to some process now.
+LEFTOVER_AGE_S = 6 * 3600
 
 
 def remove_leftovers(folder: Path) -> int:
     """Delete the temporary files and staged segments in ``folder`` (and its
-    ``.incomplete/``) whose writing process no longer runs: what a SIGKILL, a crash or
-    a power cut left behind. Files of live processes are left alone. Returns how many
-    entries were removed (each is logged)."""
+    ``.incomplete/``) whose writing process no longer runs, or that are older than
+    ``LEFTOVER_AGE_S``: what a SIGKILL, a crash or a power cut left behind. Files of
+    live processes are left alone. Returns how many entries were removed (each is
+    logged)."""
     from .locks import pid_alive
 
     folder = Path(folder)
@@ -166,9 +173,16 @@ def remove_leftovers(folder: Path) -> int:
     staging = folder / STAGING
     if staging.is_dir():
         candidates += [(p, _STAGING_ENTRY) for p in staging.iterdir()]
+    now = time.time()
     for path, pattern in candidates:
         match = pattern.match(path.name)
-        if match is None or pid_alive(int(match[1])):
+        if match is None:
+            continue
+        try:
+            fresh = now - path.lstat().st_mtime < LEFTOVER_AGE_S
+        except FileNotFoundError:
+            continue
+        if fresh and pid_alive(int(match[1])):
             continue
         try:
             if path.is_dir() and not path.is_symlink():

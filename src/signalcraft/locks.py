@@ -1,5 +1,9 @@
 """Run locks: one `record` per audio device, one `detect` per output folder.
 
+Device locks live in one folder for the whole machine (``lock_dir``), so a recorder
+started by systemd and an engineer's `calibrate-noise` over ssh, as another user or
+with sudo, still exclude each other. Output locks live in the output folder.
+
 A lock is an ``flock`` on a small file. The kernel releases it when the holding process
 ends in any way, SIGKILL and power loss included, so a lock file left behind never
 blocks a later run: only a live process holds a lock. The file records who holds it
@@ -10,6 +14,7 @@ was killed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -38,12 +43,22 @@ class LockBusy(SignalcraftError):
 
 
 def lock_dir() -> Path:
-    """Machine-wide folder for device locks: $XDG_RUNTIME_DIR/signalcraft, else
-    <tmp>/signalcraft-<uid>."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        return Path(runtime) / "signalcraft"
-    return Path(tempfile.gettempdir()) / f"signalcraft-{os.getuid()}"
+    """The machine-wide folder of device locks, the same for every user and session
+    (cron, systemd, an engineer over ssh, sudo): /run/lock/signalcraft, or
+    <tmp>/signalcraft-locks where there is no /run/lock."""
+    base = Path("/run/lock")
+    return base / "signalcraft" if base.is_dir() else Path(tempfile.gettempdir()) / "signalcraft-locks"
+
+
+def _shared_folder(folder: Path) -> None:
+    """Make ``folder`` so that every user can lock in it (mode 1777, like /tmp)."""
+    if folder.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(folder, 0o1777)
+    except OSError:
+        pass  # made by another user meanwhile: theirs to set
 
 
 def device_lock_path(device_name: str) -> Path:
@@ -90,16 +105,23 @@ class RunLock:
         The lock file cannot be made.
     """
 
-    def __init__(self, path: Path, what: str, command: str):
+    def __init__(self, path: Path, what: str, command: str, shared: bool = False):
         self.path = Path(path)
         self.what = what
         self.command = command
+        self.shared = shared  # other users must be able to take it too (device locks)
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.shared:
+                _shared_folder(self.path.parent)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if self.shared:
+                with contextlib.suppress(OSError):  # only the creator may; umask would narrow it
+                    os.fchmod(fd, 0o666)
         except OSError as e:
             raise StorageError(f"{self.path}: cannot create the lock file for {self.what}: "
                                f"{e.strerror}. Check the folder's owner and mode.") from None
@@ -123,8 +145,11 @@ class RunLock:
                         previous["pid"], previous.get("started", "?"))
         holder = {"pid": os.getpid(), "command": self.command,
                   "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        # Who holds it is for messages only; the flock is the lock. On a full disk (when
+        # `prune` must still run) or a read-only lock file, it goes unrecorded.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
         return self
 
@@ -132,10 +157,26 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)  # a clean end: nothing for the next run to report
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # a clean end: nothing for the next run to report
         finally:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+def holder(path: Path) -> Optional[dict]:
+    """Who holds the lock at ``path`` right now (pid, command, started), or None; without
+    taking it, so that checking never makes a starting run exit busy."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        found = _read_holder(fd)
+    finally:
+        os.close(fd)
+    pid = found.get("pid")
+    return found if isinstance(pid, int) and pid_alive(pid) else None
 
 
 def _read_holder(fd: int) -> dict:

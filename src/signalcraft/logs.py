@@ -45,7 +45,7 @@ def add_file(config: LogConfig) -> Optional[Path]:
         return config.file
     try:
         config.file.parent.mkdir(parents=True, exist_ok=True)
-        handler = SharedRotatingFileHandler(config.file, max_bytes=round(config.max_mb * 2**20),
+        handler = SharedRotatingFileHandler(config.file, max_bytes=round(config.max_mb * 1e6),
                                             backups=config.backups)
     except OSError as e:
         logging.getLogger(__name__).warning("log.file: cannot write %s (%s); logging to stderr only",

@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import __version__
-from .capture import DeviceCapture, Segment
-from .config import Config
-from .errors import DeviceError, NoiseClipError
+from .capture import DeviceCapture, Segment, list_input_devices
+from .config import CaptureConfig, Config
+from .errors import ConfigError, DeviceError, NoiseClipError
 from .export import MANIFEST, SegmentWriter, atomic_write, save_torch
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def device_segments(config: Config, capture: DeviceCapture, stop: threading.Even
         back with other channels.
     """
     c = config.capture
-    channels = capture.channels
+    channels, opened_name = capture.channels, capture.device.name
     failures = reconnects = 0
     current: Optional[DeviceCapture] = capture
     opened = False  # a device that fails to open at the start is a set-up problem: no retries
@@ -278,8 +278,7 @@ def device_segments(config: Config, capture: DeviceCapture, stop: threading.Even
         streaming = False
         try:
             if current is None:
-                _rescan_devices()
-                current = DeviceCapture(c, stop=stop)
+                current = _reopen(c, opened_name, stop)
                 if current.channels != channels:
                     raise DeviceError(f"{current.device.name!r} came back with channels {list(current.channels)} "
                                       f"instead of {list(channels)}; not recording into the same outputs.",
@@ -298,26 +297,45 @@ def device_segments(config: Config, capture: DeviceCapture, stop: threading.Even
         except DeviceError as e:
             current = None
             failures += 1
-            if not opened or not e.retry or failures > c.reconnect_attempts:
-                if failures > 1:
-                    raise DeviceError(f"{e} Gave up after {failures - 1} attempts to reopen it "
-                                      "(capture.reconnect_attempts).") from None
+            if not opened or not e.retry:
                 raise
-            delay = min(c.reconnect_delay_s * 2 ** (failures - 1), MAX_RECONNECT_DELAY_S)
+            if failures > c.reconnect_attempts:
+                if not c.reconnect_attempts:
+                    raise
+                raise DeviceError(f"{e} Gave up after {failures - 1} attempts to reopen it "
+                                  "(capture.reconnect_attempts).") from None
+            delay = min(c.reconnect_delay_s * 2.0 ** min(failures - 1, 30), MAX_RECONNECT_DELAY_S)
             log.warning("%s Reopening in %.3g s (attempt %d of %d).", e, delay, failures, c.reconnect_attempts)
             reconnects += streaming  # a loss of a running stream, not a failed reopening
             if stop.wait(delay):
                 return
 
 
-def _rescan_devices() -> None:
-    """Make PortAudio list the devices again: it enumerates them once when it starts, so
-    an interface plugged back in is not seen (or has another index) until then. No
-    stream of this process may be open."""
+def _reopen(c: CaptureConfig, name: str, stop: threading.Event) -> DeviceCapture:
+    """The device that was lost, found again: by its exact name; else, when
+    ``capture.device`` is a name, by that (an interface plugged back in may get another
+    ALSA card number in its name). Never another device that happens to be the default
+    or to have the same index now.
+
+    Raises
+    ------
+    DeviceError
+        It is not back (yet), or comes back with fewer channels than configured.
+    """
     import sounddevice as sd
 
-    sd._terminate()  # sounddevice's documented way to refresh the device list
-    sd._initialize()
+    try:  # PortAudio lists devices once, when it starts: refresh it to see a replugged one
+        sd._terminate()  # sounddevice's documented way to do that (no stream may be open)
+        sd._initialize()
+    except sd.PortAudioError as e:
+        raise DeviceError(f"PortAudio could not list the devices again ({e}).") from None
+    spec = name if any(d.name == name for d in list_input_devices()) else c.device
+    if not isinstance(spec, str):
+        raise DeviceError(f"{name!r} is not back.")
+    try:
+        return DeviceCapture(dataclasses.replace(c, device=spec), stop=stop)
+    except ConfigError as e:  # fewer channels than configured: maybe not fully back yet
+        raise DeviceError(str(e)) from None
 
 
 def file_channels(config: Config, file_channel_count: int, path: Path) -> tuple[int, ...]:
@@ -327,8 +345,6 @@ def file_channels(config: Config, file_channel_count: int, path: Path) -> tuple[
     if configured is None:
         return tuple(range(1, file_channel_count + 1))
     if len(configured) != file_channel_count:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"{path}: has {file_channel_count} channels but capture.channels lists {len(configured)} "
             f"({list(configured)}). Its channels are taken to be capture.channels in order: make them match."

@@ -37,7 +37,7 @@ from .. import __version__
 from ..config import DetectConfig
 from ..compute import torch_device
 from ..errors import SignalcraftError
-from ..export import atomic_write, storage_error
+from ..export import save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def save_detector(detector: Detector, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise storage_error(path, e) from None
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return save_torch(path, data)
 
 
 def _differences(stored: dict, given: dict) -> list[str]:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
+import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Container, Iterator, Optional
 
 import numpy as np
 import torch
@@ -75,15 +77,23 @@ def state_path(config: Config, output_dir: Path) -> Path:
     return config.detect.state or Path(output_dir) / STATE_FILE
 
 
-def complete_segments(output_dir: Path) -> Iterator[tuple[Path, dict]]:
-    """(folder, manifest) of every published segment, oldest first. Folders without a
-    manifest are not segments (yet) and are skipped."""
+def segment_names(output_dir: Path) -> list[str]:
+    """Names of the folders under ``output_dir`` that may be segments (not hidden, not
+    staging); whether each is complete is known only from its manifest."""
+    return [f.name for f in Path(output_dir).iterdir()
+            if f.is_dir() and not f.name.startswith(".") and f.name != STAGING]
+
+
+def complete_segments(output_dir: Path, skip: Container[str] = ()) -> Iterator[tuple[Path, dict]]:
+    """(folder, manifest) of every published segment not named in ``skip``, oldest
+    first. Folders without a manifest are not segments (yet) and are left out."""
     import json
 
     found = []
-    for folder in Path(output_dir).iterdir():
-        if not folder.is_dir() or folder.name.startswith(".") or folder.name == STAGING:
+    for name in segment_names(output_dir):
+        if name in skip:
             continue
+        folder = Path(output_dir) / name
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -142,10 +152,8 @@ def detect(
                 "thresholds, point detect.state at the state file that goes with this detector, or move the "
                 "detector file away to calibrate from scratch."
             )
-        seen = store.scored_folders()
-        for folder, manifest in complete_segments(output_dir):
-            if folder.name in seen:
-                continue
+        seen = store.scored_folders(among=segment_names(output_dir))
+        for folder, manifest in complete_segments(output_dir, skip=seen):
             tensors, corrupt = load_tensors(folder, manifest)
             result.segments += 1
             if detector is not None and detector.features != manifest.get("features"):
@@ -264,13 +272,22 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
                     out_of_fold.setdefault((mic, source), []).append(float(model.score(source, t[None])[0]))
     detector = train_detector_models(pooled(loaded), features, c)
     at = _now()
-    with store.transaction():
-        for (mic, source), scores in sorted(out_of_fold.items()):
-            state = th.fit(np.asarray(scores), c)
-            store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
-            log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
-                     state.critical)
-        save_detector(detector, c.model)
-        store.mark_calibration_done()
+    # The detector and its thresholds change together: the new file is written beside the
+    # old one, the thresholds are committed, and only then is the file renamed into place.
+    # A failure before the rename leaves the previous detector with its own thresholds.
+    staged = c.model.with_name(f".{c.model.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    save_detector(detector, staged)
+    try:
+        with store.transaction():
+            for (mic, source), scores in sorted(out_of_fold.items()):
+                state = th.fit(np.asarray(scores), c)
+                store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
+                log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
+                         state.critical)
+            store.mark_calibration_done()
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, c.model)
     log.info("detector saved to %s", c.model)
     return detector

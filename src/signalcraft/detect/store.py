@@ -24,7 +24,7 @@ import json
 import math
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -244,9 +244,18 @@ class Store:
 
     # Segments
 
-    def scored_folders(self) -> set[str]:
-        """Every recorded segment folder."""
-        return {r[0] for r in self._execute("SELECT folder FROM segments")}
+    def scored_folders(self, among: Optional[Iterable[str]] = None) -> set[str]:
+        """Every recorded segment folder; with ``among``, only those of these names (what
+        a run needs: the folders on disk, not months of history)."""
+        if among is None:
+            return {r[0] for r in self._execute("SELECT folder FROM segments")}
+        names, found = list(among), set()
+        for k in range(0, len(names), 500):  # SQLite limits the parameters of one statement
+            chunk = names[k:k + 500]
+            marks = ",".join("?" * len(chunk))
+            found |= {r[0] for r in self._execute(f"SELECT folder FROM segments WHERE folder IN ({marks})",
+                                                  tuple(chunk))}
+        return found
 
     def finished_folders(self) -> set[str]:
         """Segments detect has finished with: scored ones, and calibration ones once the
