@@ -140,8 +140,8 @@ class LoopPlayer:
             port.get_array()[:] = row
         self._pos = (self._pos + frames) % n
 
-    def _patch_port(self, out, port) -> None:
-        """Make ``out`` the only source of ``port``."""
+    def _patch_port(self, out, port) -> Optional[str]:
+        """Make ``out`` the only source of ``port``; the error, if that failed."""
         try:
             sources = [s.name for s in self.client.get_all_connections(port)]
             for source in sources:
@@ -149,48 +149,57 @@ class LoopPlayer:
                     self.client.disconnect(source, port)
             if out.name not in sources:
                 self.client.connect(out, port)
-        except Exception:  # the port went away (its process ended): nothing to patch
-            pass
+        except Exception as e:  # the port went away (its process ended), or JACK refused
+            return f"{port.name}: {e}"
+        return None
+
+    def _wanted(self) -> list[tuple]:
+        """(out, input port) pairs: out_1..out_N to the first N inputs, in name order, of
+        each client other than the server and the player that has at least N inputs."""
+        by_client = collections.defaultdict(list)
+        for p in self.client.get_ports(is_input=True, is_audio=True):
+            owner = p.name.split(":", 1)[0]
+            if owner not in ("system", self.name):
+                by_client[owner].append(p)
+        return [(out, port) for ins in by_client.values() if len(ins) >= CHANNELS
+                for out, port in zip(self.outs, sorted(ins, key=lambda p: p.name)[:CHANNELS])]
+
+    def _patched(self, out, port) -> bool:
+        try:
+            return [s.name for s in self.client.get_all_connections(port)] == [out.name]
+        except Exception:
+            return False
 
     def _patch_loop(self) -> None:
-        """Connect the outputs to each new capture client as soon as its ports appear."""
-        patched: set[str] = set()
+        """Keep every capture client patched to the outputs: at once when ports appear,
+        and checked every 0.1 s, since PortAudio connects the server's capture ports when
+        its stream starts, possibly after we patched, and a connection may fail."""
         while not self._closing.is_set():
-            self._registered.wait(timeout=0.5)
+            self._registered.wait(timeout=0.1)
             self._registered.clear()
             if self._closing.is_set():
                 return
             try:
-                ports = self.client.get_ports(is_input=True, is_audio=True)
-                by_client = collections.defaultdict(list)
-                for p in ports:
-                    owner = p.name.split(":", 1)[0]
-                    if owner not in ("system", self.name):
-                        by_client[owner].append(p)
-                live = set()
-                for owner, ins in by_client.items():
-                    if len(ins) < CHANNELS:
-                        continue
-                    ins = sorted(ins, key=lambda p: p.name)[:CHANNELS]
-                    live.update(p.name for p in ins)
-                    # One thread per port: one after the other, the channels started up to
-                    # three periods apart; together they start in the same cycle.
-                    threads = [threading.Thread(target=self._patch_port, args=(out, port))
-                               for out, port in zip(self.outs, ins)]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                # PortAudio connects the server's capture ports when the stream starts,
-                # possibly after we patched: look again shortly.
-                if live - patched:
-                    threading.Timer(0.2, self._registered.set).start()
-                    threading.Timer(1.0, self._registered.set).start()
-                patched = live
-            except Exception as e:  # a port vanished between listing and connecting: retry
+                todo = [(out, port) for out, port in self._wanted() if not self._patched(out, port)]
+            except Exception as e:  # a port vanished while listing: look again
                 print(f"soak: patching: {e}", file=sys.stderr)
-                time.sleep(0.05)
-                self._registered.set()
+                continue
+            if not todo:
+                continue
+            # One thread per port: one after the other, the channels started up to three
+            # periods apart; together they start in the same cycle.
+            errors: list[Optional[str]] = [None] * len(todo)
+
+            def patch(i: int, out, port) -> None:
+                errors[i] = self._patch_port(out, port)
+
+            threads = [threading.Thread(target=patch, args=(i, out, port)) for i, (out, port) in enumerate(todo)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for error in filter(None, errors):
+                print(f"soak: patching (retried): {error}", file=sys.stderr)
 
 
 def start_jack(server: str, log: Path) -> subprocess.Popen:
