@@ -30,10 +30,14 @@ SETTINGS = {
 }
 
 
+UNIT = 3  # one installed pump, watched over time: every recording is of this unit
+
+
 def scene_file(folder: Path, seed: int, fault: str | None = None) -> Path:
-    """A 10 s two-microphone recording of a pump; ``fault`` from 0 s."""
+    """A 10 s two-microphone recording (``seed``) of the installed pump; ``fault`` from 0 s."""
     faults = [("pump", simulate.Fault(fault))] if fault else []
-    rendering = simulate.render(simulate.default_scene(machines=("pump",), n_mics=2, faults=faults, seed=seed))
+    rendering = simulate.render(simulate.default_scene(machines=("pump",), n_mics=2, faults=faults, seed=seed,
+                                                       unit=UNIT))
     path = folder / f"scene-{seed}-{fault or 'normal'}.wav"
     sf.write(path, rendering.mixture.T, 16000, subtype="FLOAT")
     return path

@@ -8,8 +8,10 @@ import torch
 
 from signalcraft.config import DetectConfig
 from signalcraft.detect.model import (
+    MIN_PROFILE_STD_DB,
     MODEL_FORMAT,
     AutoencoderArgs,
+    BandProfile,
     ConvAutoencoder,
     Detector,
     DetectorError,
@@ -101,6 +103,41 @@ def test_a_louder_machine_scores_higher(detector, normal_scores):
     assert louder.min() > normal_scores.max()
 
 
+def test_one_louder_tone_scores_higher(detector, normal_scores):
+    """An imbalance: one existing line 8 dB up, everything else as in training."""
+    x = spectrogram(12, seed=100)
+    x[:, 0, PUMP_LINES[0]:PUMP_LINES[0] + 2] += 8.0
+    louder_tone = detector.score("pump", x)
+    print(f"\nnormal max {normal_scores.max():.3f}, one tone +8 dB min {louder_tone.min():.3f}")
+    assert louder_tone.min() > normal_scores.max()
+
+
+def test_band_profile_leaves_out_common_variation_but_not_a_changed_band():
+    rng = np.random.default_rng(0)
+    gains = rng.uniform(-3.0, 3.0, 40)  # load and room level: every band moves together
+    train = torch.cat([spectrogram(1, seed=10 + k, gain_db=g) for k, g in enumerate(gains)])
+    profile = BandProfile.fit(train)
+    assert profile.components.shape == (4, N_MELS) and profile.std.shape == (N_MELS,)
+    assert torch.allclose(profile.components @ profile.components.T, torch.eye(4), atol=1e-4)
+    louder = profile.deviation(spectrogram(6, seed=99, gain_db=3.0))
+    normal = profile.deviation(spectrogram(6, seed=99))
+    one_band = spectrogram(6, seed=99)
+    one_band[:, 0, 150:152] += 3.0  # a quiet band 3 dB up: no gain change does that
+    changed = profile.deviation(one_band)
+    print(f"\nmean deviation per band: normal {normal.mean():.2f}, all +3 dB {louder.mean():.2f}, "
+          f"band 150 +3 dB {changed[:, 150].mean():.1f}")
+    assert normal.shape == (6, N_MELS) and normal.mean() < 3.0 and louder.mean() < 3.0
+    assert changed[:, 150:152].min() > 10 * max(normal.mean(), louder.mean())
+
+
+def test_band_profile_from_a_few_tensors_keeps_a_spread():
+    profile = BandProfile.fit(spectrogram(3, seed=5))  # too few to learn directions of variation
+    assert profile.components.shape == (0, N_MELS) and float(profile.std.min()) >= MIN_PROFILE_STD_DB
+    one = BandProfile.fit(spectrogram(1, seed=5))
+    assert torch.equal(one.std, torch.full((N_MELS,), MIN_PROFILE_STD_DB))
+    assert torch.isfinite(one.deviation(spectrogram(2, seed=6))).all()
+
+
 def test_each_source_has_its_own_model(detector):
     fan_as_fan = detector.score("fan", spectrogram(6, FAN_LINES, seed=300))
     fan_as_pump = detector.score("pump", spectrogram(6, FAN_LINES, seed=300))
@@ -131,6 +168,9 @@ def test_save_and_load_give_identical_scores(detector, tmp_path):
     assert loaded.norm.keys() == detector.norm.keys() and loaded.trained_on == detector.trained_on
     for source, (mean, std) in detector.norm.items():
         assert torch.equal(loaded.norm[source][0], mean) and torch.equal(loaded.norm[source][1], std)
+    for source, profile in detector.profiles.items():
+        for field in ("mean", "components", "std"):
+            assert torch.equal(getattr(loaded.profiles[source], field), getattr(profile, field))
     assert loaded.args == detector.args
 
 
@@ -139,7 +179,10 @@ def test_a_full_size_detector_file_is_under_10_mb(tmp_path):
     torch.manual_seed(0)
     sources = ("pump", "fan", "valve", "slider")
     models = {s: ConvAutoencoder(args).eval() for s in sources}
-    detector = Detector(models, {s: flat_norm(args) for s in sources}, args, FEATURES, {})
+    profile = BandProfile(torch.full((args.n_mels,), -70.0), torch.randn(4, args.n_mels),
+                          torch.full((args.n_mels,), 2.0))
+    detector = Detector(models, {s: flat_norm(args) for s in sources}, args, FEATURES, {},
+                        {s: profile for s in sources})
     path = save_detector(detector, tmp_path / "detector.pt")
     size = path.stat().st_size
     print(f"\n{sum(p.numel() for p in models['pump'].parameters())} parameters per source, "

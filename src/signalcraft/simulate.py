@@ -29,6 +29,16 @@ Physics, kept simple but grounded:
   noise, 12-25 m away) and occasional knocks, clanks and forklift reversing beeps at
   random places around mic 0, all propagated like the machines.
 
+Units and recordings: a scene's ``seed`` draws everything, so each seed is another
+installation with other machines. ``unit`` separates the two: it seeds what stays the
+same between recordings of one installation (each machine's design and operating
+point, the room's reverberation, the distant machine's place and speed), and ``seed``
+then draws only one recording of it: the speed and load walks, the phases and noise of
+every sound, the background's level walk and events, the faults' severity. Recordings
+of one unit (same ``unit``, other seeds) are what a detector calibrated on one installed
+machine sees over time. ``unit=None`` is ``unit=seed``: the audio of a seed is the same
+with and without it.
+
 Levels are fixed, never normalised per clip, so a fault that makes a machine louder
 makes the recording louder: a healthy machine has an RMS of ``MACHINE_RMS`` (-30.5 dBFS)
 at 1 m at ``gain_db = 0``, and the background is scaled once so that the power of the
@@ -262,6 +272,12 @@ class Scene:
         the others' sound unchanged.
     line_hz : float
         Mains frequency (motor hum at twice it), Hz.
+    unit : int or None
+        Seeds the installation only: the machines' designs and operating points
+        (``_parameters``: speed, vane/blade/slot counts...), the reverberation tails and
+        the distant background machine's position and speed. ``seed`` then draws one
+        recording of that installation (drifts, noise, phases, events, fault severity).
+        None: the same as ``seed`` (every seed another installation).
     """
 
     machines: tuple[Machine, ...]
@@ -272,6 +288,7 @@ class Scene:
     reverb_rt60_s: Optional[float] = None
     seed: int = 0
     line_hz: float = DEFAULT_LINE_HZ
+    unit: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "machines", tuple(self.machines))
@@ -287,6 +304,9 @@ class Scene:
                               f"{MIN_SAMPLE_RATE} Hz.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ConfigError(f"seed {self.seed!r}: must be an integer >= 0.")
+        if self.unit is not None and (isinstance(self.unit, bool) or not isinstance(self.unit, (int, np.integer))
+                                      or self.unit < 0):
+            raise ConfigError(f"unit {self.unit!r}: must be an integer >= 0, or none (the seed's own unit).")
         if self.reverb_rt60_s is not None and not (0 < self.reverb_rt60_s <= MAX_RT60_S):
             raise ConfigError(f"reverb RT60 {self.reverb_rt60_s}: must be in (0, {MAX_RT60_S:g}] s, or none.")
         if not (0 < self.line_hz <= 1000):
@@ -317,6 +337,11 @@ class Scene:
     def samples(self) -> int:
         """Samples per channel."""
         return round(self.seconds * self.sample_rate)
+
+    @property
+    def unit_seed(self) -> int:
+        """The seed of what stays the same between recordings: ``unit``, else ``seed``."""
+        return int(self.seed if self.unit is None else self.unit)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -356,7 +381,8 @@ def default_scene(
     n_mics : int
     faults : sequence of (machine name, Fault)
     **options
-        Other ``Scene`` fields: seconds, sample_rate, snr_db, reverb_rt60_s, seed, line_hz.
+        Other ``Scene`` fields: seconds, sample_rate, snr_db, reverb_rt60_s, seed, line_hz,
+        unit.
     """
     if isinstance(machines, str):
         machines = (machines,)
@@ -440,6 +466,7 @@ def render(scene: Scene) -> Rendering:
         "duration_s": scene.seconds,
         "samples": scene.samples,
         "seed": int(scene.seed),
+        "unit": scene.unit_seed,  # seeds the machines' designs and the room (Scene.unit)
         "line_hz": scene.line_hz,
         "snr_db": scene.snr_db,
         "measured_snr_db": measured,  # faults included
@@ -506,7 +533,8 @@ def _render_machines(scene: Scene) -> tuple[dict[str, np.ndarray], np.ndarray, l
     labels = []
     for machine in scene.machines:
         root = _seed_int(scene.seed, "machine", machine.name)
-        healthy, faulty, info = _synthesise(machine, scene.seconds, sr, root, scene.line_hz, pre)
+        design = _seed_int(scene.unit_seed, "machine", machine.name)  # == root when unit is None
+        healthy, faulty, info = _synthesise(machine, scene.seconds, sr, root, scene.line_hz, pre, design)
         level = MACHINE_RMS * 10 ** (machine.gain_db / 20)
         paths = _paths(scene, machine.position, machine.name)
         has_fault = bool(np.any(faulty))
@@ -547,13 +575,16 @@ class _Drive:
     one_x: tuple[float, float]  # amplitude and phase of the healthy 1x tone
 
 
-def _synthesise(machine: Machine, seconds: float, sr: int, root: int, line_hz: float, pre: int = 0):
+def _synthesise(machine: Machine, seconds: float, sr: int, root: int, line_hz: float, pre: int = 0,
+                design: Optional[int] = None):
     """A machine's healthy sound and the sum of its faults, float64 shape = (pre +
     round(seconds * sr),), in units of ``MACHINE_RMS``, and its labels. The first ``pre``
-    samples come before t = 0 of the clip (fault times count from t = 0)."""
+    samples come before t = 0 of the clip (fault times count from t = 0). ``design``
+    seeds the machine's parameters (the unit), ``root`` everything else (the recording);
+    None: ``root`` seeds both."""
     n = pre + round(seconds * sr)
     kind = machine.kind
-    params = _parameters(kind, _rng(root, "parameters"), machine.speed_hz, line_hz)
+    params = _parameters(kind, _rng(root if design is None else design, "parameters"), machine.speed_hz, line_hz)
     f0 = params["speed_hz"]
     drift = _slow_walk(_rng(root, "speed"), n, sr, SPEED_DRIFT[kind], SPEED_DRIFT_TAU_S)
     phase = (2 * np.pi / sr) * np.cumsum(f0 * (1 + drift))
@@ -771,12 +802,15 @@ def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
         out[m] = BACKGROUND_RMS * level * _shaped_noise(_rng(seed, "background", "diffuse", m), n, sr, colour)
 
     # A distant unrelated machine (a compressor, say): low tones and low-passed noise.
-    r = _rng(seed, "background", "distant")
+    # Its place and speed belong to the installation (unit), its phases and noise to the
+    # recording; one stream serves both when they are the same seed, as it always did.
+    site = _rng(scene.unit_seed, "background", "distant")
+    r = site if scene.unit_seed == seed else _rng(seed, "background", "distant")
     # Placed around mic 0, which stays where it is when microphones are added.
     centre = scene.mics[0]
-    angle, dist = r.uniform(0, 2 * np.pi), r.uniform(12.0, 25.0)
+    angle, dist = site.uniform(0, 2 * np.pi), site.uniform(12.0, 25.0)
     position = (centre[0] + dist * math.cos(angle), centre[1] + dist * math.sin(angle), 1.0)
-    shaft = r.uniform(15.0, 22.0)
+    shaft = site.uniform(15.0, 22.0)
     pre = _pre_roll(scene)
     t = np.arange(pre + n) / sr
     phase = 2 * np.pi * shaft * t
@@ -875,7 +909,7 @@ def _paths(scene: Scene, source: Sequence[float], key: str) -> _Paths:
     envelope = 10 ** (-3 * t / rt60)  # -60 dB at RT60
     tails = []
     for m in range(len(scene.mics)):
-        h = _rng(scene.seed, "reverb", key, m).standard_normal(n) * envelope
+        h = _rng(scene.unit_seed, "reverb", key, m).standard_normal(n) * envelope  # the room's own
         tails.append(h / np.sqrt(np.sum(h**2)))
     # Reverberant energy equals direct energy at the critical distance (Sabine).
     critical = 0.057 * math.sqrt(ROOM_VOLUME_M3 / rt60)

@@ -14,6 +14,18 @@ For the same reason the score is the squared reconstruction error averaged over 
 per band, then over the ``SCORE_BAND_FRACTION`` worst bands, not over the whole tensor
 (where a fault in a few bands would be diluted).
 
+A convolutional autoencoder generalises: a tone 12 dB louder than in training, or a
+little more energy in many bands at once, is still a tone or a noise floor, and it
+reconstructs it well. Yet that is how the commonest faults of one machine show (the 1x
+tone of an imbalance, the harmonics of looseness, the hiss of a leak). So each source
+also has a ``BandProfile``: the typical level of every band in the calibration tensors
+(its median over frames, which a knock or a forklift beep shorter than half the segment
+does not move) and how it varies from segment to segment. The few directions along
+which all bands move together in normal operation (load, the room's noise level, which
+microphone) are learnt and left out; what remains is standardised per band. Each band
+gets the autoencoder's error plus the squared profile deviation, both in units of the
+calibration spread, and the score averages the worst bands of that sum.
+
 A trained detector is saved as plain data (argument dicts, feature settings, state dicts
 and their SHA-256) and loads with ``torch.load(weights_only=True)``; no class is pickled.
 """
@@ -41,7 +53,7 @@ from ..export import save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = 2  # 2: per-band normalisation; bump when the saved layout changes; older files are refused, not guessed at
+MODEL_FORMAT = 3  # 2: per-band normalisation, 3: band profiles; bump when the saved layout changes; older files are refused, not guessed at
 
 N_STAGES = 4  # stride-2 stages: 240 -> 120 -> 60 -> 30 -> 15 bins/frames
 DOWNSAMPLING = 2**N_STAGES  # n_mels and n_frames must be multiples of this
@@ -50,6 +62,17 @@ MAX_GROUPS = 8  # GroupNorm groups per layer (fewer when the width is not a mult
 LEAKY_SLOPE = 0.2
 MIN_STD_DB = 1.0  # dB; floor for a band's normalisation std (a silent band is all floor_db)
 SCORE_BAND_FRACTION = 0.1  # the score averages the error of this fraction of worst mel bands
+# Band profiles: directions of common normal variation left out (at most one per 4
+# calibration tensors, so a small calibration keeps enough data for the spread), and a
+# floor for a band's spread (tensors alike in a band would otherwise flag any change).
+PROFILE_COMPONENTS = 4
+TENSORS_PER_COMPONENT = 4
+MIN_PROFILE_STD_DB = 0.5  # dB
+# A band's spread from a few calibration tensors is itself noisy (from 3 tensors it is
+# often a third of the true one, and that band then flags every segment): it is shrunk
+# towards the median spread of all bands as if that were worth this many more tensors
+# (moderated variance, as in limma). With the default 60 segments it changes little.
+PROFILE_PRIOR_DOF = 4
 SCORE_BATCH = 32  # tensors per forward pass when scoring (about 60 MB of activations on CPU)
 RETRAIN = "retrain it with `signalcraft train-detector`"
 
@@ -113,24 +136,87 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class BandProfile:
+    """The typical level of each mel band of one source in normal operation.
+
+    A tensor's profile is the median over frames of each band, dB, shape = (n_mels,).
+    ``mean`` is the calibration profiles' mean; ``components`` (k, n_mels), orthonormal,
+    are the k directions along which they varied most (all bands louder with the load or
+    the room, another microphone), which the deviation leaves out; ``std`` (n_mels,) is
+    the spread per band of what those directions leave (moderated towards the median
+    band's, ``PROFILE_PRIOR_DOF``), dB, at least ``MIN_PROFILE_STD_DB``.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    std: torch.Tensor
+
+    @staticmethod
+    def of(tensors: torch.Tensor) -> torch.Tensor:
+        """Profiles of tensors of shape = (N, 1, n_mels, n_frames): float64 dB, shape = (N, n_mels)."""
+        return tensors[:, 0].double().median(dim=2).values
+
+    @classmethod
+    def fit(cls, tensors: torch.Tensor) -> "BandProfile":
+        """From normal tensors, shape = (N, 1, n_mels, n_frames), N >= 1."""
+        p = cls.of(tensors)
+        n = p.shape[0]
+        mean = p.mean(dim=0)
+        centred = p - mean
+        k = min(PROFILE_COMPONENTS, (n - 1) // TENSORS_PER_COMPONENT)
+        components = torch.linalg.svd(centred, full_matrices=False).Vh[:k] if k > 0 else p.new_zeros((0, p.shape[1]))
+        residual = centred - centred @ components.T @ components
+        dof = n - 1 - k  # each fitted direction takes one degree of freedom from the spread
+        if dof > 0:
+            var = residual.pow(2).sum(dim=0) / dof
+            var = (dof * var + PROFILE_PRIOR_DOF * var.median()) / (dof + PROFILE_PRIOR_DOF)
+        else:
+            var = torch.zeros_like(mean)
+        return cls(mean.float(), components.float(), var.sqrt().clamp_min(MIN_PROFILE_STD_DB).float())
+
+    def deviation(self, tensors: torch.Tensor) -> torch.Tensor:
+        """Squared standardised deviation per band of each tensor's profile from normal,
+        the common directions left out: float64, shape = (N, n_mels); about 1 per band
+        for a normal tensor."""
+        centred = self.of(tensors) - self.mean.double()
+        components = self.components.double()
+        residual = centred - centred @ components.T @ components
+        return (residual / self.std.double()).pow(2)
+
+    def to_data(self) -> dict[str, list]:
+        return {"mean": self.mean.tolist(), "components": self.components.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_data(cls, data: dict[str, list], n_mels: int) -> "BandProfile":
+        mean = torch.tensor(data["mean"], dtype=torch.float32)
+        std = torch.tensor(data["std"], dtype=torch.float32)
+        components = torch.tensor(data["components"], dtype=torch.float32).reshape(-1, n_mels)
+        if mean.shape != (n_mels,) or std.shape != (n_mels,) or not bool((std > 0).all()):
+            raise ValueError(f"band profile does not have {n_mels} bands with positive spreads")
+        return cls(mean, components, std)
+
+
 @dataclasses.dataclass
 class Detector:
-    """One autoencoder per source type, shared across microphones."""
+    """One autoencoder and one band profile per source type, shared across microphones."""
 
     models: dict[str, ConvAutoencoder]  # source name -> model, in eval mode
     norm: dict[str, tuple[torch.Tensor, torch.Tensor]]  # source -> per-band (mean, std), dB, shape = (n_mels,)
     args: AutoencoderArgs
     features: dict  # LogMel.settings() of the training data
     trained_on: dict  # plain data: source -> tensors, date, epochs, final loss, ...
+    profiles: dict[str, BandProfile]  # source -> typical band levels
 
     @property
     def sources(self) -> tuple[str, ...]:
         return tuple(self.models)
 
     def score(self, source: str, tensors: torch.Tensor) -> np.ndarray:
-        """Anomaly scores: squared reconstruction error of each standardised tensor,
-        averaged over frames per mel band, then over the worst ``SCORE_BAND_FRACTION``
-        of bands.
+        """Anomaly scores: per mel band, the squared reconstruction error of each
+        standardised tensor averaged over frames plus the squared deviation of the band's
+        level from the band profile; then the mean over the worst
+        ``SCORE_BAND_FRACTION`` of bands.
 
         Parameters
         ----------
@@ -142,9 +228,9 @@ class Detector:
         Returns
         -------
         np.ndarray
-            float64, shape = (N,). Higher is more abnormal; 1.0 is an error as large as
-            the spread of the training data in those bands. A non-finite input gives a
-            non-finite score.
+            float64, shape = (N,). Higher is more abnormal; both terms are in units of the
+            spread of the training data in each band (a normal tensor scores a few). A
+            non-finite input gives a non-finite score.
 
         Raises
         ------
@@ -168,15 +254,18 @@ class Detector:
         if x.shape[0] == 0:
             return np.zeros(0, np.float64)
         mean, std = (v.view(1, 1, -1, 1) for v in self.norm[source])
+        profile = self.profiles[source]
         worst = max(1, round(SCORE_BAND_FRACTION * self.args.n_mels))
         device = next(model.parameters()).device
         model.eval()
         scores = []
         with torch.no_grad():
             for batch in x.split(SCORE_BATCH):
-                xn = (batch.to(device, torch.float32) - mean.to(device)) / std.to(device)  # a new tensor
-                per_band = (model(xn) - xn).double().pow(2).mean(dim=(1, 3))  # (batch, n_mels)
-                scores.append(per_band.topk(worst, dim=1).values.mean(dim=1).cpu())
+                batch = batch.to(torch.float32)
+                xn = (batch.to(device) - mean.to(device)) / std.to(device)  # a new tensor
+                per_band = (model(xn) - xn).double().pow(2).mean(dim=(1, 3)).cpu()  # (batch, n_mels)
+                per_band += profile.deviation(batch.cpu())
+                scores.append(per_band.topk(worst, dim=1).values.mean(dim=1))
         return torch.cat(scores).numpy()
 
 
@@ -252,7 +341,7 @@ def train_detector_models(
     n_mels, n_frames = _check_training_tensors(tensors_by_source, features)
     args = AutoencoderArgs(n_mels=n_mels, n_frames=n_frames, channels=config.channels)
     dev = torch_device(device, "device")
-    models, norm, trained_on = {}, {}, {}
+    models, norm, trained_on, profiles = {}, {}, {}, {}
     for source in sorted(tensors_by_source):
         x = tensors_by_source[source].detach().to("cpu", torch.float32)
         n = x.shape[0]
@@ -286,6 +375,7 @@ def train_detector_models(
         seconds = time.monotonic() - began
         model.cpu().eval()
         models[source], norm[source] = model, (mean, std)
+        profiles[source] = BandProfile.fit(x)
         trained_on[source] = {
             "tensors": n,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -299,7 +389,8 @@ def train_detector_models(
         }
         log.info("detector for %s: %d tensors, %d epochs, final loss %.4f, %.1f s on %s", source, n,
                  config.epochs, loss_value, seconds, dev)
-    return Detector(models=models, norm=norm, args=args, features=features, trained_on=trained_on)
+    return Detector(models=models, norm=norm, args=args, features=features, trained_on=trained_on,
+                    profiles=profiles)
 
 
 def _state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -316,9 +407,10 @@ def save_detector(detector: Detector, path: Path) -> Path:
     """Write ``detector`` to ``path`` as plain data, atomically.
 
     The file holds ``format``, ``signalcraft_version``, ``args``, ``features``, ``norm``,
-    ``trained_on``, ``state_dicts`` (source -> state dict) and ``sha256`` (source -> hash
-    of its state tensors); it loads with ``torch.load(weights_only=True)``. A previous file
-    at ``path`` stays intact until the new one is complete.
+    ``profiles`` (source -> band profile as lists), ``trained_on``, ``state_dicts``
+    (source -> state dict) and ``sha256`` (source -> hash of its state tensors); it loads
+    with ``torch.load(weights_only=True)``. A previous file at ``path`` stays intact until
+    the new one is complete.
 
     Raises
     ------
@@ -333,6 +425,7 @@ def save_detector(detector: Detector, path: Path) -> Path:
         "args": dataclasses.asdict(detector.args),
         "features": dict(detector.features),
         "norm": {s: [m.tolist(), sd.tolist()] for s, (m, sd) in detector.norm.items()},
+        "profiles": {s: p.to_data() for s, p in detector.profiles.items()},
         "trained_on": detector.trained_on,
         "state_dicts": states,
         "sha256": {s: _state_sha256(state) for s, state in states.items()},
@@ -407,7 +500,7 @@ def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
 
 def _from_data(data: dict[str, Any]) -> Detector:
     args = AutoencoderArgs(**data["args"])
-    models, norm = {}, {}
+    models, norm, profiles = {}, {}, {}
     for source, state in data["state_dicts"].items():
         if _state_sha256(state) != data["sha256"][source]:
             raise DetectorError(f"the weights of source {source!r} fail their checksum (the file is damaged). "
@@ -419,5 +512,6 @@ def _from_data(data: dict[str, Any]) -> Detector:
         norm[source] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
         if norm[source][0].shape != (args.n_mels,) or norm[source][1].shape != (args.n_mels,):
             raise ValueError(f"normalisation of {source!r} does not have {args.n_mels} bands")
+        profiles[source] = BandProfile.from_data(data["profiles"][source], args.n_mels)
     return Detector(models=models, norm=norm, args=args, features=dict(data["features"]),
-                    trained_on=dict(data["trained_on"]))
+                    trained_on=dict(data["trained_on"]), profiles=profiles)
