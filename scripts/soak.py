@@ -29,7 +29,7 @@ the target is met, 1 when not.
 Needs jackd2 and JACK-Client: `bash scripts/setup.sh --bench` installs both
 (`bash scripts/soak.sh` runs it first).
 
-    python scripts/soak.py [--minutes 10] [--calibration-segments 6] [--overlap] [--no-denoise] [--keep]
+    python scripts/soak.py [--minutes 10] [--calibration-segments 6] [--overlap] [--no-denoise] [--no-decode] [--keep]
 """
 
 from __future__ import annotations

@@ -476,8 +476,8 @@ def doctor(ctx: click.Context, output: Optional[Path]) -> None:
     Checks: the config, PortAudio, the capture device and its channels, the noise
     clips (present, readable, for these channels and rate), the separator model,
     the detector and its state, free disk and retention, the log file.
-    OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: needs
-    a check above that failed.
+    OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: cannot
+    be checked without what a check above could not find.
     Exit code: 0 if nothing FAILed, else 1.
     """
     from .doctor import FAIL, run_checks

@@ -34,6 +34,13 @@ STAGING = ".incomplete"
 FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
+def temp_path(path: Path) -> Path:
+    """A temporary name beside ``path``, hidden and tagged with this process's pid, in
+    the pattern ``remove_leftovers`` clears once the process is gone."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write ``path`` by calling ``write(tmp)`` on a temporary name beside it, flushing it
     to disk and renaming it into place. On any error the temporary file is removed and
@@ -45,7 +52,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         The disk is full or the folder is not writable; the message names the file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
-from .export import save_torch
+from .export import save_torch, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,7 @@ def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
     try:
         for clip in clips:
             path = clip_path(noise_dir, clip.channel)
-            # The name pattern of export.remove_leftovers: cleared if this run is killed.
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = temp_path(path)  # cleared by remove_leftovers if this run is killed
             save_torch(tmp, _clip_data(clip))
             staged.append((tmp, path))
     except BaseException:

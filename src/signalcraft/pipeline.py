@@ -258,7 +258,7 @@ MAX_RECONNECT_DELAY_S = 60.0
 
 def device_segments(config: Config, capture: DeviceCapture, stop: threading.Event) -> Iterator[Segment]:
     """Segments from ``capture``; when the device fails (unplugged, PortAudio error,
-    stalled), reopen it by its configured name after ``capture.reconnect_delay_s``,
+    stalled), reopen the same device (``_reopen``) after ``capture.reconnect_delay_s``,
     doubling the wait on each failure in a row (at most ``MAX_RECONNECT_DELAY_S``). The
     first segment after a reopening counts the device losses before it in
     ``Segment.reconnects``.

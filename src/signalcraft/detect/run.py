@@ -23,7 +23,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Callable, Container, Iterator, Optional
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import Config, FeaturesConfig
-from ..export import MANIFEST, STAGING
+from ..export import MANIFEST, STAGING, temp_path
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector, train_detector_models
 from .store import Store
@@ -275,7 +274,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     # The detector and its thresholds change together: the new file is written beside the
     # old one, the thresholds are committed, and only then is the file renamed into place.
     # A failure before the rename leaves the previous detector with its own thresholds.
-    staged = c.model.with_name(f".{c.model.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    staged = temp_path(c.model)
     save_detector(detector, staged)
     try:
         with store.transaction():
