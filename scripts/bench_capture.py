@@ -14,7 +14,6 @@ Needs jackd2 and JACK-Client: `bash scripts/setup.sh --bench` installs both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -28,6 +27,8 @@ import numpy as np
 import soundfile as sf
 
 from benchlib import write_section
+
+from signalcraft.segments import AUDIO, read_manifest
 
 SAMPLE_RATE = 16000  # Hz
 PERIOD = 1024  # frames per JACK cycle
@@ -127,8 +128,8 @@ def main() -> None:
         if record.returncode != 0:
             sys.exit(f"signalcraft record failed with exit code {record.returncode}")
         folders = out.split()
-        manifests = [json.loads((Path(f) / "manifest.json").read_text()) for f in folders]
-        audio = np.concatenate([sf.read(Path(f) / "audio.flac", dtype="float32", always_2d=True)[0].T
+        manifests = [read_manifest(Path(f)) for f in folders]
+        audio = np.concatenate([sf.read(Path(f) / AUDIO, dtype="float32", always_2d=True)[0].T
                                 for f in folders], axis=1)
     finally:
         server.terminate()
@@ -141,8 +142,8 @@ def main() -> None:
     delivered = int(span[-1] - span[0] + 1)  # frames the source produced over that span
     kept = int(np.sum(np.diff(span) == 1) + 1) if np.all(span >= 0) else 0
     gaps = int(np.sum(np.diff(span) != 1))
-    overflows = sum(m["overflows"] for m in manifests)
-    dropped = sum(m["dropped_frames"] for m in manifests) + sum(m["dropped_segments"] for m in manifests)
+    overflows = sum(m.overflows for m in manifests)
+    dropped = sum(m.dropped_frames for m in manifests) + sum(m.dropped_segments for m in manifests)
     duty = kept / delivered
     body = f"""## Capture duty cycle (scripts/bench_capture.py)
 

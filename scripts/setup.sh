@@ -2,16 +2,19 @@
 # Set up signalcraft in ./.venv: system audio library, CPU torch, the package and its
 # test tools. Safe to run again: a second run only checks and returns in seconds.
 #
-#   bash scripts/setup.sh            # used by scripts/demo.sh and scripts/test.sh
+#   bash scripts/setup.sh            # used by scripts/demo.sh
+#   bash scripts/setup.sh --test     # also faketime, for the test suite (scripts/test.sh)
 #   bash scripts/setup.sh --bench    # also JACK, for real-time paced benchmarks
 #   PYTHON=python3.12 bash scripts/setup.sh
 set -euo pipefail
 
 bench=0
+testing=0
 case "${1:-}" in
     "") ;;
+    --test) testing=1 ;;
     --bench) bench=1 ;;
-    *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--test | --bench]" >&2; exit 2 ;;
 esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,8 +40,12 @@ apt_install() {
     fi
 }
 
-# 1. PortAudio, which sounddevice loads at import time; JACK for the paced benchmarks.
+# 1. PortAudio, which sounddevice loads at import time; faketime for the tests that run
+#    with the clock moved ahead; JACK for the paced benchmarks.
 apt_install libportaudio2 "ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2'"
+if [ "$testing" = 1 ]; then
+    apt_install faketime "command -v faketime >/dev/null"
+fi
 if [ "$bench" = 1 ]; then
     apt_install jackd2 "command -v jackd >/dev/null"
 fi

@@ -56,6 +56,8 @@ import soundfile as sf
 from bench_capture import PERIOD, SAMPLE_RATE
 from benchlib import ROOT, write_section
 
+from signalcraft.segments import AUDIO, candidate_names, is_complete, list_segments
+
 CHANNELS = 4  # microphones in the scene, JACK capture ports, recorded channels
 SEGMENT_SECONDS = 10.0
 SEGMENT_FRAMES = round(SEGMENT_SECONDS * SAMPLE_RATE)
@@ -531,11 +533,8 @@ def soak(args: argparse.Namespace, work: Path, children: list) -> dict:
 
 
 def new_segments(output: Path, known: set[str]) -> list[str]:
-    """Names of published segment folders (manifest written) not in ``known``, oldest first."""
-    if not output.exists():
-        return []
-    return sorted(f.name for f in output.iterdir()
-                  if not f.name.startswith(".") and f.name not in known and (f / "manifest.json").exists())
+    """Names of published segment folders (manifest written) not in ``known``."""
+    return sorted(name for name in candidate_names(output) if name not in known and is_complete(output / name))
 
 
 def noise_leading_zeros(noise_dir: Path) -> int:
@@ -553,30 +552,26 @@ def noise_leading_zeros(noise_dir: Path) -> int:
 
 def check_output(output: Path, mixture: np.ndarray, decode: bool) -> dict:
     """Manifests, detect's state and (``decode``) the kept audio against the source."""
-    folders = []
-    for folder in sorted(output.iterdir()) if output.exists() else []:
-        manifest = folder / "manifest.json"
-        if folder.is_dir() and manifest.exists():
-            folders.append((json.loads(manifest.read_text()), folder))
-    folders.sort(key=lambda mf: mf[0]["start_frame"])
-    manifests = [mf[0] for mf in folders]
-    starts = [mf["start_frame"] for mf in manifests]
+    segments = list_segments(output)
+    folders = [(s.manifest, s.path) for s in segments]
+    manifests = [s.manifest for s in segments]
+    starts = [m.start_frame for m in manifests]
     out = {
         "segments_exported": len(folders),
         "start_frame_gaps": sum(s != k * SEGMENT_FRAMES for k, s in enumerate(starts)),
-        "overflows": sum(mf.get("overflows", 0) for mf in manifests),
-        "dropped_frames": sum(mf.get("dropped_frames", 0) for mf in manifests),
-        "dropped_segments": sum(mf.get("dropped_segments", 0) for mf in manifests),
-        "reconnects": sum(mf.get("reconnects", 0) for mf in manifests),
-        "tensors": sum(len(srcs) for mf in manifests for srcs in mf.get("tensors", {}).values()),
-        "sources": sorted({s for mf in manifests for srcs in mf.get("tensors", {}).values() for s in srcs}),
+        "overflows": sum(m.overflows for m in manifests),
+        "dropped_frames": sum(m.dropped_frames for m in manifests),
+        "dropped_segments": sum(m.dropped_segments for m in manifests),
+        "reconnects": sum(m.reconnects for m in manifests),
+        "tensors": sum(len(m.tensor_keys()) for m in manifests),
+        "sources": sorted({source for m in manifests for _, source in m.tensor_keys()}),
     }
     state = read_state(output / "signalcraft.sqlite")
     out["state"] = state
     out["unhandled"] = sorted({f.name for _, f in folders} - state["folders"])
     if decode:
         t = time.monotonic()
-        captured = np.concatenate([frames_as_int64(sf.read(f / "audio.flac", dtype="float32", always_2d=True)[0].T)
+        captured = np.concatenate([frames_as_int64(sf.read(f / AUDIO, dtype="float32", always_2d=True)[0].T)
                                    for _, f in folders]) if folders else np.zeros(0, np.int64)
         out["match"] = match_stream(captured, frames_as_int64(mixture))
         out["match"]["frames"] = len(captured)

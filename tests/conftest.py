@@ -1,4 +1,5 @@
-"""Shared fixtures: a virtual ALSA capture device, a project folder, the CLI as a process.
+"""Shared fixtures: a virtual ALSA capture device, a project folder, the CLI in this
+process (``invoke``) and as a real process (``run_cli``), segments on disk.
 
 The device is defined once per session, before anything imports sounddevice (PortAudio
 reads ALSA's configuration when it starts); each test writes the samples it replays.
@@ -7,6 +8,10 @@ reads ALSA's configuration when it starts); each test writes the samples it repl
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
 import os
 import shutil
 import subprocess
@@ -75,10 +80,44 @@ def project(tmp_path: Path) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class Invoked:
+    """What a command printed and its exit code (the fields of CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(*args: str, cwd: Path | None = None, env: dict | None = None) -> Invoked:
+    """Run `signalcraft ARGS` in this process through click's CliRunner: the same
+    command, options, logging and exit code as the installed script, without paying
+    for a new interpreter. Use ``run_cli`` where the process is the point (signals,
+    locks held by another process, SIGKILL, resource limits)."""
+    from click.testing import CliRunner
+
+    from signalcraft.cli import cli
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        try:
+            result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False, prog_name="signalcraft")
+        finally:
+            for handler in root.handlers:  # the command's stderr and log file handlers
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:], root.level = handlers, level
+    return Invoked(result.exit_code, result.stdout, result.stderr)
+
+
+SCRIPT = str(Path(sys.executable).with_name("signalcraft"))  # the installed entry point
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
-    """Run `python -m signalcraft ARGS` as a real process; returns CompletedProcess."""
+    """Run the installed `signalcraft ARGS` as a real process; returns CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "signalcraft", *args],
+        [SCRIPT, *args],
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
         timeout=timeout, stdin=subprocess.DEVNULL,
     )
@@ -102,3 +141,28 @@ def model_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "models"
     save_model(tiny_demucs(), repo, "tiny")
     return repo
+
+
+def segment_manifest(start: dt.datetime, mics: int = 1, sources=("mix",)):
+    """A valid manifest for a hand-made segment starting at ``start`` (aware)."""
+    from signalcraft import __version__
+    from signalcraft.segments import Level, Manifest
+
+    return Manifest(
+        start_time_utc=start.astimezone(dt.timezone.utc), duration_s=10.0, sample_rate=SAMPLE_RATE,
+        device="test", channels=tuple(range(1, mics + 1)), start_frame=0, overflows=0, dropped_frames=0,
+        dropped_segments=0, reconnects=0,
+        levels=tuple(Level(m, m + 1, -20.0, 0.5, 0.0) for m in range(mics)), denoise=None,
+        separator={"name": None, "sources": list(sources)}, features={"n_mels": 240, "n_frames": 240},
+        tensors={m: tuple(sources) for m in range(mics)}, signalcraft_version=__version__,
+    )
+
+
+def make_segment(output: Path, start: dt.datetime, size: int = 10_000) -> Path:
+    """A real segment folder written by the product's writer: one (mic 0, mix) file of
+    ``size`` bytes (not a tensor) and a manifest; returns the folder."""
+    from signalcraft.segments import SegmentWriter
+
+    with SegmentWriter(output, start) as w:
+        w.save_tensor(0, "mix", b"\0" * size)
+        return w.commit(segment_manifest(start))

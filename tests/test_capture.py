@@ -11,7 +11,7 @@ from signalcraft.capture import DeviceCapture, file_segments, resolve_channels, 
 from signalcraft.config import CaptureConfig
 from signalcraft.errors import ConfigError, DeviceError
 
-from conftest import CHANNELS, SAMPLE_RATE, run_cli
+from conftest import CHANNELS, SAMPLE_RATE, invoke
 
 
 def vmic_config(**changes) -> CaptureConfig:
@@ -146,7 +146,7 @@ def test_file_source_names_an_unreadable_file(tmp_path):
 
 
 def test_devices_command_lists_and_marks_the_virtual_device(vmic, project):
-    result = run_cli("--config", str(project), "devices")
+    result = invoke("--config", str(project), "devices")
     assert result.returncode == 0, result.stderr
     marked = [line for line in result.stdout.splitlines() if line.startswith(" *")]
     assert len(marked) == 1 and vdevice.DEVICE_NAME in marked[0]
@@ -156,6 +156,6 @@ def test_devices_command_lists_and_marks_the_virtual_device(vmic, project):
 def test_missing_device_message_lists_the_available_devices(vmic, project):
     text = project.read_text().replace(vdevice.DEVICE_NAME, "Focusrite")
     project.write_text(text)
-    result = run_cli("--config", str(project), "record")
+    result = invoke("--config", str(project), "record")
     assert result.returncode == 1
     assert "'Focusrite'" in result.stderr and vdevice.DEVICE_NAME in result.stderr

@@ -17,8 +17,9 @@ from signalcraft.detect.run import CALIBRATING, detect
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
 from signalcraft.pipeline import process_files
+from signalcraft.segments import MANIFEST, list_segments
 
-from conftest import run_cli
+from conftest import invoke
 
 CALIBRATION = 12
 SETTINGS = {
@@ -54,6 +55,15 @@ def calibrated(tmp_path_factory):
     process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2, CALIBRATION)])
     second = detect(config, root / "out")
     return root, config, first, second
+
+
+@pytest.fixture
+def copy(calibrated, tmp_path):
+    """A copy of the calibrated project, for a test that changes it: (folder, config)."""
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    return project, config_from_dict(SETTINGS, project / "config.yaml")
 
 
 def test_cold_start_calibrates_then_trains(calibrated):
@@ -102,7 +112,7 @@ def test_corrupt_tensors_are_skipped_and_counted_and_incomplete_segments_wait(ca
     root, config, *_ = calibrated
     made, _ = process_files(config, [scene_file(root, 300), scene_file(root, 301)])
     (made[0] / "mic_1" / "mix.pt").write_bytes(b"not a tensor")
-    manifest = made[1] / "manifest.json"
+    manifest = made[1] / MANIFEST
     held = manifest.read_text()
     manifest.unlink()  # as if still being written
     result = detect(config, root / "out")
@@ -113,67 +123,58 @@ def test_corrupt_tensors_are_skipped_and_counted_and_incomplete_segments_wait(ca
     assert later.segments == 1 and len(later.rows) == 2
 
 
-def test_exit_codes_and_output_formats(calibrated, tmp_path):
-    root, config, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
+def test_exit_codes_and_output_formats(copy):
+    project, config = copy
     cfg = str(project / "config.yaml")
-    assert run_cli("--config", cfg, "detect", str(project / "out")).returncode == ExitCode.OK
+    assert invoke("--config", cfg, "detect", str(project / "out")).returncode == ExitCode.OK
 
-    process_files(config_from_dict(SETTINGS, project / "config.yaml"),
-                  [scene_file(project, s, "bearing") for s in range(400, 404)])
-    result = run_cli("--config", cfg, "detect", str(project / "out"), "--json")
+    process_files(config, [scene_file(project, s, "bearing") for s in range(400, 404)])
+    result = invoke("--config", cfg, "detect", str(project / "out"), "--json")
     assert result.returncode == ExitCode.CRITICAL == 4
     data = json.loads(result.stdout)
     assert data["segments"] == 4 and any(r["status"] == "CRITICAL" for r in data["rows"])
 
-    csv_out = run_cli("--config", cfg, "detect", str(project / "out"), "--csv", "--since", "2000-01-01")
+    csv_out = invoke("--config", cfg, "detect", str(project / "out"), "--csv", "--since", "2000-01-01")
     assert csv_out.returncode == ExitCode.OK  # nothing new
     assert csv_out.stdout.splitlines()[0] == "folder,start_time,mic,source,score,warning,critical,status"
     assert len(csv_out.stdout.splitlines()) > 10
 
-    assert run_cli("--config", cfg, "detect", str(project / "out"), "--json", "--csv").returncode == ExitCode.USAGE
+    assert invoke("--config", cfg, "detect", str(project / "out"), "--json", "--csv").returncode == ExitCode.USAGE
     (project / "detector.pt").write_bytes(b"garbage")
-    process_files(config_from_dict(SETTINGS, project / "config.yaml"), [scene_file(project, 500)])
-    broken = run_cli("--config", cfg, "detect", str(project / "out"))
+    process_files(config, [scene_file(project, 500)])
+    broken = invoke("--config", cfg, "detect", str(project / "out"))
     assert broken.returncode == ExitCode.FAILURE and "detector.pt" in broken.stderr
 
 
-def test_quiet_detect_prints_only_the_anomalies(calibrated, tmp_path):
+def test_quiet_detect_prints_only_the_anomalies(copy):
     """What cron mails: nothing while all is normal, the flagged rows when not."""
-    root, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
-    config = config_from_dict(SETTINGS, project / "config.yaml")
+    project, config = copy
     cfg, out = str(project / "config.yaml"), str(project / "out")
     process_files(config, [scene_file(project, seed) for seed in range(700, 702)])
-    quiet = run_cli("-q", "--config", cfg, "detect", out)
+    quiet = invoke("-q", "--config", cfg, "detect", out)
     assert (quiet.returncode, quiet.stdout) == (ExitCode.OK, ""), quiet.stdout + quiet.stderr
     process_files(config, [scene_file(project, seed, "bearing") for seed in range(710, 714)])
-    quiet = run_cli("-q", "--config", cfg, "detect", out)
+    quiet = invoke("-q", "--config", cfg, "detect", out)
     assert quiet.returncode == ExitCode.CRITICAL, quiet.stderr
     statuses = {line.split()[-1] for line in quiet.stdout.splitlines()[1:] if line.startswith("20")}
     assert "CRITICAL" in statuses and statuses <= {"WARNING", "CRITICAL"}
 
 
-def test_warning_exit_code(calibrated, tmp_path):
+def test_warning_exit_code(copy):
     """One abnormal segment after normal ones: WARNING, not yet CRITICAL (k of n)."""
-    root, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
-    config = config_from_dict(SETTINGS, project / "config.yaml")
+    project, config = copy
     # Normal segments first, so no earlier fault is among the last alert_n segments.
     process_files(config, [scene_file(project, seed) for seed in range(610, 615)])
-    assert run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out")).returncode == 0
+    assert invoke("--config", str(project / "config.yaml"), "detect", str(project / "out")).returncode == 0
     process_files(config, [scene_file(project, 600, "bearing")])
-    result = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"))
+    result = invoke("--config", str(project / "config.yaml"), "detect", str(project / "out"))
     assert result.returncode == ExitCode.WARNING == 3, result.stdout + result.stderr
     assert "WARNING" in result.stdout
 
 
 def test_report_writes_pngs_and_a_summary(calibrated, tmp_path):
     root, *_ = calibrated
-    result = run_cli("--config", str(root / "config.yaml"), "report", str(root / "out"), "--out", str(tmp_path / "r"))
+    result = invoke("--config", str(root / "config.yaml"), "report", str(root / "out"), "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["mic_0_mix.png", "mic_1_mix.png", "summary.json"]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -182,33 +183,29 @@ def test_report_writes_pngs_and_a_summary(calibrated, tmp_path):
     assert len(result.stdout.splitlines()) < 25  # fits one screen
 
 
-def test_a_detector_without_its_thresholds_is_refused_not_silently_calibrating(calibrated, tmp_path):
-    root, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
+def test_a_detector_without_its_thresholds_is_refused_not_silently_calibrating(copy):
+    project, _ = copy
     (project / "out" / "signalcraft.sqlite").unlink()  # a new state file beside a trained detector
-    result = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"))
+    result = invoke("--config", str(project / "config.yaml"), "detect", str(project / "out"))
     assert result.returncode == ExitCode.FAILURE
     assert "holds no thresholds for it" in result.stderr and "train-detector" in result.stderr
 
 
-def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(calibrated, tmp_path):
-    root, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
+def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(copy):
+    project, _ = copy
     cfg, out = str(project / "config.yaml"), str(project / "out")
     before = (project / "detector.pt").read_bytes()
-    starts = sorted(json.loads(m.read_text())["start_time_utc"] for m in (project / "out").glob("*/manifest.json"))
+    starts = [s.start_time.isoformat() for s in list_segments(project / "out")]
 
-    nothing = run_cli("--config", cfg, "train-detector", out, "--until", starts[0])
+    nothing = invoke("--config", cfg, "train-detector", out, "--until", starts[0])
     assert nothing.returncode == ExitCode.FAILURE and "0 segment(s) to train on" in nothing.stderr
     assert (project / "detector.pt").read_bytes() == before
-    bad = run_cli("--config", cfg, "train-detector", out, "--since", "yesterday")
+    bad = invoke("--config", cfg, "train-detector", out, "--since", "yesterday")
     assert bad.returncode == ExitCode.USAGE and "--since 'yesterday': not an ISO 8601 time" in bad.stderr
 
     # The first ten segments only, thinned to eight; given in local time with an offset.
     until = dt.datetime.fromisoformat(starts[10]).astimezone()
-    result = run_cli("--config", cfg, "train-detector", out, "--until", until.isoformat(), "--max-segments", "8")
+    result = invoke("--config", cfg, "train-detector", out, "--until", until.isoformat(), "--max-segments", "8")
     assert result.returncode == 0, result.stderr
     assert "training on 8 of 10 segments" in result.stderr
     assert (project / "detector.pt").read_bytes() != before

@@ -11,38 +11,44 @@ from pathlib import Path
 import pytest
 import yaml
 
+from signalcraft import clock
 from signalcraft.config import OutputConfig
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
-from signalcraft.export import STAGING, SegmentWriter, remove_leftovers
-from signalcraft.retention import GB, folder_bytes, prune
+from signalcraft.files import STAGING, remove_leftovers
+from signalcraft.segments.retention import GB, folder_bytes, prune
 
-from conftest import run_cli
-
-NOW = dt.datetime(2026, 11, 21, 12, 0, 0)
+from conftest import invoke, make_segment
 
 
 def make_segments(output: Path, days_ago: list[float], size: int = 10_000) -> list[str]:
     """Real segment folders (a file of ``size`` bytes and a manifest) starting at
-    NOW minus each of ``days_ago``; returns their names, oldest first."""
-    names = []
-    for age in days_ago:
-        start = (NOW - dt.timedelta(days=age)).astimezone(dt.timezone.utc)
-        with SegmentWriter(output, start) as w:
-            w.path("mic_0/mix.pt").write_bytes(b"\0" * size)
-            names.append(w.commit({"start_time_utc": start.isoformat()}).name)
-    return sorted(names)
+    each of ``days_ago`` before now; returns their names, oldest first."""
+    now = clock.now()
+    return [make_segment(output, now - dt.timedelta(days=age), size).name for age in days_ago]
+
+
+def visible(output: Path) -> list[str]:
+    return sorted(p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir())
 
 
 def test_keep_days_deletes_only_old_segments_that_detect_has_finished_with(tmp_path):
     output = tmp_path / "out"
     names = make_segments(output, [10, 9, 8, 1, 0.5])  # the three oldest are over 7 days
     done = {names[0], names[2], names[3]}  # names[1] is old but not scored yet
-    result = prune(output, OutputConfig(keep_days=7), done, now=NOW)
+    result = prune(output, OutputConfig(keep_days=7), done)
     assert result.deleted == [names[0], names[2]]
     assert result.kept_unscored == 1
-    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) == [names[1], names[3], names[4]]
+    assert visible(output) == [names[1], names[3], names[4]]
     assert not list((output / STAGING).iterdir())  # unpublished first, then removed
+
+
+def test_age_is_measured_against_the_clock(tmp_path):
+    output = tmp_path / "out"
+    names = make_segments(output, [3, 1])
+    with clock.frozen(clock.now() + dt.timedelta(days=5)):  # five days later, the first is 8 days old
+        result = prune(output, OutputConfig(keep_days=7), set(names))
+    assert result.deleted == names[:1] and visible(output) == names[1:]
 
 
 def test_max_gb_deletes_the_oldest_finished_segments_until_under_the_limit(tmp_path):
@@ -50,16 +56,37 @@ def test_max_gb_deletes_the_oldest_finished_segments_until_under_the_limit(tmp_p
     names = make_segments(output, [5, 4, 3, 2, 1])
     each = folder_bytes(output / names[0])
     limit = OutputConfig(max_gb=2.5 * each / GB)  # room for two and a half segments
-    dry = prune(output, limit, set(names), now=NOW, dry_run=True)
-    assert dry.deleted == names[:3] and len(list(output.iterdir())) == 6  # five and .incomplete
-    result = prune(output, limit, set(names), now=NOW)
+    dry = prune(output, limit, set(names), dry_run=True)
+    assert dry.deleted == names[:3] and visible(output) == names
+    result = prune(output, limit, set(names))
     assert result.deleted == names[:3] and result.freed_bytes == 3 * each
     assert result.total_bytes == 2 * each
     # Unscored segments are kept even over the limit.
     more = make_segments(output, [0.5, 0.4])
-    result = prune(output, limit, set(names), now=NOW)
+    result = prune(output, limit, set(names))
     assert result.deleted == names[3:] and result.kept_unscored == 0
-    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) == more
+    assert visible(output) == more
+
+
+def test_retention_orders_segments_by_start_time_across_a_clock_change(tmp_path, monkeypatch):
+    """When the clocks go back, the folder name (local time) of a later segment sorts
+    before an earlier one: retention deletes by the start time in the manifest."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        output = tmp_path / "out"
+        fall_back = dt.datetime(2026, 10, 25, 1, 0, tzinfo=dt.timezone.utc)  # 03:00 CEST -> 02:00 CET
+        first = make_segment(output, fall_back - dt.timedelta(minutes=30)).name  # 02:30 CEST
+        second = make_segment(output, fall_back + dt.timedelta(minutes=10)).name  # 02:10 CET, 40 min later
+        assert second < first  # by name, the later one looks older
+        with clock.frozen(fall_back + dt.timedelta(days=7, minutes=5)):  # only the first is over 7 days
+            result = prune(output, OutputConfig(keep_days=7), {first, second})
+        assert result.deleted == [first] and visible(output) == [second]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_retention_through_detect_uses_the_state_database(tmp_path):
@@ -71,15 +98,15 @@ def test_retention_through_detect_uses_the_state_database(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"output": {"dir": "out", "keep_days": 7}, "detect": {"model": "det.pt"}}))
     # Calibration segments of a detector not trained yet are kept: training needs them.
-    result = run_cli("--config", str(config), "prune", str(output), "--dry-run")
+    result = invoke("--config", str(config), "prune", str(output), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "0 segments, 0.00 GB would be freed; 2 kept because not scored yet" in result.stdout
     with Store(output / "signalcraft.sqlite") as store:
         store.mark_calibration_done()
-    result = run_cli("--config", str(config), "prune", str(output))
+    result = invoke("--config", str(config), "prune", str(output))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:2] == [f"deleted {output / n}" for n in names[:2]]
-    assert [p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir()] == [names[2]]
+    assert visible(output) == [names[2]]
 
 
 def test_detect_applies_retention_after_scoring(tmp_path):
@@ -91,16 +118,16 @@ def test_detect_applies_retention_after_scoring(tmp_path):
         store.mark_calibration_done()
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"output": {"dir": "out", "keep_days": 7}, "detect": {"model": "det.pt"}}))
-    result = run_cli("--config", str(config), "detect", str(output))
+    result = invoke("--config", str(config), "detect", str(output))
     assert result.returncode == 0, result.stderr
     assert f"retention: deleted 2 segments ({names[0]} ... {names[1]})" in result.stderr
-    assert [p.name for p in output.iterdir() if not p.name.startswith(".") and p.is_dir()] == [names[2]]
+    assert visible(output) == [names[2]]
 
 
 def test_leftovers_of_live_processes_are_kept(tmp_path):
     staging = tmp_path / STAGING
     staging.mkdir(parents=True)
-    mine = staging / f"2026-11-21_12-00-00.{os.getpid()}.0123abcd"
+    mine = staging / f"2026-11-21_12-00-00.{os.getpid()}.0123abcd"  # the name's date plays no part
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
     dead = staging / f"2026-11-21_12-00-00.{dead_pid}.0123abcd"
@@ -113,7 +140,11 @@ def test_leftovers_of_live_processes_are_kept(tmp_path):
     # A live pid on a day-old name: the pid was reused after a reboot.
     reused = tmp_path / f".clip.pt.{os.getpid()}.0badf00d.tmp"
     reused.write_bytes(b"x")
-    os.utime(reused, (0, 0))
+    day_ago = clock.timestamp() - 24 * 3600
+    os.utime(reused, (day_ago, day_ago))
+    now = clock.timestamp()
+    for path in (mine, dead, stray, unrelated):  # written just now, by the clock signalcraft reads
+        os.utime(path, (now, now))
     assert remove_leftovers(tmp_path) == 3
     assert mine.exists() and unrelated.exists()
     assert not dead.exists() and not stray.exists() and not reused.exists()
@@ -148,10 +179,10 @@ def test_quiet_mode_prints_nothing_when_all_is_well_but_logs_to_the_file(tmp_pat
     (tmp_path / "out").mkdir()
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"output": {"dir": "out"}, "log": {"file": "logs/sc.log"}}))
-    result = run_cli("-q", "--config", str(config), "detect", str(tmp_path / "out"))
+    result = invoke("-q", "--config", str(config), "detect", str(tmp_path / "out"))
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
     assert "detect " in (tmp_path / "logs" / "sc.log").read_text()
-    result = run_cli("-q", "--config", str(config), "detect", str(tmp_path / "missing"))
+    result = invoke("-q", "--config", str(config), "detect", str(tmp_path / "missing"))
     assert result.returncode == ExitCode.USAGE and "missing" in result.stderr  # but errors still show
 
 
@@ -165,7 +196,7 @@ def healthy(vmic, project, model_repo):
     config["separation"] = {"repo": str(model_repo), "model": "tiny"}
     config["output"]["keep_days"] = 30
     project.write_text(yaml.safe_dump(config))
-    calibrated = run_cli("--config", str(project), "calibrate-noise")
+    calibrated = invoke("--config", str(project), "calibrate-noise")
     assert calibrated.returncode == 0, calibrated.stderr
     return project
 
@@ -176,7 +207,7 @@ def lines(stdout: str) -> dict[str, str]:
 
 
 def test_doctor_passes_a_healthy_setup(healthy):
-    result = run_cli("--config", str(healthy), "doctor")
+    result = invoke("--config", str(healthy), "doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     found = lines(result.stdout)
     assert list(found) == ["config", "portaudio", "device", "noise clips", "separator", "detector", "disk",
@@ -192,7 +223,7 @@ def test_doctor_names_each_problem(healthy):
     config = yaml.safe_load(healthy.read_text())
     config["capture"]["device"] = "Scarlett 18i20"
     healthy.write_text(yaml.safe_dump(config))
-    result = run_cli("--config", str(healthy), "doctor")
+    result = invoke("--config", str(healthy), "doctor")
     assert result.returncode == ExitCode.FAILURE
     found = lines(result.stdout)
     assert found["device"].startswith("FAIL") and "'Scarlett 18i20'" in found["device"]
@@ -206,7 +237,7 @@ def test_doctor_names_each_problem(healthy):
 def test_doctor_reports_a_broken_config_and_stops(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("output:\n  folder: out\n")
-    result = run_cli("--config", str(config), "doctor")
+    result = invoke("--config", str(config), "doctor")
     assert result.returncode == ExitCode.FAILURE
     assert result.stdout.startswith("FAIL  config") and "output.folder: unknown key" in result.stdout
     assert len(result.stdout.splitlines()) == 1

@@ -8,7 +8,7 @@ from signalcraft.config import NoiseConfig
 from signalcraft.errors import ExitCode, NoiseClipError
 from signalcraft.noise import NoiseClip, check_clip, clip_path, levels, load_clip, save_clip
 
-from conftest import CHANNELS, SAMPLE_RATE, known_samples, run_cli
+from conftest import CHANNELS, SAMPLE_RATE, known_samples, invoke
 
 CONFIG = NoiseConfig()
 
@@ -70,7 +70,7 @@ def test_a_corrupt_or_missing_clip_names_the_file(tmp_path, content):
 
 
 def test_calibrate_noise_saves_the_replayed_samples(vmic, project):
-    result = run_cli("--config", str(project), "calibrate-noise")
+    result = invoke("--config", str(project), "calibrate-noise")
     assert result.returncode == 0, result.stderr
     noise_dir = project.parent / "noise"
     assert sorted(p.name for p in noise_dir.iterdir()) == [f"channel_{c}.pt" for c in range(1, CHANNELS + 1)]
@@ -80,11 +80,11 @@ def test_calibrate_noise_saves_the_replayed_samples(vmic, project):
         assert np.array_equal(clip.audio, vmic.float32()[c - 1, :SAMPLE_RATE])  # noise.seconds = 1
     assert str(noise_dir / "channel_1.pt") in result.stdout
 
-    again = run_cli("--config", str(project), "calibrate-noise")
+    again = invoke("--config", str(project), "calibrate-noise")
     assert again.returncode == ExitCode.USAGE and "--force" in again.stderr
 
     vmic.set(known_samples(seed=9))
-    forced = run_cli("--config", str(project), "calibrate-noise", "--force", "--seconds", "0.5")
+    forced = invoke("--config", str(project), "calibrate-noise", "--force", "--seconds", "0.5")
     assert forced.returncode == 0, forced.stderr
     assert np.array_equal(load_clip(noise_dir / "channel_2.pt").audio, vmic.float32()[1, :8000])
     assert (noise_dir / "channel_2.pt.bak").exists()
@@ -95,7 +95,7 @@ def test_calibrate_noise_rejects_dead_and_clipping_channels(vmic, project):
     samples[1] = 0  # channel 2 unplugged
     samples[3, ::100] = 32767  # channel 4 clips on 1% of samples
     vmic.set(samples)
-    result = run_cli("--config", str(project), "calibrate-noise")
+    result = invoke("--config", str(project), "calibrate-noise")
     assert result.returncode == ExitCode.FAILURE
     assert "channel 2: digital silence" in result.stderr
     assert "channel 4: clipping" in result.stderr

@@ -10,9 +10,10 @@ import yaml
 import soundfile as sf
 
 from signalcraft.errors import ExitCode
-from signalcraft.export import MANIFEST, STAGING
+from signalcraft.files import STAGING
+from signalcraft.segments import MANIFEST
 
-from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, run_cli
+from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, invoke
 
 
 def segment_folders(output):
@@ -29,7 +30,7 @@ def raw_only(project):
 
 def test_record_three_segments_equal_the_replayed_samples(vmic, project):
     raw_only(project)
-    result = run_cli("--config", str(project), "record", "--repeat", "3")
+    result = invoke("--config", str(project), "record", "--repeat", "3")
     assert result.returncode == 0, result.stderr
     folders = segment_folders(project.parent / "out")
     assert len(folders) == 3
@@ -76,13 +77,13 @@ def test_sigterm_finishes_cleanly_with_the_conventional_code(vmic, project):
 
 def test_process_dates_a_kept_segment_audio_by_its_manifest(vmic, project):
     raw_only(project)
-    assert run_cli("--config", str(project), "record", "--repeat", "1").returncode == 0
+    assert invoke("--config", str(project), "record", "--repeat", "1").returncode == 0
     [folder] = segment_folders(project.parent / "out")
     os.utime(folder / "audio.flac", (0, 0))  # a copied file's time says nothing
     edit = yaml.safe_load(project.read_text())
     edit["output"]["dir"] = "again"
     project.write_text(yaml.safe_dump(edit))
-    result = run_cli("--config", str(project), "process", str(folder / "audio.flac"))
+    result = invoke("--config", str(project), "process", str(folder / "audio.flac"))
     assert result.returncode == 0, result.stderr
     [again] = segment_folders(project.parent / "again")
     assert again.name == folder.name

@@ -130,10 +130,10 @@ def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):
 
     import yaml
 
-    from conftest import run_cli
+    from conftest import invoke
 
     data = tmp_path / "data"
-    made = run_cli("simulate", "--training-set", "--out", str(data), "--machines", "pump,fan", "--clips", "3",
+    made = invoke("simulate", "--training-set", "--out", str(data), "--machines", "pump,fan", "--clips", "3",
                    "--seconds", "2", "--seed", "3")
     assert made.returncode == 0, made.stderr
     config = tmp_path / "config.yaml"
@@ -145,14 +145,14 @@ def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):
                             "epochs": 2, "steps_per_epoch": 2, "validation_mixtures": 2},
         "output": {"dir": "out"},
     }))
-    trained = run_cli("--config", str(config), "train-separator", str(data))
+    trained = invoke("--config", str(config), "train-separator", str(data))
     assert trained.returncode == 0, trained.stderr
     assert "sources fan,pump" in trained.stdout and "(4 steps" in trained.stdout
     assert len(list((tmp_path / "models").glob("tiny-*.th"))) == 1
 
     scene = tmp_path / "scene"
-    assert run_cli("simulate", "--out", str(scene), "--seconds", "2", "--mics", "2").returncode == 0
-    done = run_cli("--config", str(config), "process", str(scene / "mixture.wav"))
+    assert invoke("simulate", "--out", str(scene), "--seconds", "2", "--mics", "2").returncode == 0
+    done = invoke("--config", str(config), "process", str(scene / "mixture.wav"))
     assert done.returncode == 0, done.stderr
     folders = done.stdout.split()
     assert len(folders) == 2
@@ -162,11 +162,11 @@ def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):
 
 
 def test_cli_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    from conftest import run_cli
+    from conftest import invoke
 
     data = write_data(tmp_path / "data")
-    result = run_cli("--config", str(tmp_path / "none.yaml"), "train-separator", str(data), "--resume")
+    result = invoke("--config", str(tmp_path / "none.yaml"), "train-separator", str(data), "--resume")
     assert result.returncode == 2 and "config file not found" in result.stderr
     (tmp_path / "c.yaml").write_text("separation:\n  repo: models\n")
-    result = run_cli("--config", str(tmp_path / "c.yaml"), "train-separator", str(data), "--resume")
+    result = invoke("--config", str(tmp_path / "c.yaml"), "train-separator", str(data), "--resume")
     assert result.returncode == 1 and "no checkpoint to resume" in result.stderr

@@ -24,10 +24,11 @@ import yaml
 from signalcraft import pipeline
 from signalcraft.config import load_config
 from signalcraft.errors import DeviceError, ExitCode
-from signalcraft.export import MANIFEST, STAGING
+from signalcraft.files import STAGING
+from signalcraft.segments import MANIFEST
 from signalcraft.locks import device_lock_path, output_lock_path
 
-from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, known_samples, run_cli
+from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, known_samples, invoke
 
 CLI = [sys.executable, "-m", "signalcraft"]
 
@@ -83,7 +84,7 @@ def test_a_second_record_on_the_same_device_exits_busy_at_once(vmic, raw_project
     try:
         wait_for_segment(output, first)
         began = time.monotonic()
-        second = run_cli("--config", str(raw_project), "record", "--repeat", "1")
+        second = invoke("--config", str(raw_project), "record", "--repeat", "1")
         assert second.returncode == ExitCode.BUSY == 5, second.stderr
         assert time.monotonic() - began < 30
         assert f"in use by another `signalcraft record` (pid {first.pid}" in second.stderr
@@ -109,13 +110,13 @@ def test_a_second_detect_on_the_same_output_exits_busy(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         for command in (["detect", str(output)], ["train-detector", str(output)]):
-            result = run_cli("--config", str(tmp_path / "config.yaml"), *command)
+            result = invoke("--config", str(tmp_path / "config.yaml"), *command)
             assert result.returncode == ExitCode.BUSY, result.stderr
             assert f"another `signalcraft detect` (pid {holder.pid}" in result.stderr
     finally:
         holder.communicate("", timeout=30)
     # Released with its process: detect runs now.
-    result = run_cli("--config", str(tmp_path / "config.yaml"), "detect", str(output))
+    result = invoke("--config", str(tmp_path / "config.yaml"), "detect", str(output))
     assert result.returncode == 0, result.stderr
     assert not (output / ".detect.lock").read_text()  # emptied on a clean exit
 
@@ -127,11 +128,14 @@ def test_sigkill_leaves_no_stale_lock_and_the_next_run_cleans_up(vmic, raw_proje
     # A segment half-written by the same kind of process: staged files and a temporary file.
     half = subprocess.run(
         [sys.executable, "-c",
-         "import datetime as dt, os, signal\n"
-         "from signalcraft.export import SegmentWriter, atomic_write\n"
-         f"w = SegmentWriter({str(output)!r}, dt.datetime.now(dt.timezone.utc)).__enter__()\n"
-         "w.path('mic_0/mix.pt').write_bytes(b'half')\n"
-         "atomic_write(w.path('mic_1/mix.pt'), lambda tmp: (tmp.write_bytes(b'x'), os.kill(os.getpid(), signal.SIGKILL)))"],
+         "import os, signal\n"
+         "from signalcraft import clock\n"
+         "from signalcraft.files import atomic_write\n"
+         "from signalcraft.segments import SegmentWriter\n"
+         f"w = SegmentWriter({str(output)!r}, clock.now()).__enter__()\n"
+         "w.save_tensor(0, 'mix', b'half')\n"
+         "(w.staging / 'mic_1').mkdir()\n"
+         "atomic_write(w.staging / 'mic_1' / 'mix.pt', lambda tmp: (tmp.write_bytes(b'x'), os.kill(os.getpid(), signal.SIGKILL)))"],
     )
     assert half.returncode == -signal.SIGKILL
     killed.send_signal(signal.SIGKILL)
@@ -141,7 +145,7 @@ def test_sigkill_leaves_no_stale_lock_and_the_next_run_cleans_up(vmic, raw_proje
     assert leftovers and any(list(p.rglob(".*.tmp")) for p in leftovers)
     assert json.loads(device_lock_path("signalcraft_vmic").read_text())["pid"] == killed.pid
 
-    again = run_cli("--config", str(raw_project), "record", "--repeat", "1")
+    again = invoke("--config", str(raw_project), "record", "--repeat", "1")
     assert again.returncode == 0, again.stderr
     assert "did not finish cleanly" in again.stderr and "left by an interrupted run" in again.stderr
     assert not list((output / STAGING).iterdir())
@@ -200,7 +204,7 @@ def test_record_stops_cleanly_when_free_space_falls_below_the_guard(vmic, raw_pr
         # 4 tensors of 230 kB a segment; the guard (2 MB free) stops capture after about 2
         # (segments already captured are still written while they fit).
         edit(raw_project, output={"dir": str(disk / "out"), "min_free_gb": 0.002})
-        result = run_cli("--config", str(raw_project), "record", "--repeat", "0")
+        result = invoke("--config", str(raw_project), "record", "--repeat", "0")
         assert result.returncode == ExitCode.FAILURE, result.stderr
         assert "below output.min_free_gb" in result.stderr and "not recording" in result.stderr
         assert published(disk / "out")
@@ -211,7 +215,7 @@ def test_record_stops_cleanly_when_free_space_falls_below_the_guard(vmic, raw_pr
 
 def test_record_refuses_to_start_below_the_free_space_guard(vmic, raw_project):
     edit(raw_project, output={"min_free_gb": 1e9})
-    result = run_cli("--config", str(raw_project), "record", "--repeat", "1")
+    result = invoke("--config", str(raw_project), "record", "--repeat", "1")
     assert result.returncode == ExitCode.FAILURE
     assert "GB free on this disk, below output.min_free_gb (1e+09 GB); not recording" in result.stderr
     assert not published(raw_project.parent / "out")
@@ -225,7 +229,7 @@ def test_a_corrupt_noise_clip_is_named_and_nothing_is_recorded(vmic, project):
     noise.mkdir()
     for channel in range(1, CHANNELS + 1):
         (noise / f"channel_{channel}.pt").write_bytes(b"not a clip")
-    result = run_cli("--config", str(project), "record", "--repeat", "1")
+    result = invoke("--config", str(project), "record", "--repeat", "1")
     assert result.returncode == ExitCode.FAILURE
     assert f"{noise / 'channel_1.pt'}: not a readable noise clip" in result.stderr
     assert not published(project.parent / "out")
@@ -235,7 +239,7 @@ def test_a_corrupt_separator_is_named_and_nothing_is_recorded(vmic, raw_project,
     model = next(model_repo.glob("tiny*.th"))
     model.write_bytes(model.read_bytes()[:1000])
     edit(raw_project, separation={"repo": str(model_repo), "model": "tiny"})
-    result = run_cli("--config", str(raw_project), "record", "--repeat", "1")
+    result = invoke("--config", str(raw_project), "record", "--repeat", "1")
     assert result.returncode == ExitCode.FAILURE
     assert str(model) in result.stderr and "Retrain it or restore the file" in result.stderr
     assert not published(raw_project.parent / "out")

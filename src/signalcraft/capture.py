@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import clock
 from .config import CaptureConfig
 from .errors import ConfigError, DeviceError, StorageError
 
@@ -241,7 +242,7 @@ class DeviceCapture:
         except sd.PortAudioError as e:
             self._close()
             raise DeviceError(f"cannot open {self.device.name!r} for capture: {e}") from None
-        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.started_at = clock.now()
         log.info(
             "capturing from [%d] %r: channels %s at %d Hz, %d-frame segments",
             self.device.index, self.device.name, list(self.channels), c.sample_rate, self.segment_frames,

@@ -163,7 +163,7 @@ def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -
     Every channel is checked first: a dead channel (silence or a level below
     noise.dead_rms_dbfs) or clipping rejects the recording and nothing is saved.
     """
-    from .export import remove_leftovers
+    from .files import remove_leftovers
     from .noise import calibrate
 
     config = _config(ctx)
@@ -345,7 +345,7 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     """
     from .detect import report
     from .detect.run import detect as run_detect
-    from .export import remove_leftovers
+    from .files import remove_leftovers
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -380,7 +380,7 @@ def _prune(config: Config, output: Path, dry_run: bool = False):
     """Retention over OUTPUT: only segments detect has finished with may go."""
     from .detect.run import state_path
     from .detect.store import Store
-    from .retention import prune
+    from .segments.retention import prune
 
     if config.output.keep_days is None and config.output.max_gb is None:
         return None
@@ -411,13 +411,15 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
     Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
     """
     from .detect.report import parse_time
-    from .detect.run import segments_between, state_path, train_on_segments
+    from .detect.run import state_path, train_on_segments
     from .detect.store import Store
+    from .segments import list_segments
 
     config = _config(ctx)
     window = [parse_time(t, option) if t is not None else None for t, option in ((since, "--since"), (until, "--until"))]
     with _output_lock(output, "train-detector"), Store(state_path(config, output)) as store:
-        train_on_segments(config, output, store, segments_between(output, *window), max_segments=max_segments)
+        chosen = list_segments(output, since=window[0], until=window[1])
+        train_on_segments(config, output, store, chosen, max_segments=max_segments)
     _echo(ctx, str(config.detect.model))
 
 

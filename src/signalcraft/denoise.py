@@ -46,7 +46,7 @@ class Denoiser:
             for k, clip in enumerate(clips):
                 if clip.shape[-1] < min_len:
                     raise NoiseClipError(
-                        f"the noise clip of mic_{k} has {clip.shape[-1]} samples; spectral gating with "
+                        f"the noise clip of microphone {k} has {clip.shape[-1]} samples; spectral gating with "
                         f"denoise.n_fft {config.n_fft} needs at least {min_len}. Record a longer clip."
                     )
             self._clips = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]

@@ -136,8 +136,9 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
 
 def _check_detector(ctx: _Context) -> tuple[str, str]:
     from .detect.model import load_detector
-    from .detect.run import complete_segments, segment_names, state_path
+    from .detect.run import state_path
     from .detect.store import Store
+    from .segments import candidate_names, list_segments
 
     c = ctx.config.detect
     detector = load_detector(c.model) if c.model.exists() else None  # a damaged file raises, naming it
@@ -148,13 +149,13 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
                           f"its thresholds. Run `signalcraft train-detector {ctx.output}`, or move the detector away "
                           "to calibrate from scratch")
         return OK, f"not started: the first `detect` on {ctx.output} starts calibrating"
-    names = segment_names(ctx.output) if ctx.output.is_dir() else []
+    names = candidate_names(ctx.output)
     with Store(state, create=False) as store:
         seen = store.counts()["segments"]
         known = store.scored_folders(among=names)
         collected = store.calibration_count()
         has_thresholds = store.has_thresholds()
-    waiting = sum(1 for _ in complete_segments(ctx.output, skip=known)) if names else 0
+    waiting = len(list_segments(ctx.output, skip=known)) if names else 0
     if detector is None:
         return OK, f"calibrating {collected}/{c.calibration_segments}; {waiting} segments waiting for `detect`"
     if not has_thresholds:
@@ -166,7 +167,7 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
 
 
 def _check_disk(ctx: _Context) -> tuple[str, str]:
-    from .retention import free_gb
+    from .segments.retention import free_gb
 
     o = ctx.config.output
     free = free_gb(ctx.output)

@@ -15,7 +15,6 @@ was killed.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import json
@@ -26,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from . import clock
 from .errors import ExitCode, SignalcraftError, StorageError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class RunLock:
                         "(killed or crashed); starting clean", previous.get("command", "?"), self.what,
                         previous["pid"], previous.get("started", "?"))
         holder = {"pid": os.getpid(), "command": self.command,
-                  "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+                  "started": clock.now().astimezone().isoformat(timespec="seconds")}
         # Who holds it is for messages only; the flock is the lock. On a full disk (when
         # `prune` must still run) or a read-only lock file, it goes unrecorded.
         with contextlib.suppress(OSError):

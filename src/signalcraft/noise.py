@@ -22,7 +22,7 @@ import numpy as np
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
-from .export import save_torch, temp_path
+from .files import save_torch, temp_path
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import queue
 import threading
@@ -24,7 +23,8 @@ from . import __version__
 from .capture import DeviceCapture, Segment, list_input_devices
 from .config import CaptureConfig, Config
 from .errors import ConfigError, DeviceError, NoiseClipError
-from .export import MANIFEST, SegmentWriter, atomic_write, save_torch
+from .files import atomic_write
+from .segments import Level, Manifest, SegmentWriter
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,24 @@ Processor = Callable[[Segment, int], Path]
 ProcessorFactory = Callable[[tuple[int, ...]], Processor]
 
 
-def segment_manifest(segment: Segment, dropped_segments: int) -> dict:
-    """What every exported segment records about its capture."""
-    local = segment.start_time.astimezone()
-    return {
-        "format": 1,
-        "signalcraft_version": __version__,
-        "start_time_utc": segment.start_time.isoformat(),
-        "start_time_local": local.isoformat(),
-        "duration_s": segment.duration,
-        "sample_rate": segment.sample_rate,
-        "device": segment.device,
+def segment_manifest(segment: Segment, dropped_segments: int, **processing) -> Manifest:
+    """The manifest of an exported segment: its capture, and ``processing`` (levels,
+    denoise, separator, features and tensors: see ``Manifest``)."""
+    return Manifest(
+        signalcraft_version=__version__,
+        start_time_utc=segment.start_time,
+        duration_s=segment.duration,
+        sample_rate=segment.sample_rate,
+        device=segment.device,
         # mic_<N> in the output is channels[N]: N counts from 0 over the recorded channels.
-        "channels": list(segment.channels),
-        "start_frame": segment.start_frame,
-        "overflows": segment.overflows,
-        "dropped_frames": segment.dropped_frames,
-        "dropped_segments": dropped_segments,
-        "reconnects": segment.reconnects,
-    }
+        channels=tuple(segment.channels),
+        start_frame=segment.start_frame,
+        overflows=segment.overflows,
+        dropped_frames=segment.dropped_frames,
+        dropped_segments=dropped_segments,
+        reconnects=segment.reconnects,
+        **processing,
+    )
 
 
 def write_flac(path: Path, segment: Segment, sample_format: str) -> Path:
@@ -132,24 +131,23 @@ class Chain:
         with SegmentWriter(self.config.output.dir, segment.start_time) as w:
             for mic in range(mels.shape[0]):
                 for k, source in enumerate(self.separator.sources):
-                    tensor = mels[mic, k][None].clone()  # clone: save only this slice's storage
-                    save_torch(w.path(f"mic_{mic}/{source}.pt"), tensor)
+                    w.save_tensor(mic, source, mels[mic, k][None].clone())  # clone: only this slice's storage
             if self.config.output.keep_raw:
-                write_flac(w.path("audio.flac"), segment, self.config.capture.sample_format)
+                write_flac(w.audio_path(), segment, self.config.capture.sample_format)
             return w.commit(self.manifest(segment, dropped_segments))
 
-    def manifest(self, segment: Segment, dropped_segments: int) -> dict:
+    def manifest(self, segment: Segment, dropped_segments: int) -> Manifest:
         from .noise import clip_path, levels
 
         lv = [levels(row, self.config.noise.clip_level) for row in segment.audio]
-        return {
-            **segment_manifest(segment, dropped_segments),
-            "levels": [
-                {"mic": n, "channel": c, "rms_dbfs": round(v.rms_dbfs, 2) if np.isfinite(v.rms_dbfs) else None,
-                 "peak": round(v.peak, 6), "clipped_fraction": v.clipped_fraction}
+        return segment_manifest(
+            segment, dropped_segments,
+            levels=tuple(
+                Level(mic=n, channel=c, rms_dbfs=round(v.rms_dbfs, 2) if np.isfinite(v.rms_dbfs) else None,
+                      peak=round(v.peak, 6), clipped_fraction=v.clipped_fraction)
                 for n, (c, v) in enumerate(zip(segment.channels, lv))
-            ],
-            "denoise": (
+            ),
+            denoise=(
                 None if self.denoiser is None else {
                     **dataclasses.asdict(self.config.denoise),
                     "noise_clips": None if self.noise_clips is None else [
@@ -159,10 +157,10 @@ class Chain:
                     ],
                 }
             ),
-            "separator": self.separator.info.to_dict(),
-            "features": self.logmel.settings(),
-            "tensors": {f"mic_{n}": list(self.separator.sources) for n in range(len(segment.channels))},
-        }
+            separator=self.separator.info.to_dict(),
+            features=self.logmel.settings(),
+            tensors={n: tuple(self.separator.sources) for n in range(len(segment.channels))},
+        )
 
 
 def chain_factory(config: Config, sample_rate: Optional[int] = None) -> ProcessorFactory:
@@ -197,8 +195,8 @@ def record(
     StorageError
         The output disk is below ``output.min_free_gb`` or a write failed.
     """
-    from .export import remove_leftovers
-    from .retention import check_free_space
+    from .files import remove_leftovers
+    from .segments.retention import check_free_space
 
     stop = stop or threading.Event()
     remove_leftovers(config.output.dir)
@@ -402,15 +400,18 @@ def process_files(
 
 
 def recorded_at(path: Path) -> Optional[dt.datetime]:
-    """When the first sample of ``path`` was captured, if it is the audio.flac of a
-    segment folder (from its manifest); else None (the file's own time is used)."""
-    manifest = Path(path).parent / MANIFEST
-    if not manifest.is_file():
+    """When the first sample of ``path`` was captured, if it is the audio of a segment
+    folder (from its manifest); else None (the file's own time is used)."""
+    from .segments import AUDIO, ManifestError, read_manifest
+
+    if Path(path).name != AUDIO:
         return None
     try:
-        return dt.datetime.fromisoformat(json.loads(manifest.read_text(encoding="utf-8"))["start_time_utc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("%s: unreadable start time in %s; dating the file by its modification time", path, manifest)
+        return read_manifest(Path(path).parent).start_time_utc
+    except FileNotFoundError:
+        return None
+    except ManifestError as e:
+        log.warning("%s: dating the file by its modification time: %s", path, e)
         return None
 
 

@@ -174,7 +174,7 @@ def save_model(model: torch.nn.Module, repo: Path, name: str) -> Path:
 
     from demucs.states import get_state
 
-    from .export import atomic_write
+    from .files import atomic_write
 
     args, kwargs = model._init_args_kwargs  # recorded by demucs' @capture_init
     package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=False)}

@@ -86,7 +86,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError
-from .export import atomic_write, storage_error, write_json
+from .files import atomic_write, storage_error, write_json
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ and their SHA-256) and loads with ``torch.load(weights_only=True)``; no class is
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import logging
 import math
@@ -45,11 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, clock
 from ..config import DetectConfig
 from ..compute import torch_device
 from ..errors import SignalcraftError
-from ..export import save_torch, storage_error
+from ..files import save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +377,7 @@ def train_detector_models(
         profiles[source] = BandProfile.fit(x)
         trained_on[source] = {
             "tensors": n,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": clock.now().isoformat(timespec="seconds"),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..config import Config
-from ..export import atomic_write, write_json
+from ..files import atomic_write, write_json
+from ..segments import ManifestError, TensorError, open_segment
+from ..segments.layout import mic_folder
 from . import thresholds as th
 from .run import CALIBRATING, DetectResult, Row, state_path
 from .store import Store
@@ -97,7 +99,6 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
     matplotlib.use("Agg")  # files only, no display (cron)
     import matplotlib.pyplot as plt
     import numpy as np
-    import torch
 
     report_dir.mkdir(parents=True, exist_ok=True)
     with Store(state_path(config, output_dir), create=False) as store:
@@ -119,18 +120,17 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
         for status, color in ((th.WARNING, "orange"), (th.CRITICAL, "red")):
             hit = [i for i, r in enumerate(mine) if r["status"] == status]
             axes[0].scatter(hit, scores[hit], color=color, s=14, zorder=3)
-        axes[0].set(title=f"mic_{mic} / {source}: anomaly score", xlabel="segment (oldest first)", ylabel="score")
+        axes[0].set(title=f"{mic_folder(mic)} / {source}: anomaly score", xlabel="segment (oldest first)", ylabel="score")
         axes[0].legend(loc="upper left")
         for ax, row, title in ((axes[1], worst, "worst"), (axes[2], typical, "typical normal")):
-            path = output_dir / row["folder"] / f"mic_{mic}" / f"{source}.pt"
-            try:
-                image = torch.load(path, map_location="cpu", weights_only=True)[0].numpy()
+            image = _image(output_dir, row["folder"], mic, source)
+            if image is not None:
                 ax.imshow(image, origin="lower", aspect="auto", vmin=config.features.floor_db, vmax=0, cmap="magma")
-            except Exception:
+            else:
                 ax.text(0.5, 0.5, "tensor no longer on disk", ha="center", transform=ax.transAxes)
             ax.set(title=f"{title}: {row['folder']}", xlabel="frame", ylabel="mel band")
         fig.tight_layout()
-        png = report_dir / f"mic_{mic}_{source}.png"
+        png = report_dir / f"{mic_folder(mic)}_{source}.png"
         atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
         plt.close(fig)
         written.append(png)
@@ -141,6 +141,19 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
                          "criticals": sum(a["status"] == th.CRITICAL for a in alerts if a["mic"] == mic and a["source"] == source)})
     written.append(write_json(report_dir / "summary.json", {"counts": counts, "machines": machines}))
     return written
+
+
+def _image(output_dir: Path, folder: str, mic: int, source: str):
+    """The log-mel image of (mic, source) in a stored segment, or None when the segment
+    or its tensor is gone or unusable (logged)."""
+    try:
+        segment = open_segment(output_dir / folder)
+        return segment.load_tensor(mic, source)[0].numpy()
+    except FileNotFoundError:
+        return None
+    except (ManifestError, TensorError) as e:
+        log.warning("report: %s", e)
+        return None
 
 
 def summary_lines(summary_path: Path) -> Iterable[str]:

@@ -13,7 +13,8 @@ database has not seen, oldest first, and handles each in one transaction:
   thresholds decide NORMAL / WARNING / CRITICAL (k of n segments for CRITICAL) and
   adapt to slow drift from NORMAL scores only.
 
-A corrupt or wrong-shape tensor is skipped, logged and counted; a folder without a
+Segments come from the segment store (``signalcraft.segments``), oldest first. A
+corrupt or wrong-shape tensor is skipped, logged and counted; a folder without a
 manifest is left for a later run.
 """
 
@@ -24,13 +25,15 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Container, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..config import Config, FeaturesConfig
-from ..export import MANIFEST, STAGING, temp_path
+from .. import clock
+from ..config import Config
+from ..files import temp_path
+from ..segments import StoredSegment, candidate_names, list_segments
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector, train_detector_models
 from .store import Store
@@ -76,63 +79,6 @@ def state_path(config: Config, output_dir: Path) -> Path:
     return config.detect.state or Path(output_dir) / STATE_FILE
 
 
-def segment_names(output_dir: Path) -> list[str]:
-    """Names of the folders under ``output_dir`` that may be segments (not hidden, not
-    staging); whether each is complete is known only from its manifest."""
-    return [f.name for f in Path(output_dir).iterdir()
-            if f.is_dir() and not f.name.startswith(".") and f.name != STAGING]
-
-
-def complete_segments(output_dir: Path, skip: Container[str] = ()) -> Iterator[tuple[Path, dict]]:
-    """(folder, manifest) of every published segment not named in ``skip``, oldest
-    first. Folders without a manifest are not segments (yet) and are left out."""
-    import json
-
-    found = []
-    for name in segment_names(output_dir):
-        if name in skip:
-            continue
-        folder = Path(output_dir) / name
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable manifest, segment skipped (%s)", folder, e)
-            continue
-        found.append((manifest.get("start_time_utc", ""), folder.name, folder, manifest))
-    for _, _, folder, manifest in sorted(found):
-        yield folder, manifest
-
-
-def load_tensors(folder: Path, manifest: dict) -> tuple[dict[tuple[int, str], torch.Tensor], int]:
-    """The segment's tensors by (mic, source), and how many were corrupt or misshapen."""
-    features = manifest.get("features", {})
-    shape = (1, features.get("n_mels", FeaturesConfig.n_mels), features.get("n_frames", FeaturesConfig.n_frames))
-    out, corrupt = {}, 0
-    for mic_name, sources in manifest.get("tensors", {}).items():
-        mic = int(mic_name.split("_", 1)[1])
-        for source in sources:
-            path = folder / mic_name / f"{source}.pt"
-            try:
-                tensor = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-                    raise ValueError(f"expected a tensor of shape {shape}, got "
-                                     f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ValueError("non-finite values")
-            except Exception as e:  # a damaged file fails inside torch.load in many ways
-                log.warning("%s: skipped, not a usable tensor (%s)", path, e)
-                corrupt += 1
-                continue
-            out[(mic, source)] = tensor.float()
-    return out, corrupt
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
 def detect(
     config: Config,
     output_dir: Path,
@@ -151,25 +97,25 @@ def detect(
                 "thresholds, point detect.state at the state file that goes with this detector, or move the "
                 "detector file away to calibrate from scratch."
             )
-        seen = store.scored_folders(among=segment_names(output_dir))
-        for folder, manifest in complete_segments(output_dir, skip=seen):
-            tensors, corrupt = load_tensors(folder, manifest)
+        seen = store.scored_folders(among=candidate_names(output_dir))
+        for segment in list_segments(output_dir, skip=seen):
+            tensors, corrupt = segment.load_tensors()
             result.segments += 1
-            if detector is not None and detector.features != manifest.get("features"):
+            if detector is not None and detector.features != segment.manifest.features:
                 # Recorded with other feature settings: not comparable. Recorded as seen
                 # (so no later run stops here again) with its tensors skipped.
                 try:
-                    load_detector(c.model, features=manifest.get("features"))
+                    load_detector(c.model, features=segment.manifest.features)
                 except DetectorError as e:
-                    log.error("%s: skipped: %s", folder.name, e)
+                    log.error("%s: skipped: %s", segment.name, e)
                 corrupt += len(tensors)
                 tensors = {}
             result.corrupt += corrupt
             with store.transaction():
                 if detector is None:
-                    _calibrate(store, folder, manifest, tensors, corrupt, result)
+                    _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, detector, folder, manifest, tensors, corrupt, c, result)
+                    _score(store, detector, segment, tensors, corrupt, c, result)
             on_segment()
             if detector is None and store.calibration_count() >= c.calibration_segments:
                 detector = train_from_calibration(config, output_dir, store)
@@ -178,24 +124,24 @@ def detect(
     return result
 
 
-def _calibrate(store, folder, manifest, tensors, corrupt, result) -> None:
-    seg = store.record_segment(folder.name, manifest.get("start_time_utc", ""), _now(), len(tensors), corrupt,
-                               phase="calibration")
+def _calibrate(store: Store, segment: StoredSegment, tensors, corrupt: int, result: DetectResult) -> None:
+    start = segment.start_time.isoformat()
+    seg = store.record_segment(segment.name, start, clock.now_iso(), len(tensors), corrupt, phase="calibration")
     for (mic, source) in sorted(tensors):
         store.add_score(seg, mic, source, None, None, None, CALIBRATING)
-        result.rows.append(Row(folder.name, manifest.get("start_time_utc", ""), mic, source, None, None, None,
-                               CALIBRATING))
+        result.rows.append(Row(segment.name, start, mic, source, None, None, None, CALIBRATING))
 
 
-def _score(store, detector: Detector, folder, manifest, tensors, corrupt, c, result) -> None:
-    seg = store.record_segment(folder.name, manifest.get("start_time_utc", ""), _now(), len(tensors), corrupt,
-                               phase="scored")
-    at = _now()
+def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, corrupt: int, c,
+           result: DetectResult) -> None:
+    start = segment.start_time.isoformat()
+    at = clock.now_iso()
+    seg = store.record_segment(segment.name, start, at, len(tensors), corrupt, phase="scored")
     for (mic, source), tensor in sorted(tensors.items()):
         saved = store.get_threshold(mic, source)
         if saved is None or source not in detector.models:  # not there at calibration
             log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen during "
-                        "calibration); retrain with `signalcraft train-detector`", folder.name, mic, source)
+                        "calibration); retrain with `signalcraft train-detector`", segment.name, mic, source)
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             continue
         score = float(detector.score(source, tensor[None])[0])
@@ -209,36 +155,19 @@ def _score(store, detector: Detector, folder, manifest, tensors, corrupt, c, res
             log.info("mic_%d/%s thresholds: %s", mic, source, decision.change)
         if decision.status != th.NORMAL:
             store.add_alert(seg, mic, source, decision.status, score, at)
-        result.rows.append(Row(folder.name, manifest.get("start_time_utc", ""), mic, source, score,
-                               state.warning, state.critical, decision.status))
+        result.rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical,
+                               decision.status))
 
 
 def train_from_calibration(config: Config, output_dir: Path, store: Store) -> Detector:
     """Cold start: train on the calibration segments recorded in ``store``."""
-    chosen = [(f, m) for f, m in complete_segments(output_dir) if store.phase(f.name) == "calibration"]
+    chosen = [s for s in list_segments(output_dir) if store.phase(s.name) == "calibration"]
     return train_on_segments(config, output_dir, store, chosen)
 
 
-def segments_between(output_dir: Path, since: Optional[dt.datetime] = None,
-                     until: Optional[dt.datetime] = None) -> list[tuple[Path, dict]]:
-    """Complete segments starting at or after ``since`` and before ``until`` (aware
-    datetimes; None: no bound), oldest first. A manifest without a readable start time
-    is left out (logged)."""
-    chosen = []
-    for folder, manifest in complete_segments(output_dir):
-        try:
-            start = dt.datetime.fromisoformat(manifest["start_time_utc"])
-        except (KeyError, TypeError, ValueError):
-            log.warning("%s: no readable start_time_utc in its manifest; not used for training", folder)
-            continue
-        if (since is None or start >= since) and (until is None or start < until):
-            chosen.append((folder, manifest))
-    return chosen
-
-
-def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: list[tuple[Path, dict]],
+def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: list[StoredSegment],
                       max_segments: Optional[int] = None) -> Detector:
-    """Train the detector on ``chosen`` (folder, manifest) segments, taken as normal, and
+    """Train the detector on ``chosen`` segments, taken as normal, and
     fit thresholds per (mic, source). More than ``max_segments`` are thinned evenly
     (every tensor is held in memory while training). The previous detector file stays in
     place until the new one is saved."""
@@ -250,8 +179,11 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     if len(chosen) < 2:
         raise DetectorError(f"{output_dir}: {len(chosen)} segment(s) to train on; need at least 2 "
                             f"(detect.calibration_segments is {c.calibration_segments}).")
-    loaded = [load_tensors(f, m)[0] for f, m in chosen]
-    features = chosen[0][1].get("features")
+    features = chosen[0].manifest.features
+    if any(s.manifest.features != features for s in chosen):
+        raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
+                            "(features in their manifests); choose a period of one setting with --since/--until.")
+    loaded = [s.load_tensors()[0] for s in chosen]
     folds = [loaded[0::2], loaded[1::2]]
 
     def pooled(segments):
@@ -270,7 +202,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
                 if source in model.models:
                     out_of_fold.setdefault((mic, source), []).append(float(model.score(source, t[None])[0]))
     detector = train_detector_models(pooled(loaded), features, c)
-    at = _now()
+    at = clock.now_iso()
     # The detector and its thresholds change together: the new file is written beside the
     # old one, the thresholds are committed, and only then is the file renamed into place.
     # A failure before the rename leaves the previous detector with its own thresholds.

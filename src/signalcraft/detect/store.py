@@ -19,7 +19,6 @@ times).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import math
 import sqlite3
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .. import clock
 from ..errors import StorageError
 
 SCHEMA_VERSION = 1
@@ -345,7 +345,7 @@ class Store:
         """Record that calibration ended and the detector was trained (at ``at_utc``,
         default now)."""
         if at_utc is None:
-            at_utc = dt.datetime.now(dt.timezone.utc).isoformat()
+            at_utc = clock.now_iso()
         self._execute("INSERT OR REPLACE INTO meta VALUES ('calibration_done_utc', ?)", (at_utc,))
 
     def calibration_done(self) -> Optional[str]:

@@ -39,7 +39,7 @@ import torch
 from ..config import Config, TrainSeparatorConfig
 from ..compute import torch_device
 from ..errors import ConfigError, SignalcraftError, StorageError
-from ..export import save_torch
+from ..files import save_torch
 
 log = logging.getLogger(__name__)
 

@@ -1,44 +1,57 @@
-"""Output layout and crash-safe writes.
+"""Crash-safe file writing, shared by every part of signalcraft that writes a file.
 
-A segment is assembled in ``<output>/.incomplete/`` and renamed into
-``<output>/<YYYY-MM-DD_HH-MM-SS>/`` (local time of its first sample) only once every file
-and, last of all, ``manifest.json`` are written. Readers therefore never see a partial
-segment: a folder without a manifest is not a segment. Two segments that start in the
-same second get ``_2``, ``_3``... suffixes.
+A file is written under a temporary name beside its final one and renamed into place
+once flushed, so a reader sees the old file or the new one, never half of one. A unit
+of several files (a segment) is assembled in a hidden ``.incomplete/`` folder and
+renamed into place whole.
 
 Temporary names carry the writer's pid (``.<name>.<pid>.<hex>.tmp`` beside a file,
-``.incomplete/<name>.<pid>.<hex>/`` for a segment), so that ``remove_leftovers`` can
+``.incomplete/<name>.<pid>.<hex>/`` for a unit), so that ``remove_leftovers`` can
 delete what a killed process left behind without touching a live writer's files.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
+import io
 import json
 import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from . import clock
 from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STAGING = ".incomplete"
-FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
+# Writing one file or one segment takes seconds: a temporary name this old has no live
+# writer, even if its pid (reused after a reboot) belongs to some process now.
+LEFTOVER_AGE_S = 6 * 3600
+
+_TMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_STAGING_ENTRY = re.compile(r"^.+\.(\d+)\.[0-9a-f]{8}$")
+
+
+def tag() -> str:
+    """``<pid>.<hex8>``: the part of a temporary name that ``remove_leftovers`` reads."""
+    return f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def temp_path(path: Path) -> Path:
     """A temporary name beside ``path``, hidden and tagged with this process's pid, in
     the pattern ``remove_leftovers`` clears once the process is gone."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{tag()}.tmp")
+
+
+def staging_path(folder: Path, name: str) -> Path:
+    """A private folder name in ``folder``'s staging area for assembling ``name``."""
+    return Path(folder) / STAGING / f"{name}.{tag()}"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -70,8 +83,6 @@ def save_torch(path: Path, obj: Any) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically. It is serialised in memory and
     written by Python, because torch's own file writer reports a full disk as an
     unrelated RuntimeError; this way it is a StorageError that says so."""
-    import io
-
     import torch
 
     buf = io.BytesIO()
@@ -99,73 +110,8 @@ def storage_error(path: Path, e: OSError) -> StorageError:
     return StorageError(f"{path}: cannot write: {hint}.")
 
 
-def folder_name(start_time: dt.datetime) -> str:
-    """Folder name for a segment: its start in local time, ``YYYY-MM-DD_HH-MM-SS``."""
-    return start_time.astimezone().strftime(FOLDER_FORMAT)
-
-
-class SegmentWriter:
-    """Collects one segment's files and publishes them together.
-
-    >>> with SegmentWriter(output_dir, segment.start_time) as w:
-    ...     write_something(w.path("mic_0/mix.pt"))
-    ...     final_dir = w.commit(manifest)
-
-    Leaving the block without ``commit`` (an exception, a signal) deletes what was
-    written, so nothing partial stays behind.
-    """
-
-    def __init__(self, output_dir: Path, start_time: dt.datetime):
-        self.output_dir = Path(output_dir)
-        self.name = folder_name(start_time)
-        self.staging = self.output_dir / STAGING / f"{self.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.files: list[str] = []
-
-    def __enter__(self) -> "SegmentWriter":
-        try:
-            self.staging.mkdir(parents=True)
-        except OSError as e:
-            raise storage_error(self.staging, e) from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def path(self, relative: str) -> Path:
-        """Where to write ``relative`` (e.g. ``mic_0/mix.pt``); parent folders are made.
-        The file is listed in the manifest."""
-        p = self.staging / relative
-        p.parent.mkdir(parents=True, exist_ok=True)
-        self.files.append(relative)
-        return p
-
-    def commit(self, manifest: dict) -> Path:
-        """Write ``manifest.json`` (with the file list) last, then move the folder into
-        place under a free name. Returns the final folder."""
-        write_json(self.staging / MANIFEST, {**manifest, "files": sorted(self.files)})
-        for k in range(1, 1000):
-            final = self.output_dir / (self.name if k == 1 else f"{self.name}_{k}")
-            if final.exists():
-                continue
-            try:
-                os.rename(self.staging, final)
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    continue  # another process took the name first
-                raise storage_error(final, e) from None
-            return final
-        raise StorageError(f"{self.output_dir}: more than 999 segments start at {self.name}.")
-
-
-_TMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
-_STAGING_ENTRY = re.compile(r"^.+\.(\d+)\.[0-9a-f]{8}$")
-# Writing one file or one segment takes seconds: a temporary name this old has no live
-# writer, even if its pid (reused after a reboot) belongs to some process now.
-LEFTOVER_AGE_S = 6 * 3600
-
-
 def remove_leftovers(folder: Path) -> int:
-    """Delete the temporary files and staged segments in ``folder`` (and its
+    """Delete the temporary files and staged units in ``folder`` (and its
     ``.incomplete/``) whose writing process no longer runs, or that are older than
     ``LEFTOVER_AGE_S``: what a SIGKILL, a crash or a power cut left behind. Files of
     live processes are left alone. Returns how many entries were removed (each is
@@ -180,7 +126,7 @@ def remove_leftovers(folder: Path) -> int:
     staging = folder / STAGING
     if staging.is_dir():
         candidates += [(p, _STAGING_ENTRY) for p in staging.iterdir()]
-    now = time.time()
+    now = clock.timestamp()
     for path, pattern in candidates:
         match = pattern.match(path.name)
         if match is None:
@@ -204,17 +150,3 @@ def remove_leftovers(folder: Path) -> int:
         log.info("removed %s, left by an interrupted run", path)
         removed += 1
     return removed
-
-
-def is_complete(folder: Path) -> bool:
-    """True for a published segment folder (it has a manifest)."""
-    return (Path(folder) / MANIFEST).is_file()
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a segment folder."""
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{path}: cannot read segment manifest ({e}).") from None

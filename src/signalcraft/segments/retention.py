@@ -3,9 +3,10 @@
 Retention deletes the oldest complete segments beyond ``output.keep_days`` and/or
 ``output.max_gb``. It never deletes a segment that `detect` has not finished with
 (not yet scored, or calibration data of a detector not yet trained): those are kept
-even when that means staying above the limits, and the count is reported. A segment
-is first renamed into ``.incomplete/`` and then deleted, so a reader never sees half a
-segment, and a run killed halfway leaves only staging that `remove_leftovers` clears.
+even when that means staying above the limits, and the count is reported. A segment's
+age is its manifest's start time against ``clock.now()``. A segment is first renamed
+into ``.incomplete/`` and then deleted, so a reader never sees half a segment, and a
+run killed halfway leaves only staging that ``remove_leftovers`` clears.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Container, Optional
+from typing import Container
 
-from .config import OutputConfig
-from .errors import StorageError
-from .export import FOLDER_FORMAT, MANIFEST, STAGING
+from .. import clock
+from ..config import OutputConfig
+from ..errors import StorageError
+from ..files import staging_path
+from .reader import list_segments
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +66,6 @@ def check_free_space(config: OutputConfig) -> float:
     return free
 
 
-def segment_folders(output_dir: Path) -> list[Path]:
-    """Complete segment folders (manifest present), oldest first by name."""
-    if not Path(output_dir).is_dir():
-        return []
-    folders = [p for p in Path(output_dir).iterdir()
-               if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
-    return sorted(folders, key=lambda p: p.name)
-
-
-def folder_time(folder: Path) -> Optional[dt.datetime]:
-    """Local start time from a segment folder's name (``YYYY-MM-DD_HH-MM-SS[_k]``)."""
-    try:
-        return dt.datetime.strptime(folder.name[:19], FOLDER_FORMAT)
-    except ValueError:
-        return None
-
-
 def folder_bytes(folder: Path) -> int:
     """Bytes in the files under ``folder``."""
     total = 0
@@ -92,49 +78,40 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def prune(
-    output_dir: Path,
-    config: OutputConfig,
-    done: Container[str],
-    now: Optional[dt.datetime] = None,
-    dry_run: bool = False,
-) -> PruneResult:
+def prune(output_dir: Path, config: OutputConfig, done: Container[str], dry_run: bool = False) -> PruneResult:
     """Apply ``config.keep_days`` and ``config.max_gb`` to the segments in ``output_dir``.
 
     Parameters
     ----------
     done : container of str
         Folder names detect has finished with; only these may be deleted.
-    now : datetime, optional
-        Local naive time to age segments against; default now.
     dry_run : bool
         Report what would be deleted, delete nothing.
     """
     result = PruneResult()
     if config.keep_days is None and config.max_gb is None:
         return result
-    folders = segment_folders(output_dir)
-    now = now or dt.datetime.now()
-    sizes = {f: folder_bytes(f) for f in folders} if config.max_gb is not None else {}
+    segments = list_segments(output_dir)  # oldest first
+    now = clock.now()
+    sizes = {s.name: folder_bytes(s.path) for s in segments} if config.max_gb is not None else {}
     total = sum(sizes.values())
-    doomed: list[Path] = []
-    for folder in folders:  # oldest first
-        started = folder_time(folder)
-        too_old = (config.keep_days is not None and started is not None
-                   and now - started > dt.timedelta(days=config.keep_days))
+    doomed = []
+    for segment in segments:
+        too_old = (config.keep_days is not None
+                   and now - segment.start_time > dt.timedelta(days=config.keep_days))
         too_big = config.max_gb is not None and total > config.max_gb * GB
         if not (too_old or too_big):
             continue  # nothing newer is older; space may still be over only if unscored ones block
-        if folder.name not in done:
+        if segment.name not in done:
             result.kept_unscored += 1
             continue
-        doomed.append(folder)
-        total -= sizes.get(folder, 0)
-    for folder in doomed:
-        freed = sizes.get(folder) if folder in sizes else folder_bytes(folder)
+        doomed.append(segment)
+        total -= sizes.get(segment.name, 0)
+    for segment in doomed:
+        freed = sizes[segment.name] if segment.name in sizes else folder_bytes(segment.path)
         if not dry_run:
-            _delete(Path(output_dir), folder)
-        result.deleted.append(folder.name)
+            _delete(Path(output_dir), segment.path)
+        result.deleted.append(segment.name)
         result.freed_bytes += freed
     result.total_bytes = total
     if result.deleted:
@@ -148,11 +125,10 @@ def prune(
 
 def _delete(output_dir: Path, folder: Path) -> None:
     """Unpublish (rename into staging) and then delete one segment folder."""
-    staging = output_dir / STAGING
     # The name pattern of remove_leftovers: a deletion killed halfway is finished later.
-    target = staging / f"{folder.name}.deleting.{os.getpid()}.{os.urandom(4).hex()}"
+    target = staging_path(output_dir, f"{folder.name}.deleting")
     try:
-        staging.mkdir(exist_ok=True)
+        target.parent.mkdir(exist_ok=True)
         os.rename(folder, target)
     except FileNotFoundError:
         return  # already gone

@@ -1,0 +1,45 @@
+"""The one clock of signalcraft.
+
+Everything that compares with "now" (retention age, the age of leftovers, stored
+timestamps, capture start times, ``--since``) asks this module, never ``datetime.now``
+or ``time.time`` directly, so that a test can set the time (``frozen``) or run the
+whole process with the clock moved (``faketime``) and see the same behaviour on any
+date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from typing import Callable, Iterator
+
+_source: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+
+
+def now() -> dt.datetime:
+    """The current time, an aware UTC datetime."""
+    return _source()
+
+
+def now_iso() -> str:
+    """The current time as the state database and the manifests store it (ISO 8601, UTC)."""
+    return now().isoformat()
+
+
+def timestamp() -> float:
+    """The current time as seconds since the epoch (to compare with file times)."""
+    return now().timestamp()
+
+
+@contextlib.contextmanager
+def frozen(at: dt.datetime) -> Iterator[dt.datetime]:
+    """Within the block, ``now()`` is ``at`` (aware; a naive one is taken as local time)."""
+    global _source
+    if at.tzinfo is None:
+        at = at.astimezone()
+    at = at.astimezone(dt.timezone.utc)
+    previous, _source = _source, (lambda: at)
+    try:
+        yield at
+    finally:
+        _source = previous

@@ -1,0 +1,125 @@
+"""Reading segments: which are complete, in what order, and their tensors.
+
+The order of segments is one rule everywhere: by ``start_time_utc`` from the manifest,
+then by folder name. Folder names are local time and repeat when the clocks go back,
+so they never decide the order alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Container, Optional
+
+from .layout import MANIFEST, candidate_names, tensor_file
+from .manifest import Manifest, ManifestError, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSegment:
+    """A complete segment folder and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def start_time(self) -> dt.datetime:
+        """UTC time of the first sample."""
+        return self.manifest.start_time_utc
+
+    def load_tensor(self, mic: int, source: str) -> "torch.Tensor":
+        """The tensor of (mic, source); TensorError if it is not usable."""
+        return read_tensor(self.path, mic, source, self.manifest.tensor_shape)
+
+    def load_tensors(self) -> tuple[dict[tuple[int, str], "torch.Tensor"], int]:
+        """Every tensor the manifest lists, by (mic, source), and how many were
+        unusable (unreadable, of the wrong shape or type, non-finite; each is logged)."""
+        out, corrupt = {}, 0
+        for mic, source in self.manifest.tensor_keys():
+            try:
+                out[(mic, source)] = self.load_tensor(mic, source)
+            except TensorError as e:
+                log.warning("%s", e)
+                corrupt += 1
+        return out, corrupt
+
+
+class TensorError(ValueError):
+    """A tensor file that is not a usable log-mel tensor."""
+
+
+def read_tensor(folder: Path, mic: int, source: str, shape: tuple[int, ...]) -> "torch.Tensor":
+    """The float32 tensor of (mic, source) in the segment ``folder``.
+
+    Raises
+    ------
+    TensorError
+        Missing, unreadable, not a tensor (or a pickle that is more than one: refused
+        unread by ``weights_only``), of another shape, or holding NaN or infinity.
+    """
+    import torch
+
+    path = Path(folder) / tensor_file(mic, source)
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file fails inside torch.load in many ways
+        raise TensorError(f"{path}: skipped, not a usable tensor ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TensorError(f"{path}: skipped, holds {type(tensor).__name__}, not a float tensor")
+    if tuple(tensor.shape) != tuple(shape):
+        raise TensorError(f"{path}: skipped, expected a tensor of shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise TensorError(f"{path}: skipped, non-finite values")
+    return tensor.float()
+
+
+def is_complete(folder: Path) -> bool:
+    """True for a published segment folder (its manifest is there)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def open_segment(folder: Path) -> StoredSegment:
+    """The complete segment in ``folder``.
+
+    Raises
+    ------
+    ManifestError
+        Its manifest is unreadable, malformed or of an unknown version.
+    FileNotFoundError
+        It has no manifest: not a (complete) segment.
+    """
+    return StoredSegment(Path(folder), read_manifest(folder))
+
+
+def list_segments(
+    output_dir: Path,
+    skip: Container[str] = (),
+    since: Optional[dt.datetime] = None,
+    until: Optional[dt.datetime] = None,
+) -> list[StoredSegment]:
+    """The complete segments under ``output_dir``, oldest first (start time, then
+    name), leaving out the folder names in ``skip`` and those starting before ``since``
+    or at or after ``until`` (aware datetimes). A folder without a manifest is not a
+    segment (yet); one whose manifest cannot be used is logged and left out."""
+    found = []
+    for name in candidate_names(output_dir):
+        if name in skip:
+            continue
+        try:
+            segment = open_segment(Path(output_dir) / name)
+        except FileNotFoundError:
+            continue
+        except ManifestError as e:
+            log.warning("segment skipped: %s", e)
+            continue
+        if (since is None or segment.start_time >= since) and (until is None or segment.start_time < until):
+            found.append(segment)
+    return sorted(found, key=lambda s: (s.start_time, s.name))
