@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from signalcraft import clock
 from signalcraft.config import NoiseConfig
 from signalcraft.errors import ExitCode, NoiseClipError
 from signalcraft.noise import NoiseClip, check_clip, clip_path, levels, load_clip, save_clip
@@ -52,11 +53,26 @@ def test_clip_round_trip_and_backup(tmp_path):
     assert (loaded.sample_rate, loaded.channel, loaded.device, loaded.recorded_at) == (
         SAMPLE_RATE, 3, "dev", first.recorded_at)
     second = NoiseClip(tone(0.2), SAMPLE_RATE, 3, "dev", first.recorded_at)
-    save_clip(second, tmp_path)
-    assert np.array_equal(load_clip(path).audio, second.audio)
-    backup = torch.load(tmp_path / "channel_3.pt.bak", weights_only=True)
-    assert np.array_equal(backup["clip"].numpy(), first.audio)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["channel_3.pt", "channel_3.pt.bak"]
+    third = NoiseClip(tone(0.3), SAMPLE_RATE, 3, "dev", first.recorded_at)
+    with clock.frozen(clock.now()):  # both replacements in the same second
+        save_clip(second, tmp_path)
+        save_clip(third, tmp_path)
+    assert np.array_equal(load_clip(path).audio, third.audio)
+    backups = sorted(tmp_path.glob("channel_3.pt.*.bak"))  # every earlier clip is kept
+    assert len(backups) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["channel_3.pt", *(p.name for p in backups)])
+    kept = [torch.load(p, weights_only=True)["clip"].numpy() for p in backups]
+    assert any(np.array_equal(k, first.audio) for k in kept) and any(np.array_equal(k, second.audio) for k in kept)
+
+
+def test_a_clip_with_samples_that_are_not_numbers_is_refused(tmp_path):
+    audio = tone(0.1)
+    audio[1000:1100] = np.nan
+    path = save_clip(NoiseClip(audio, SAMPLE_RATE, 1, "dev", clock.now()), tmp_path)
+    with pytest.raises(NoiseClipError, match="100 of .* samples are not finite"):
+        load_clip(path)
+    assert check_clip(audio, NoiseConfig()) == [
+        "100 samples are not finite (NaN or infinity): the interface or its driver is faulty"]
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", None])
@@ -87,7 +103,7 @@ def test_calibrate_noise_saves_the_replayed_samples(vmic, project):
     forced = invoke("--config", str(project), "calibrate-noise", "--force", "--seconds", "0.5")
     assert forced.returncode == 0, forced.stderr
     assert np.array_equal(load_clip(noise_dir / "channel_2.pt").audio, vmic.float32()[1, :8000])
-    assert (noise_dir / "channel_2.pt.bak").exists()
+    assert len(list(noise_dir.glob("channel_2.pt.*.bak"))) == 1
 
 
 def test_calibrate_noise_rejects_dead_and_clipping_channels(vmic, project):

@@ -55,7 +55,8 @@ def test_segments_and_scores_round_trip(path):
                        if r["phase"] == "calibration" and r["score"] is not None]
         np.testing.assert_array_equal(calibration, [0.2])
         assert store.counts() == {"segments": 3, "calibration_segments": 2, "scores": 3, "alerts": 0,
-                                  "critical_alerts": 0, "corrupt_files": 1, "threshold_changes": 0}
+                                  "critical_alerts": 0, "corrupt_files": 1, "threshold_changes": 0,
+                                  "rejected_segments": 0}
 
 
 def test_alerts_round_trip(path):

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -360,6 +361,15 @@ def file_segments(
         picked = resolve_channels(channels, f.channels, str(path))
         pick = np.array(picked) - 1
         n = round(segment_seconds * sr)
+        if f.frames == 0:
+            raise StorageError(f"{path}: holds no audio (0 frames).")
+        short = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info or "")
+        if short and int(short[2]) < int(short[1]):
+            log.warning("%s: ends before its header says (%s of %s bytes of audio: a truncated copy?); "
+                        "processing the %.1f s it holds", path, short[2], short[1], f.frames / sr)
+        if f.frames < n:
+            log.warning("%s: %.2f s is shorter than one segment (capture.segment_seconds %g): nothing to "
+                        "process", path, f.frames / sr, segment_seconds)
         origin = start_time or dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) - dt.timedelta(
             seconds=f.frames / sr
         )
@@ -386,5 +396,5 @@ def file_segments(
                 channels=picked,
             )
         tail = f.frames % n
-        if tail:
+        if tail and f.frames >= n:
             log.info("%s: last %.2f s is shorter than a segment and was not processed", path, tail / sr)

@@ -122,7 +122,7 @@ def _device_lock(config: Config, command: str):
     from .locks import RunLock, device_lock_path
 
     name = resolve_device(config.capture.device).name
-    return RunLock(device_lock_path(name), f"audio device {name!r}", command, shared=True)
+    return RunLock(device_lock_path(name), f"audio device {name!r}", command, private=True)
 
 
 def _output_lock(output: Path, command: str):
@@ -155,7 +155,7 @@ def devices(ctx: click.Context) -> None:
 
 @cli.command("calibrate-noise")
 @click.option("--seconds", type=click.FloatRange(min=0.1), help="Length of the recording [default: noise.seconds].")
-@click.option("--force", is_flag=True, help="Replace existing clips (each old clip is kept as .pt.bak).")
+@click.option("--force", is_flag=True, help="Replace existing clips (every old clip is kept as channel_<C>.pt.<time>.bak).")
 @click.pass_context
 def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -> None:
     """Record the room with the machines OFF and save one noise clip per channel.
@@ -343,15 +343,17 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     4 CRITICAL found, 5 another detect is running on OUTPUT, 1 failure,
     2 bad usage or configuration.
     """
-    from .detect import report
-    from .detect.run import detect as run_detect
+    from .clock import parse_time
     from .files import remove_leftovers
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     config = _config(ctx)
-    since_utc = report.parse_utc(since, "--since") if since is not None else None  # a typo loses nothing
-    with _output_lock(output, "detect"):
+    since_utc = parse_time(since, "--since").isoformat() if since is not None else None  # a typo loses nothing
+    with _output_lock(output, "detect"):  # before the heavy imports: a second run exits 5 at once
+        from .detect import report
+        from .detect.run import detect as run_detect
+
         remove_leftovers(output)
         remove_leftovers(config.detect.model.parent)
         result = run_detect(config, output)
@@ -410,16 +412,18 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
     --since and --until). The previous detector is kept until the new one is saved.
     Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
     """
-    from .detect.report import parse_time
-    from .detect.run import state_path, train_on_segments
-    from .detect.store import Store
-    from .segments import list_segments
+    from .clock import parse_time
 
     config = _config(ctx)
     window = [parse_time(t, option) if t is not None else None for t, option in ((since, "--since"), (until, "--until"))]
-    with _output_lock(output, "train-detector"), Store(state_path(config, output)) as store:
-        chosen = list_segments(output, since=window[0], until=window[1])
-        train_on_segments(config, output, store, chosen, max_segments=max_segments)
+    with _output_lock(output, "train-detector"):
+        from .detect.run import state_path, train_on_segments
+        from .detect.store import Store
+        from .segments import list_segments
+
+        with Store(state_path(config, output)) as store:
+            chosen = list_segments(output, since=window[0], until=window[1])
+            train_on_segments(config, output, store, chosen, max_segments=max_segments)
     _echo(ctx, str(config.detect.model))
 
 

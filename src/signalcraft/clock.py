@@ -43,3 +43,23 @@ def frozen(at: dt.datetime) -> Iterator[dt.datetime]:
         yield at
     finally:
         _source = previous
+
+
+def parse_time(text: str, option: str) -> dt.datetime:
+    """An ISO 8601 time given to ``option`` (e.g. ``--since``), as an aware UTC datetime
+    (UTC if it has no offset).
+
+    Raises
+    ------
+    ConfigError
+        Not an ISO 8601 time; the message names the option and gives an example.
+    """
+    from .errors import ConfigError
+
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.astimezone(dt.timezone.utc)

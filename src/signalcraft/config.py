@@ -12,6 +12,7 @@ Which file is read: ``--config FILE``, else ``$SIGNALCRAFT_CONFIG``, else
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -210,6 +211,7 @@ class FeaturesConfig:
         _require(self.n_mels >= 1, "n_mels", "must be positive")
         _require(self.n_frames >= 2, "n_frames", "must be at least 2")
         _require(self.n_fft >= 16, "n_fft", "must be at least 16")
+        _require(self.f_min >= 0, "f_min", "must be 0 Hz or more")
         _require(self.f_max is None or self.f_max > self.f_min, "f_max", "must be above f_min")
         _require(-100 <= self.floor_db < 0, "floor_db", "must be in [-100, 0) dB")
 
@@ -349,7 +351,12 @@ def load_config(path: Optional[Path] = None) -> Config:
     if path is None:
         return _resolve_paths(Config(), Path.cwd())
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size / 1e6:.1f} MB is too large for a config file "
+                              f"(at most {MAX_FILE_BYTES / 1e6:g} MB); is it the right file?")
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file in UTF-8; save the config as UTF-8 YAML.") from None
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: config file not found. Pass an existing file with --config or "
@@ -358,10 +365,30 @@ def load_config(path: Optional[Path] = None) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(data or {}, path)
+
+
+MAX_FILE_BYTES = 1_000_000  # a config file is a few kB; anything this big is the wrong file
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps
+    the last one silently, so an edit near the top of a section would do nothing)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # not a key any section has: refused later as unknown
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one section; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
@@ -369,6 +396,10 @@ def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
     and as the base for relative paths (the current directory if None)."""
     where = str(path) if path is not None else "config"
     config = _build(Config, data, "", where, exclude=("source",))
+    nyquist = config.capture.sample_rate / 2
+    if config.features.f_max is not None and config.features.f_max > nyquist:
+        raise ConfigError(f"{where}: features.f_max: {config.features.f_max:g} Hz is above half of "
+                          f"capture.sample_rate ({nyquist:g} Hz); lower it or set it to null.")
     base = path.resolve().parent if path is not None else Path.cwd()
     return dataclasses.replace(_resolve_paths(config, base), source=path)
 
@@ -426,6 +457,8 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -152,18 +152,25 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
     names = candidate_names(ctx.output)
     with Store(state, create=False) as store:
         seen = store.counts()["segments"]
-        known = store.scored_folders(among=names)
+        rejected = store.rejected_folders()
+        known = store.scored_folders(among=names) | rejected.keys()
         collected = store.calibration_count()
         has_thresholds = store.has_thresholds()
-    waiting = len(list_segments(ctx.output, skip=known)) if names else 0
+    unusable: list[str] = []
+    waiting = len(list_segments(ctx.output, skip=known, on_error=lambda f, e: unusable.append(f.name))) if names else 0
+    bad = sorted(set(unusable) | (rejected.keys() & set(names)))
+    note = (f"; {len(bad)} folders look like segments but have an unusable manifest "
+            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): detect passes them by, the log says why; "
+            "move them away once checked") if bad else ""
     if detector is None:
-        return OK, f"calibrating {collected}/{c.calibration_segments}; {waiting} segments waiting for `detect`"
+        return WARN if bad else OK, f"calibrating {collected}/{c.calibration_segments}; {waiting} segments waiting " \
+                                    f"for `detect`{note}"
     if not has_thresholds:
         return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run `signalcraft train-detector "
                       f"{ctx.output}`")
-    status = WARN if waiting > 100 else OK
-    return status, (f"{c.model.name} trained for {', '.join(detector.sources)}; {seen} segments seen, "
-                    f"{waiting} waiting for `detect`" + (" (is detect running from cron?)" if status == WARN else ""))
+    backlog = " (is detect running from cron?)" if waiting > 100 else ""
+    return WARN if backlog or bad else OK, (f"{c.model.name} trained for {', '.join(detector.sources)}; {seen} "
+                                            f"segments seen, {waiting} waiting for `detect`{backlog}{note}")
 
 
 def _check_disk(ctx: _Context) -> tuple[str, str]:

@@ -92,8 +92,9 @@ def save_torch(path: Path, obj: Any) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Atomically write ``data`` as indented UTF-8 JSON."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    """Atomically write ``data`` as indented UTF-8 JSON (strict JSON: a NaN or infinity
+    in ``data`` is a ValueError, never written)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -103,7 +104,9 @@ def storage_error(path: Path, e: OSError) -> StorageError:
         hint = "the disk is full: free space or move output.dir to a larger disk, then run again"
     elif e.errno == errno.EFBIG:
         hint = "file too large: over this process's file-size limit (ulimit -f) or the filesystem's"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif e.errno == errno.EROFS:
+        hint = "the filesystem is read-only (mounted read-only, or remounted after disk errors): check the disk"
+    elif e.errno in (errno.EACCES, errno.EPERM):
         hint = "no permission to write there: check the folder's owner and mode"
     else:
         hint = e.strerror or str(e)

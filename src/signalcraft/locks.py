@@ -1,15 +1,24 @@
 """Run locks: one `record` per audio device, one `detect` per output folder.
 
-Device locks live in one folder for the whole machine (``lock_dir``), so a recorder
-started by systemd and an engineer's `calibrate-noise` over ssh, as another user or
-with sudo, still exclude each other. Output locks live in the output folder.
-
 A lock is an ``flock`` on a small file. The kernel releases it when the holding process
 ends in any way, SIGKILL and power loss included, so a lock file left behind never
 blocks a later run: only a live process holds a lock. The file records who holds it
 (pid, command, start time) for the message a second run prints, and is emptied on a
 clean exit, so a run that finds it filled in by a dead process knows the previous run
 was killed.
+
+Trust model. Device locks live in a folder of the user running the command,
+``/run/lock/signalcraft-<uid>/`` (mode 0700; ``<tmp>/signalcraft-<uid>/`` where there is
+no /run/lock), so only that user's own runs, and nobody else, can create, hold or
+forge them. Runs of the same user exclude each other (cron, systemd and an engineer
+over ssh running as the service user, or all as root with sudo). An existing folder is
+used only if it is a real folder owned by this user and writable by nobody else;
+anything else (made by another user to squat or to plant links) is refused with a
+message naming its owner, never repaired. Lock files are opened without following
+links and must be regular files owned by this user, so a link planted in the folder
+can never make a privileged run truncate or re-mode another file. The output lock
+(``OUTPUT/.detect.lock``) is protected by the output folder's own permissions; it is
+opened the same way, never through a link.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -29,6 +39,8 @@ from . import clock
 from .errors import ExitCode, SignalcraftError, StorageError
 
 log = logging.getLogger(__name__)
+
+LOCK_BASE = Path("/run/lock")  # where device lock folders are made (a sticky, world-writable folder)
 
 
 class LockBusy(SignalcraftError):
@@ -43,22 +55,46 @@ class LockBusy(SignalcraftError):
 
 
 def lock_dir() -> Path:
-    """The machine-wide folder of device locks, the same for every user and session
-    (cron, systemd, an engineer over ssh, sudo): /run/lock/signalcraft, or
-    <tmp>/signalcraft-locks where there is no /run/lock."""
-    base = Path("/run/lock")
-    return base / "signalcraft" if base.is_dir() else Path(tempfile.gettempdir()) / "signalcraft-locks"
+    """This user's folder of device locks: /run/lock/signalcraft-<uid>, or
+    <tmp>/signalcraft-<uid> where there is no /run/lock."""
+    base = LOCK_BASE if LOCK_BASE.is_dir() else Path(tempfile.gettempdir())
+    return base / f"signalcraft-{os.getuid()}"
 
 
-def _shared_folder(folder: Path) -> None:
-    """Make ``folder`` so that every user can lock in it (mode 1777, like /tmp)."""
-    if folder.is_dir():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (mode 0700) or check that the existing one is this user's own.
+
+    Raises
+    ------
+    StorageError
+        It is a link or not a folder, belongs to another user, or others can write it.
+    """
     try:
-        os.chmod(folder, 0o1777)
-    except OSError:
-        pass  # made by another user meanwhile: theirs to set
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{folder}: cannot create the lock folder: {e.strerror}.") from None
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{folder}: the lock folder is {'a link' if stat.S_ISLNK(st.st_mode) else 'not a folder'}; "
+                           "signalcraft never follows it. Remove it, then run again.")
+    if st.st_uid != os.getuid():
+        raise StorageError(f"{folder}: the lock folder belongs to uid {st.st_uid} ({_user(st.st_uid)}), not to "
+                           f"this user (uid {os.getuid()}): someone else made it. signalcraft does not trust it; "
+                           "an administrator should check who made it and remove it.")
+    if st.st_mode & 0o022:
+        raise StorageError(f"{folder}: the lock folder is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                           "signalcraft does not trust it. Remove it (it is made again, mode 700).")
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no such user"
 
 
 def device_lock_path(device_name: str) -> Path:
@@ -91,40 +127,35 @@ class RunLock:
     Parameters
     ----------
     path : Path
-        Lock file; its folder is made if missing.
+        Lock file, in an existing folder (with ``private``, made if missing).
     what : str
         What the lock protects, for messages, e.g. ``device 'Scarlett 18i20'``.
     command : str
         The command taking it, e.g. ``record``.
+    private : bool
+        The file is in this user's lock folder (``lock_dir``): the folder and the file
+        must be this user's own (see the module docstring).
 
     Raises
     ------
     LockBusy
         Another live process holds the lock (exit code ``ExitCode.BUSY``).
     StorageError
-        The lock file cannot be made.
+        The lock file cannot be made, or is not trusted (a link, not a regular file,
+        another user's); the message says what to do.
     """
 
-    def __init__(self, path: Path, what: str, command: str, shared: bool = False):
+    def __init__(self, path: Path, what: str, command: str, private: bool = False):
         self.path = Path(path)
         self.what = what
         self.command = command
-        self.shared = shared  # other users must be able to take it too (device locks)
+        self.private = private
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        try:
-            if self.shared:
-                _shared_folder(self.path.parent)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            if self.shared:
-                with contextlib.suppress(OSError):  # only the creator may; umask would narrow it
-                    os.fchmod(fd, 0o666)
-        except OSError as e:
-            raise StorageError(f"{self.path}: cannot create the lock file for {self.what}: "
-                               f"{e.strerror}. Check the folder's owner and mode.") from None
+        if self.private:
+            _private_folder(self.path.parent)
+        fd = _open_lock(self.path, self.what, owned=self.private)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -164,11 +195,37 @@ class RunLock:
             self._fd = None
 
 
+def _open_lock(path: Path, what: str, owned: bool) -> int:
+    """Open (or create) a lock file: never through a link, only a regular file, and with
+    ``owned`` only one of this user's. Read-only when it is not writable (flock works
+    on a read-only file; who holds it then goes unrecorded)."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | flags, 0o644)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | flags, 0o644)
+    except OSError as e:
+        why = ("it is a link, which signalcraft never follows: remove it" if e.errno == errno.ELOOP
+               else f"{e.strerror}. Check the folder's owner and mode")
+        raise StorageError(f"{path}: cannot open the lock file for {what}: {why}.") from None
+    st = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode)
+               else "a hard link to another file" if st.st_nlink != 1
+               else f"owned by uid {st.st_uid} ({_user(st.st_uid)}), not by this user" if owned and st.st_uid != os.getuid()
+               else None)
+    if problem:
+        os.close(fd)
+        raise StorageError(f"{path}: the lock file for {what} is {problem}; signalcraft does not trust it. "
+                           "Remove it, then run again.")
+    return fd
+
+
 def holder(path: Path) -> Optional[dict]:
     """Who holds the lock at ``path`` right now (pid, command, started), or None; without
     taking it, so that checking never makes a starting run exit busy."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:

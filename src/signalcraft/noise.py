@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import clock
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
@@ -64,7 +65,10 @@ def levels(audio: np.ndarray, clip_level: float) -> Levels:
 
 def check_clip(audio: np.ndarray, config: NoiseConfig) -> list[str]:
     """Problems that make ``audio`` (shape = (samples,)) unusable as a noise clip: a dead
-    channel or clipping. Empty if the clip is fine."""
+    channel, clipping, or samples that are not numbers. Empty if the clip is fine."""
+    bad = int(np.count_nonzero(~np.isfinite(audio)))
+    if bad:
+        return [f"{bad} samples are not finite (NaN or infinity): the interface or its driver is faulty"]
     lv = levels(audio, config.clip_level)
     problems = []
     if lv.peak == 0.0:
@@ -88,14 +92,15 @@ def clip_path(noise_dir: Path, channel: int) -> Path:
 
 
 def save_clip(clip: NoiseClip, noise_dir: Path) -> Path:
-    """Write one clip atomically; an existing clip is kept as ``channel_<C>.pt.bak``."""
+    """Write one clip atomically; an existing clip is kept as a backup (``backup_path``)."""
     return save_clips([clip], noise_dir)[0]
 
 
 def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
     """Write a set of clips all or nothing: every clip is first written in full under a
-    temporary name, and only then are the old clips moved to ``.pt.bak`` and the new
-    ones renamed into place. A failure while writing (a full disk) leaves the old set."""
+    temporary name, and only then are the old clips moved to their backups
+    (``backup_path``: every earlier clip is kept) and the new ones renamed into place.
+    A failure while writing (a full disk) leaves the old set."""
     noise_dir = Path(noise_dir)
     noise_dir.mkdir(parents=True, exist_ok=True)
     staged = []
@@ -111,9 +116,21 @@ def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
         raise
     for tmp, path in staged:
         if path.exists():
-            os.replace(path, path.with_name(path.name + ".bak"))
+            os.replace(path, backup_path(path))
         os.replace(tmp, path)
     return [path for _, path in staged]
+
+
+def backup_path(path: Path) -> Path:
+    """A free name for the backup of the clip at ``path``, by when it was replaced:
+    ``channel_<C>.pt.<YYYYmmdd-HHMMSS>.bak`` (local time), so no backup is ever
+    overwritten."""
+    stamp = clock.now().astimezone().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        candidate = path.with_name(f"{path.name}.{stamp}{'' if k == 1 else f'_{k}'}.bak")
+        if not candidate.exists():
+            return candidate
+    raise NoiseClipError(f"{path}: more than 999 backups made in one second; remove some.")
 
 
 def _clip_data(clip: NoiseClip) -> dict:
@@ -147,7 +164,7 @@ def load_clip(path: Path) -> NoiseClip:
         audio = data["clip"].numpy().astype(np.float32, copy=False)
         if audio.ndim != 1 or data.get("format") != CLIP_FORMAT:
             raise ValueError("unexpected layout")
-        return NoiseClip(
+        clip = NoiseClip(
             audio=audio,
             sample_rate=int(data["sample_rate"]),
             channel=int(data["channel"]),
@@ -159,6 +176,12 @@ def load_clip(path: Path) -> NoiseClip:
             f"{path}: not a readable noise clip ({type(e).__name__}: {e}). "
             "Record it again with `signalcraft calibrate-noise --force`."
         ) from None
+    bad = int(np.count_nonzero(~np.isfinite(clip.audio)))
+    if bad:
+        raise NoiseClipError(f"{path}: {bad} of {clip.audio.size} samples are not finite (NaN or infinity): the "
+                             "clip would silence its channel. Record it again with `signalcraft calibrate-noise "
+                             "--force`.")
+    return clip
 
 
 def calibrate(

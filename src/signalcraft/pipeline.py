@@ -127,16 +127,24 @@ class Chain:
         if segment.channels != self.channels or segment.sample_rate != self.sample_rate:
             raise ValueError(f"chain is for channels {self.channels} at {self.sample_rate} Hz, segment has "
                              f"{segment.channels} at {segment.sample_rate} Hz")
+        segment, nonfinite = _finite(segment)
+        mics = [mic for mic, bad in enumerate(nonfinite) if not bad]  # a tensor never hides a broken channel
+        for mic, bad in enumerate(nonfinite):
+            if bad:
+                log.warning("%s mic_%d (channel %d): %d samples of the segment starting %s are not finite (NaN or "
+                            "infinity); its tensors are not exported and the manifest counts them. Check the "
+                            "interface or the file.", segment.device, mic, segment.channels[mic], bad,
+                            segment.start_time.isoformat())
         mels = self.features(segment.audio)
         with SegmentWriter(self.config.output.dir, segment.start_time) as w:
-            for mic in range(mels.shape[0]):
+            for mic in mics:
                 for k, source in enumerate(self.separator.sources):
                     w.save_tensor(mic, source, mels[mic, k][None].clone())  # clone: only this slice's storage
             if self.config.output.keep_raw:
                 write_flac(w.audio_path(), segment, self.config.capture.sample_format)
-            return w.commit(self.manifest(segment, dropped_segments))
+            return w.commit(self.manifest(segment, dropped_segments, nonfinite, mics))
 
-    def manifest(self, segment: Segment, dropped_segments: int) -> Manifest:
+    def manifest(self, segment: Segment, dropped_segments: int, nonfinite: list[int], mics: list[int]) -> Manifest:
         from .noise import clip_path, levels
 
         lv = [levels(row, self.config.noise.clip_level) for row in segment.audio]
@@ -144,8 +152,8 @@ class Chain:
             segment, dropped_segments,
             levels=tuple(
                 Level(mic=n, channel=c, rms_dbfs=round(v.rms_dbfs, 2) if np.isfinite(v.rms_dbfs) else None,
-                      peak=round(v.peak, 6), clipped_fraction=v.clipped_fraction)
-                for n, (c, v) in enumerate(zip(segment.channels, lv))
+                      peak=round(v.peak, 6), clipped_fraction=v.clipped_fraction, nonfinite_samples=bad)
+                for n, (c, v, bad) in enumerate(zip(segment.channels, lv, nonfinite))
             ),
             denoise=(
                 None if self.denoiser is None else {
@@ -159,8 +167,18 @@ class Chain:
             ),
             separator=self.separator.info.to_dict(),
             features=self.logmel.settings(),
-            tensors={n: tuple(self.separator.sources) for n in range(len(segment.channels))},
+            tensors={n: tuple(self.separator.sources) for n in mics},
         )
+
+
+def _finite(segment: Segment) -> tuple[Segment, list[int]]:
+    """The segment with NaN and infinite samples set to 0 (a copy, only if there are
+    any), and how many there were per channel."""
+    bad = ~np.isfinite(segment.audio)
+    counts = [int(n) for n in bad.sum(axis=-1)]
+    if not any(counts):
+        return segment, counts
+    return dataclasses.replace(segment, audio=np.where(bad, np.float32(0), segment.audio)), counts
 
 
 def chain_factory(config: Config, sample_rate: Optional[int] = None) -> ProcessorFactory:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -136,17 +137,7 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
     if config.threads:
         torch.set_num_threads(config.threads)
     path = model_file(config.repo, config.model)
-    from demucs.pretrained import get_model
-    from demucs.repo import ModelLoadingError
-
-    try:
-        model = get_model(config.model, repo=Path(config.repo))
-    except ModelLoadingError as e:
-        raise ModelError(f"{path}: cannot load separator: {e}. Retrain it or restore the file.") from None
-    except Exception as e:  # a damaged file fails inside torch.load in many ways
-        raise ModelError(
-            f"{path}: not a readable demucs model ({type(e).__name__}: {e}). Retrain it or restore the file."
-        ) from None
+    model = read_model(path)
     model.eval()
     if getattr(model, "audio_channels", None) != 1:
         raise ModelError(
@@ -164,6 +155,68 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
     info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
                          sha256=_sha256(path), samplerate=model.samplerate)
     return Separator(info, model, config, sample_rate)
+
+
+def _model_classes() -> tuple[type, ...]:
+    """The demucs model classes a separator file may hold."""
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+
+    return (Demucs, HDemucs, HTDemucs)
+
+
+def read_model(path: Path) -> torch.nn.Module:
+    """A demucs model from a file in demucs' packaged format (``save_model``, demucs'
+    own training), read without running any code from the file.
+
+    The file is unpickled with ``weights_only=True``: only tensors, plain containers
+    and the demucs model classes are allowed, so a crafted file that would run code
+    when loaded by ``torch.load`` is refused unread. The model is then built from its
+    recorded constructor arguments by demucs' own ``load_model``. A ``NAME-<sha8>.th``
+    file must match its checksum, as demucs checks it.
+
+    Raises
+    ------
+    ModelError
+        Checksum mismatch, damaged, holding anything but a demucs model, or not
+        buildable from its arguments. The message names the file.
+    """
+    import pickle
+
+    from demucs.repo import ModelLoadingError, check_checksum
+    from demucs.states import load_model
+
+    path = Path(path)
+    retrain = "Retrain it or restore the file."
+    if "-" in path.stem:
+        try:
+            check_checksum(path, path.stem.rsplit("-", 1)[1])
+        except ModelLoadingError as e:
+            raise ModelError(f"{path}: cannot load separator: {e}. {retrain}") from None
+    classes = _model_classes()
+    try:
+        with torch.serialization.safe_globals(list(classes)):
+            package = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: refused: the file holds more than a demucs model (code or other objects; "
+                         f"{first[:200]}). signalcraft loads only demucs models. {retrain}") from None
+    except Exception as e:  # a damaged file fails inside torch.load in many ways
+        raise ModelError(f"{path}: not a readable demucs model ({type(e).__name__}: {str(e)[:200]}). "
+                         f"{retrain}") from None
+    if not (isinstance(package, dict) and {"klass", "args", "kwargs", "state"} <= package.keys()
+            and package["klass"] in classes and isinstance(package["args"], (list, tuple))
+            and isinstance(package["kwargs"], dict) and isinstance(package["state"], dict)
+            and all(isinstance(v, torch.Tensor) for v in package["state"].values())):
+        raise ModelError(f"{path}: not a demucs model package (klass, args, kwargs, state). {retrain}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # demucs warns about arguments of other versions it drops
+            return load_model(package)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot build the separator from its file ({type(e).__name__}: "
+                         f"{str(e)[:200]}). {retrain}") from None
 
 
 def save_model(model: torch.nn.Module, repo: Path, name: str) -> Path:

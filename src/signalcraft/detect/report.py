@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..config import Config
-from ..files import atomic_write, write_json
+from ..files import atomic_write, storage_error, write_json
 from ..segments import ManifestError, TensorError, open_segment
 from ..segments.layout import mic_folder
 from . import thresholds as th
@@ -31,36 +31,19 @@ _COLUMNS = ("folder", "start_time", "mic", "source", "score", "warning", "critic
 
 
 def stored_rows(config: Config, output_dir: Path, since_utc: str) -> list[Row]:
-    """Rows stored for segments starting at or after ``since_utc`` (from ``parse_utc``)."""
+    """Rows stored for segments starting at or after ``since_utc`` (``clock.parse_time``
+    in ISO form)."""
     with Store(state_path(config, output_dir), create=False) as store:
         return [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"],
                     r["critical"], r["status"]) for r in store.scores(since_utc=since_utc)]
-
-
-def parse_time(text: str, option: str) -> dt.datetime:
-    """An ISO 8601 time given to ``option``, as an aware UTC datetime (UTC if it has no
-    offset)."""
-    from ..errors import ConfigError
-
-    try:
-        t = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return t.astimezone(dt.timezone.utc)
-
-
-def parse_utc(text: str, option: str = "--since") -> str:
-    """An ISO 8601 time as the store writes it (UTC, with offset)."""
-    return parse_time(text, option).isoformat()
 
 
 def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
     """``style``: table (for people), json or csv (for scripts)."""
     if style == "json":
         return json.dumps({
-            "segments": result.segments, "corrupt_tensors": result.corrupt, "trained": result.trained,
+            "segments": result.segments, "corrupt_tensors": result.corrupt, "rejected_segments": result.rejected,
+            "trained": result.trained,
             "calibration": {"collected": result.calibration[0], "needed": result.calibration[1]},
             "rows": [dataclasses.asdict(r) for r in rows],
         }, indent=2) + "\n"
@@ -84,7 +67,8 @@ def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
     if result.trained:
         lines.append("detector trained and thresholds set")
     lines.append(f"{result.segments} new segments, {result.anomalies} anomalies "
-                 f"({result.critical} CRITICAL), {result.corrupt} corrupt tensors skipped")
+                 f"({result.critical} CRITICAL), {result.corrupt} corrupt tensors skipped"
+                 + (f", {result.rejected} folders rejected (unusable manifest, see the log)" if result.rejected else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +84,10 @@ def write_report(config: Config, output_dir: Path, report_dir: Path) -> list[Pat
     import matplotlib.pyplot as plt
     import numpy as np
 
-    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(report_dir, e) from None
     with Store(state_path(config, output_dir), create=False) as store:
         rows = [r for r in store.scores() if r["score"] is not None]
         alerts = store.alerts()

@@ -65,6 +65,7 @@ class DetectResult:
     corrupt: int = 0  # tensors skipped as unreadable or of the wrong shape
     calibration: tuple[int, int] = (0, 0)  # (segments collected, needed) while calibrating
     trained: bool = False  # the detector was trained in this run
+    rejected: int = 0  # folders named like segments whose manifest is unusable (passed by from now on)
 
     @property
     def anomalies(self) -> int:
@@ -97,8 +98,19 @@ def detect(
                 "thresholds, point detect.state at the state file that goes with this detector, or move the "
                 "detector file away to calibrate from scratch."
             )
-        seen = store.scored_folders(among=candidate_names(output_dir))
-        for segment in list_segments(output_dir, skip=seen):
+        names = candidate_names(output_dir)
+        seen = store.scored_folders(among=names) | store.rejected_folders().keys()
+
+        def reject(folder: Path, error: Exception) -> None:
+            # Recorded, so that one bad folder never stops every later run at the same place.
+            with store.transaction():
+                store.reject(folder.name, str(error), clock.now_iso())
+            log.error("%s: not a usable segment, passed by from now on: %s", folder.name, error)
+            result.rejected += 1
+
+        # Enough may have been collected by a run that was stopped while training.
+        detector = _train_when_ready(config, output_dir, store, detector, result)
+        for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
             result.segments += 1
             if detector is not None and detector.features != segment.manifest.features:
@@ -117,11 +129,18 @@ def detect(
                 else:
                     _score(store, detector, segment, tensors, corrupt, c, result)
             on_segment()
-            if detector is None and store.calibration_count() >= c.calibration_segments:
-                detector = train_from_calibration(config, output_dir, store)
-                result.trained = True
+            detector = _train_when_ready(config, output_dir, store, detector, result)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
+
+
+def _train_when_ready(config: Config, output_dir: Path, store: Store, detector: Optional[Detector],
+                      result: DetectResult) -> Optional[Detector]:
+    """The detector; trained now if there is none yet and calibration is complete."""
+    if detector is None and store.calibration_count() >= config.detect.calibration_segments:
+        detector = train_from_calibration(config, output_dir, store)
+        result.trained = True
+    return detector
 
 
 def _calibrate(store: Store, segment: StoredSegment, tensors, corrupt: int, result: DetectResult) -> None:

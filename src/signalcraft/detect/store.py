@@ -30,7 +30,7 @@ import numpy as np
 from .. import clock
 from ..errors import StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
 PHASES = ("calibration", "scored")
 STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
@@ -89,7 +89,16 @@ CREATE TABLE IF NOT EXISTS alerts (
     at_utc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_utc);
+CREATE TABLE IF NOT EXISTS rejected (
+    folder TEXT PRIMARY KEY,            -- relative to the output folder
+    seen_at_utc TEXT NOT NULL,
+    reason TEXT NOT NULL                -- why it is not a usable segment (its manifest)
+);
 """
+# Statements that bring a state file of version k (the key) to version k + 1.
+_MIGRATIONS = {
+    1: """CREATE TABLE rejected (folder TEXT PRIMARY KEY, seen_at_utc TEXT NOT NULL, reason TEXT NOT NULL)""",
+}
 
 
 class StoreError(StorageError):
@@ -167,6 +176,10 @@ class Store:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif version < SCHEMA_VERSION:
+                for k in range(version, SCHEMA_VERSION):
+                    self._db.execute(_MIGRATIONS[k])
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         """Close the file; a transaction still open is rolled back."""
@@ -256,6 +269,14 @@ class Store:
             found |= {r[0] for r in self._execute(f"SELECT folder FROM segments WHERE folder IN ({marks})",
                                                   tuple(chunk))}
         return found
+
+    def rejected_folders(self) -> dict[str, str]:
+        """Folders that looked like segments but were refused (bad manifest): name -> reason."""
+        return {r[0]: r[1] for r in self._execute("SELECT folder, reason FROM rejected")}
+
+    def reject(self, folder: str, reason: str, at_utc: str) -> None:
+        """Record that ``folder`` is not a usable segment, so that later runs pass it by."""
+        self._execute("INSERT OR REPLACE INTO rejected VALUES (?, ?, ?)", (folder, at_utc, reason))
 
     def finished_folders(self) -> set[str]:
         """Segments detect has finished with: scored ones, and calibration ones once the
@@ -435,10 +456,11 @@ class Store:
             "(SELECT COUNT(*) FROM alerts), "
             "(SELECT COUNT(*) FROM alerts WHERE status = 'CRITICAL'), "
             "(SELECT COALESCE(SUM(n_corrupt), 0) FROM segments), "
-            "(SELECT COUNT(*) FROM threshold_changes)"
+            "(SELECT COUNT(*) FROM threshold_changes), "
+            "(SELECT COUNT(*) FROM rejected)"
         ).fetchone()
         keys = ("segments", "calibration_segments", "scores", "alerts", "critical_alerts", "corrupt_files",
-                "threshold_changes")
+                "threshold_changes", "rejected_segments")
         return dict(zip(keys, map(int, row)))
 
     def _json(self, text: str) -> dict[str, Any]:

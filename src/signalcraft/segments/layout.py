@@ -17,8 +17,6 @@ import datetime as dt
 import re
 from pathlib import Path
 
-from ..files import STAGING
-
 MANIFEST = "manifest.json"
 AUDIO = "audio.flac"
 FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
@@ -27,6 +25,7 @@ FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
 # read back from manifests, which are not trusted).
 _SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MIC = re.compile(r"^mic_(0|[1-9][0-9]{0,3})$")
+_SEGMENT_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(_[1-9][0-9]{0,2})?$")
 
 
 def folder_name(start_time: dt.datetime) -> str:
@@ -59,11 +58,18 @@ def tensor_file(mic: int, source: str) -> str:
     return f"{mic_folder(mic)}/{source}.pt"
 
 
+def is_segment_name(name: str) -> bool:
+    """True for a name the writer gives (``YYYY-MM-DD_HH-MM-SS`` or with ``_<k>``)."""
+    return _SEGMENT_NAME.match(name) is not None
+
+
 def candidate_names(output_dir: Path) -> list[str]:
-    """Names of the folders under ``output_dir`` that may be segments (not hidden, not
-    staging); whether each is complete is known only from its manifest."""
+    """Names of the folders under ``output_dir`` that may be segments: named as the
+    writer names them, real folders (not links). Anything else in the output folder
+    (``report/``, a backup, staging) is never taken for a segment. Whether each is
+    complete is known only from its manifest."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     return [p.name for p in output_dir.iterdir()
-            if not p.name.startswith(".") and p.name != STAGING and p.is_dir() and not p.is_symlink()]
+            if is_segment_name(p.name) and p.is_dir() and not p.is_symlink()]

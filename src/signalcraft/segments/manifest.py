@@ -1,10 +1,11 @@
 """The manifest of a segment: what was recorded, how it was processed, which files
 it holds. Typed and versioned.
 
-``FORMAT`` is the version this signalcraft writes and reads. A manifest of a newer
-version is refused with a message to upgrade (never half-understood); one of the
-current version is read strictly: every key present, nothing unknown, each value of its
-type. Nothing read from disk is trusted: a source name that is not a plain file name,
+``FORMAT`` is the version this signalcraft writes; it reads that and every earlier
+one (format 1 had no per-microphone count of non-finite samples: read as 0). A
+manifest of a newer version is refused with a message to upgrade (never
+half-understood); a known one is read strictly: every key of its version present,
+nothing unknown, each value of its type. Nothing read from disk is trusted: a source name that is not a plain file name,
 a tensor shape that is not positive, a start time without a time zone are all refused.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Optional
 from ..errors import StorageError
 from .layout import AUDIO, MANIFEST, mic_folder, parse_mic_folder, tensor_file, valid_source
 
-FORMAT = 1
+FORMAT = 2
 
 
 class ManifestError(StorageError):
@@ -36,11 +37,13 @@ class Level:
     rms_dbfs: Optional[float]  # None: digital silence
     peak: float
     clipped_fraction: float
+    nonfinite_samples: int = 0  # NaN or infinite samples (set to 0 before the levels were taken)
 
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """Everything a segment folder records about itself.
+    """Everything a segment folder records about itself (in the form of the current
+    ``FORMAT``, whatever version it was read from).
 
     ``tensors`` maps each microphone (0-based over the recorded channels, so mic N is
     device channel ``channels[N]``) to the sources exported for it.
@@ -63,7 +66,6 @@ class Manifest:
     tensors: dict[int, tuple[str, ...]]
     signalcraft_version: str
     files: tuple[str, ...] = ()  # relative paths, set by the writer
-    format: int = FORMAT
 
     @property
     def tensor_shape(self) -> tuple[int, int, int]:
@@ -76,7 +78,7 @@ class Manifest:
     def to_dict(self) -> dict:
         """The JSON form (``start_time_local`` is added for people reading the file)."""
         return {
-            "format": self.format,
+            "format": FORMAT,
             "signalcraft_version": self.signalcraft_version,
             "start_time_utc": self.start_time_utc.isoformat(),
             "start_time_local": self.start_time_utc.astimezone().isoformat(),
@@ -115,9 +117,8 @@ class Manifest:
         if version > FORMAT:
             raise ManifestError(f"{where}: written by a newer signalcraft (manifest format {version}; this one reads "
                                 f"up to {FORMAT}). Upgrade signalcraft to read this segment.")
-        if version != FORMAT:
-            raise ManifestError(f"{where}: manifest format {version} is not supported (this signalcraft reads "
-                                f"format {FORMAT})")
+        if version < 1:
+            raise ManifestError(f"{where}: manifest format {version} is not one signalcraft wrote")
         missing = sorted(_KEYS - data.keys())
         unknown = sorted(data.keys() - _KEYS)
         if missing or unknown:
@@ -148,12 +149,13 @@ class Manifest:
                                 "this layout")
         levels = []
         for k, lv in enumerate(r.list("levels")):
-            if not isinstance(lv, dict) or set(lv) != _LEVEL_KEYS:
-                raise ManifestError(f"{where}: levels[{k}] must have the keys mic, channel, rms_dbfs, peak, "
-                                    "clipped_fraction")
+            keys = _LEVEL_KEYS if version >= 2 else _LEVEL_KEYS - {"nonfinite_samples"}
+            if not isinstance(lv, dict) or set(lv) != keys:
+                raise ManifestError(f"{where}: levels[{k}] must have the keys {', '.join(sorted(keys))}")
             lr = _Reader(lv, f"{where}: levels[{k}]")
             levels.append(Level(lr.int("mic"), lr.int("channel"), lr.number("rms_dbfs", optional=True),
-                                lr.number("peak"), lr.number("clipped_fraction")))
+                                lr.number("peak"), lr.number("clipped_fraction"),
+                                lr.int("nonfinite_samples") if version >= 2 else 0))
         denoise = data["denoise"]
         if denoise is not None and not isinstance(denoise, dict):
             raise ManifestError(f"{where}: denoise must be an object or null")
@@ -163,11 +165,11 @@ class Manifest:
             overflows=r.int("overflows"), dropped_frames=r.int("dropped_frames"),
             dropped_segments=r.int("dropped_segments"), reconnects=r.int("reconnects"), levels=tuple(levels),
             denoise=denoise, separator=r.mapping("separator"), features=features, tensors=tensors,
-            signalcraft_version=r.string("signalcraft_version"), files=tuple(files), format=version,
+            signalcraft_version=r.string("signalcraft_version"), files=tuple(files),
         )
 
 
-_KEYS = frozenset(set(Manifest.__dataclass_fields__) | {"start_time_local"})
+_KEYS = frozenset(set(Manifest.__dataclass_fields__) | {"format", "start_time_local"})
 _LEVEL_KEYS = frozenset(Level.__dataclass_fields__)
 
 

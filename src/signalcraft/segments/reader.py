@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Container, Optional
+from typing import Callable, Container, Optional
 
 from .layout import MANIFEST, candidate_names, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
@@ -104,11 +104,13 @@ def list_segments(
     skip: Container[str] = (),
     since: Optional[dt.datetime] = None,
     until: Optional[dt.datetime] = None,
+    on_error: Optional[Callable[[Path, ManifestError], None]] = None,
 ) -> list[StoredSegment]:
     """The complete segments under ``output_dir``, oldest first (start time, then
     name), leaving out the folder names in ``skip`` and those starting before ``since``
     or at or after ``until`` (aware datetimes). A folder without a manifest is not a
-    segment (yet); one whose manifest cannot be used is logged and left out."""
+    segment (yet); one whose manifest cannot be used is left out and handed to
+    ``on_error`` (default: logged as a warning)."""
     found = []
     for name in candidate_names(output_dir):
         if name in skip:
@@ -118,7 +120,10 @@ def list_segments(
         except FileNotFoundError:
             continue
         except ManifestError as e:
-            log.warning("segment skipped: %s", e)
+            if on_error is None:
+                log.warning("segment skipped: %s", e)
+            else:
+                on_error(Path(output_dir) / name, e)
             continue
         if (since is None or segment.start_time >= since) and (until is None or segment.start_time < until):
             found.append(segment)
