@@ -256,11 +256,11 @@ def test_a_detect_stopped_while_training_does_not_take_one_more_segment_into_cal
     process_files(config, [noise_wav(root, 5.0)])  # the five calibration segments
     import signalcraft.detect.run as run
 
-    real = run.train_detector_models
-    monkeypatch.setattr(run, "train_detector_models", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = run.fit_detector
+    monkeypatch.setattr(run, "fit_detector", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the detector trains from cold
         detect(config, root / "out")
-    monkeypatch.setattr(run, "train_detector_models", real)
+    monkeypatch.setattr(run, "fit_detector", real)
     later, _ = process_files(config, [noise_wav(root, 1.0, seed=5)])
     result = detect(config, root / "out")
     assert result.trained and result.segments == 1

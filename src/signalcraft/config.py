@@ -228,6 +228,11 @@ class DetectConfig:
     # Segments taken as normal before the detector trains itself:
     # 60 segments of 10 s are 10 minutes of audio.
     calibration_segments: int = 60
+    # How tensors are scored (see the README's Detection section):
+    # autoencoder: a convolutional autoencoder and band profiles per source;
+    # modulation: a shrunk Gaussian on how each band's level fluctuates over the segment.
+    scorer: Literal["autoencoder", "modulation"] = "autoencoder"
+    device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
     # Autoencoder: first-layer width, training epochs, batch, learning rate, seed.
     channels: int = 16
     epochs: int = 30

@@ -37,6 +37,7 @@ import hashlib
 import logging
 import math
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +53,9 @@ from ..files import save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = 3  # 2: per-band normalisation, 3: band profiles; bump when the saved layout changes; older files are refused, not guessed at
+# 2: per-band normalisation, 3: band profiles, 4: the scorer's kind; bump when the saved
+# layout changes; older files are refused, not guessed at.
+MODEL_FORMAT = 4
 
 N_STAGES = 4  # stride-2 stages: 240 -> 120 -> 60 -> 30 -> 15 bins/frames
 DOWNSAMPLING = 2**N_STAGES  # n_mels and n_frames must be multiples of this
@@ -198,7 +201,13 @@ class BandProfile:
 
 @dataclasses.dataclass
 class Detector:
-    """One autoencoder and one band profile per source type, shared across microphones."""
+    """One autoencoder and one band profile per source type, shared across microphones:
+    the scorer of kind ``autoencoder`` (``scorers.SCORERS``)."""
+
+    kind: typing.ClassVar[str] = "autoencoder"
+    # Cross-fitting for the levels trains this many models on parts of the calibration
+    # data: each autoencoder costs a full training, so two.
+    cross_fit_folds: typing.ClassVar[int] = 2
 
     models: dict[str, ConvAutoencoder]  # source name -> model, in eval mode
     norm: dict[str, tuple[torch.Tensor, torch.Tensor]]  # source -> per-band (mean, std), dB, shape = (n_mels,)
@@ -210,6 +219,44 @@ class Detector:
     @property
     def sources(self) -> tuple[str, ...]:
         return tuple(self.models)
+
+    @classmethod
+    def fit(cls, tensors_by_source: dict[str, torch.Tensor], features: dict, config: DetectConfig) -> "Detector":
+        """Train on normal tensors (``train_detector_models``)."""
+        return train_detector_models(tensors_by_source, features, config, device=config.device)
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data that ``from_data`` rebuilds this detector from."""
+        states = {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for s, m in self.models.items()}
+        return {
+            "args": dataclasses.asdict(self.args),
+            "features": dict(self.features),
+            "norm": {s: [m.tolist(), sd.tolist()] for s, (m, sd) in self.norm.items()},
+            "profiles": {s: p.to_data() for s, p in self.profiles.items()},
+            "trained_on": self.trained_on,
+            "state_dicts": states,
+            "sha256": {s: _state_sha256(state) for s, state in states.items()},
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "Detector":
+        """The detector ``to_data`` gave; DetectorError or another exception when damaged."""
+        args = AutoencoderArgs(**data["args"])
+        models, norm, profiles = {}, {}, {}
+        for source, state in data["state_dicts"].items():
+            if _state_sha256(state) != data["sha256"][source]:
+                raise DetectorError(f"the weights of source {source!r} fail their checksum (the file is damaged). "
+                                    f"Restore the file or {RETRAIN}.")
+            model = ConvAutoencoder(args)
+            model.load_state_dict(state)
+            models[source] = model.eval()
+            mean, std = data["norm"][source]
+            norm[source] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
+            if norm[source][0].shape != (args.n_mels,) or norm[source][1].shape != (args.n_mels,):
+                raise ValueError(f"normalisation of {source!r} does not have {args.n_mels} bands")
+            profiles[source] = BandProfile.from_data(data["profiles"][source], args.n_mels)
+        return cls(models=models, norm=norm, args=args, features=dict(data["features"]),
+                   trained_on=dict(data["trained_on"]), profiles=profiles)
 
     def score(self, source: str, tensors: torch.Tensor) -> np.ndarray:
         """Anomaly scores: per mel band, the squared reconstruction error of each
@@ -268,8 +315,10 @@ class Detector:
         return torch.cat(scores).numpy()
 
 
-def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features: dict) -> tuple[int, int]:
-    """The common (n_mels, n_frames) of all sources' tensors; DetectorError if they do not fit."""
+def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features: dict,
+                            multiple: int = DOWNSAMPLING) -> tuple[int, int]:
+    """The common (n_mels, n_frames) of all sources' tensors, each a multiple of
+    ``multiple``; DetectorError if they do not fit."""
     if not tensors_by_source:
         raise DetectorError("no training tensors: record some segments of every machine first, then train again.")
     shapes = {}
@@ -291,7 +340,7 @@ def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features
         if key in features and features[key] != value:
             raise DetectorError(f"features say {key} = {features[key]} but the tensors have {value}; "
                                 "pass the settings the tensors were made with.")
-        if value % DOWNSAMPLING:
+        if value % multiple:
             raise DetectorError(
                 f"{key} = {value} is not a multiple of {DOWNSAMPLING}, which the autoencoder's {N_STAGES} "
                 f"halvings need; set features.{key} to a multiple of {DOWNSAMPLING} (240 is one)."
@@ -402,14 +451,15 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_detector(detector: Detector, path: Path) -> Path:
-    """Write ``detector`` to ``path`` as plain data, atomically.
+def save_detector(detector, path: Path) -> Path:
+    """Write a detector of any kind (``scorers.SCORERS``) to ``path`` as plain data,
+    atomically.
 
-    The file holds ``format``, ``signalcraft_version``, ``args``, ``features``, ``norm``,
-    ``profiles`` (source -> band profile as lists), ``trained_on``, ``state_dicts``
-    (source -> state dict) and ``sha256`` (source -> hash of its state tensors); it loads
-    with ``torch.load(weights_only=True)``. A previous file at ``path`` stays intact until
-    the new one is complete.
+    The file holds ``format``, ``kind``, ``signalcraft_version`` and what the kind's
+    ``to_data()`` gives (for ``autoencoder``: ``args``, ``features``, ``norm``,
+    ``profiles``, ``trained_on``, ``state_dicts`` and their ``sha256``); it loads with
+    ``torch.load(weights_only=True)``. A previous file at ``path`` stays intact until the
+    new one is complete.
 
     Raises
     ------
@@ -417,18 +467,7 @@ def save_detector(detector: Detector, path: Path) -> Path:
         The folder cannot be created or written; the message names the file.
     """
     path = Path(path)
-    states = {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for s, m in detector.models.items()}
-    data = {
-        "format": MODEL_FORMAT,
-        "signalcraft_version": __version__,
-        "args": dataclasses.asdict(detector.args),
-        "features": dict(detector.features),
-        "norm": {s: [m.tolist(), sd.tolist()] for s, (m, sd) in detector.norm.items()},
-        "profiles": {s: p.to_data() for s, p in detector.profiles.items()},
-        "trained_on": detector.trained_on,
-        "state_dicts": states,
-        "sha256": {s: _state_sha256(state) for s, state in states.items()},
-    }
+    data = {"format": MODEL_FORMAT, "kind": detector.kind, "signalcraft_version": __version__, **detector.to_data()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -445,8 +484,9 @@ def _differences(stored: dict, given: dict) -> list[str]:
     ]
 
 
-def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
-    """Read a detector written by ``save_detector`` (with ``weights_only=True``).
+def load_detector(path: Path, features: Optional[dict] = None):
+    """Read a detector written by ``save_detector`` (with ``weights_only=True``), of the
+    kind its file records.
 
     Parameters
     ----------
@@ -459,8 +499,9 @@ def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
     Raises
     ------
     DetectorError
-        The file is missing, unreadable or damaged (checksum), of an unknown format, or
-        trained on other feature settings (the message lists them). Each names the file.
+        The file is missing, unreadable or damaged (checksum), of an unknown format or
+        kind, or trained on other feature settings (the message lists them). Each names
+        the file.
     """
     path = Path(path)
     try:
@@ -480,8 +521,14 @@ def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
             f"{data.get('signalcraft_version', '?')}); this signalcraft {__version__} reads format {MODEL_FORMAT}. "
             f"Use the matching signalcraft, or {RETRAIN}."
         )
+    from .scorers import SCORERS
+
+    kind = data.get("kind")
+    if kind not in SCORERS:
+        raise DetectorError(f"{path}: a detector of kind {kind!r}, which this signalcraft does not know "
+                            f"(it knows {', '.join(SCORERS)}). Use the signalcraft that wrote it, or {RETRAIN}.")
     try:
-        detector = _from_data(data)
+        detector = SCORERS[kind].from_data(data)
     except DetectorError as e:
         raise DetectorError(f"{path}: {e}") from None
     except Exception as e:
@@ -495,22 +542,3 @@ def load_detector(path: Path, features: Optional[dict] = None) -> Detector:
                 f"({'; '.join(diffs)}). Its scores would be meaningless: {RETRAIN} on the current data."
             )
     return detector
-
-
-def _from_data(data: dict[str, Any]) -> Detector:
-    args = AutoencoderArgs(**data["args"])
-    models, norm, profiles = {}, {}, {}
-    for source, state in data["state_dicts"].items():
-        if _state_sha256(state) != data["sha256"][source]:
-            raise DetectorError(f"the weights of source {source!r} fail their checksum (the file is damaged). "
-                                f"Restore the file or {RETRAIN}.")
-        model = ConvAutoencoder(args)
-        model.load_state_dict(state)
-        models[source] = model.eval()
-        mean, std = data["norm"][source]
-        norm[source] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
-        if norm[source][0].shape != (args.n_mels,) or norm[source][1].shape != (args.n_mels,):
-            raise ValueError(f"normalisation of {source!r} does not have {args.n_mels} bands")
-        profiles[source] = BandProfile.from_data(data["profiles"][source], args.n_mels)
-    return Detector(models=models, norm=norm, args=args, features=dict(data["features"]),
-                    trained_on=dict(data["trained_on"]), profiles=profiles)

@@ -35,7 +35,8 @@ from ..config import Config
 from ..files import temp_path
 from ..segments import StoredSegment, candidate_names, list_segments
 from . import thresholds as th
-from .model import Detector, DetectorError, load_detector, save_detector, train_detector_models
+from .model import Detector, DetectorError, load_detector, save_detector
+from .scorers import SCORERS, cross_fit, fit_detector, pooled
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
     seg = store.record_segment(segment.name, start, at, len(tensors), corrupt, phase="scored")
     for (mic, source), tensor in sorted(tensors.items()):
         saved = store.get_threshold(mic, source)
-        if saved is None or source not in detector.models:  # not there at calibration
+        if saved is None or source not in detector.sources:  # not there at calibration
             log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen during "
                         "calibration); retrain with `signalcraft train-detector`", segment.name, mic, source)
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
@@ -203,24 +204,11 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
-    folds = [loaded[0::2], loaded[1::2]]
-
-    def pooled(segments):
-        by_source: dict[str, list[torch.Tensor]] = {}
-        for tensors in segments:
-            for (mic, source), t in tensors.items():
-                by_source.setdefault(source, []).append(t)
-        return {s: torch.stack(ts) for s, ts in by_source.items()}
-
-    log.info("training the detector on %d segments (two folds for the thresholds, then all)", len(chosen))
-    out_of_fold: dict[tuple[int, str], list[float]] = {}
-    for k in (0, 1):
-        model = train_detector_models(pooled(folds[k]), features, c)
-        for tensors in folds[1 - k]:
-            for (mic, source), t in tensors.items():
-                if source in model.models:
-                    out_of_fold.setdefault((mic, source), []).append(float(model.score(source, t[None])[0]))
-    detector = train_detector_models(pooled(loaded), features, c)
+    kind = SCORERS[c.scorer]
+    log.info("training the %s detector on %d segments (%d folds for the thresholds, then all)", c.scorer,
+             len(chosen), min(kind.cross_fit_folds, len(chosen)))
+    out_of_fold = cross_fit(loaded, lambda tensors: fit_detector(tensors, features, c), kind.cross_fit_folds)
+    detector = fit_detector(pooled(loaded), features, c)
     at = clock.now_iso()
     # The detector and its thresholds change together: the new file is written beside the
     # old one, the thresholds are committed, and only then is the file renamed into place.
