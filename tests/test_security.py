@@ -394,3 +394,87 @@ def test_a_busy_detect_exits_before_loading_the_models(tmp_path):
              "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"],
             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert probe.stdout.split() == [str(int(ExitCode.BUSY)), "False"], probe.stderr
+
+
+# Review findings: hostile manifests, rejected folders that change, old segments, names
+
+
+@pytest.mark.parametrize("damage", ["duration", "start", "deep", "fifo", "link to /dev/zero"])
+def test_a_hostile_manifest_is_rejected_never_crashes_or_hangs(small, damage):
+    root, config = small
+    made, _ = process_files(config, [noise_wav(root, 2.0)])
+    manifest = made[0] / MANIFEST
+    data = json.loads(manifest.read_text())
+    manifest.unlink()
+    if damage == "duration":
+        manifest.write_text(json.dumps(data).replace('"duration_s": 1.0', '"duration_s": 1' + "0" * 400))
+    elif damage == "start":
+        manifest.write_text(json.dumps({**data, "start_time_utc": "0001-01-01T00:00:00+01:00"}))
+    elif damage == "deep":
+        manifest.write_text("[" * 100_000)
+    elif damage == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero")
+    result = detect(config, root / "out")
+    assert (result.rejected, result.segments) == (1, 1)
+    doctor = invoke("--config", str(root / "config.yaml"), "doctor", "--output", str(root / "out"))
+    assert "1 folders look like segments but have an unusable manifest" in doctor.stdout
+
+
+def test_a_tensor_that_is_a_fifo_or_a_link_is_skipped_not_waited_for(small):
+    root, config = small
+    made, _ = process_files(config, [noise_wav(root, 2.0)])
+    (made[0] / "mic_0" / "mix.pt").unlink()
+    os.mkfifo(made[0] / "mic_0" / "mix.pt")
+    target = made[1] / "mic_0" / "mix.pt"
+    target.unlink()
+    target.symlink_to("/dev/zero")
+    result = detect(config, root / "out")
+    assert (result.segments, result.corrupt) == (2, 2)
+
+
+def test_a_rejected_folder_is_read_again_once_its_manifest_is_fixed(small):
+    root, config = small
+    made, _ = process_files(config, [noise_wav(root, 2.0)])
+    manifest = made[0] / MANIFEST
+    good = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(good), "format": 99}))  # from a newer signalcraft
+    assert detect(config, root / "out").rejected == 1
+    assert detect(config, root / "out").rejected == 0  # unchanged: passed by, not reported again
+    manifest.write_text(good)  # fixed (or signalcraft upgraded: the signature holds the format read)
+    again = detect(config, root / "out")
+    assert (again.rejected, again.segments) == (0, 1)
+
+
+def test_segments_of_the_first_manifest_format_are_still_read(tmp_path):
+    folder = make_segment(tmp_path, clock.now())
+    data = json.loads((folder / MANIFEST).read_text())
+    del data["reconnects"]  # not written by the earliest format-1 manifests
+    data["format"] = 1
+    data["levels"] = [{k: v for k, v in lv.items() if k != "nonfinite_samples"} for lv in data["levels"]]
+    (folder / MANIFEST).write_text(json.dumps(data))
+    [segment] = list_segments(tmp_path)
+    assert segment.manifest.reconnects == 0 and segment.manifest.levels[0].nonfinite_samples == 0
+
+
+def test_source_names_in_any_script_work_and_unsafe_ones_are_refused_at_load(tmp_path, project):
+    from signalcraft.separate import save_model
+
+    from conftest import tiny_demucs
+
+    repo = tmp_path / "models"
+    save_model(tiny_demucs(sources=("Kühlpumpe", "fan 2")), repo, "plant")
+    assert load_separator(SeparationConfig(repo=repo, model="plant"), SAMPLE_RATE).sources == ("Kühlpumpe", "fan 2")
+    save_model(tiny_demucs(sources=("../pump", "fan")), repo, "bad")
+    with pytest.raises(ModelError, match="cannot name tensor files"):
+        load_separator(SeparationConfig(repo=repo, model="bad"), SAMPLE_RATE)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("denoise:\n  <<: {enabled: false, prop_decrease: 0.5}\n  prop_decrease: 0.8\n")
+    from signalcraft.config import load_config
+
+    config = load_config(path)
+    assert config.denoise.enabled is False and config.denoise.prop_decrease == 0.8

@@ -386,6 +386,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` brings keys that the mapping may override
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # not a key any section has: refused later as unknown
@@ -405,6 +407,9 @@ def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
     if config.features.f_max is not None and config.features.f_max > nyquist:
         raise ConfigError(f"{where}: features.f_max: {config.features.f_max:g} Hz is above half of "
                           f"capture.sample_rate ({nyquist:g} Hz); lower it or set it to null.")
+    if config.features.f_min >= nyquist:
+        raise ConfigError(f"{where}: features.f_min: {config.features.f_min:g} Hz is not below half of "
+                          f"capture.sample_rate ({nyquist:g} Hz); lower it.")
     base = path.resolve().parent if path is not None else Path.cwd()
     return dataclasses.replace(_resolve_paths(config, base), source=path)
 
@@ -462,9 +467,13 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {key}: must be a finite number, got {str(value)[:40]}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

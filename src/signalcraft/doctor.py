@@ -10,6 +10,7 @@ are named at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -71,7 +72,7 @@ def _check_portaudio(ctx: _Context) -> tuple[str, str]:
 
 def _check_device(ctx: _Context) -> tuple[str, str]:
     from .capture import resolve_channels, resolve_device
-    from .locks import device_lock_path, holder
+    from .locks import device_lock_path, holder, other_users_holder, user_name
 
     c = ctx.config.capture
     device = resolve_device(c.device)
@@ -81,6 +82,12 @@ def _check_device(ctx: _Context) -> tuple[str, str]:
     running = holder(device_lock_path(device.name))  # looked at, not taken: a starting record must not fail
     if running is not None:  # recording now: it cannot be opened twice, and that is fine
         return OK, f"{where}; in use by `signalcraft {running.get('command', '?')}` (pid {running['pid']})"
+    other = other_users_holder(device.name) if os.geteuid() == 0 else None  # only root can see into those folders
+    if other is not None:
+        uid, claims = other
+        return OK, (f"{where}; in use by a signalcraft run of user {user_name(uid)} (uid {uid}; its lock file says "
+                    f"`{str(claims.get('command', '?'))[:20]}`, pid {claims['pid']}). Device locks are per user: run "
+                    "every signalcraft job on this machine as that user")
     import sounddevice as sd
 
     try:
@@ -153,7 +160,7 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
     with Store(state, create=False) as store:
         seen = store.counts()["segments"]
         rejected = store.rejected_folders()
-        known = store.scored_folders(among=names) | rejected.keys()
+        known = store.scored_folders(among=names) | rejected.keys()  # a rejected one that changed is not waiting yet
         collected = store.calibration_count()
         has_thresholds = store.has_thresholds()
     unusable: list[str] = []

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -111,6 +112,37 @@ def storage_error(path: Path, e: OSError) -> StorageError:
     else:
         hint = e.strerror or str(e)
     return StorageError(f"{path}: cannot write: {hint}.")
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a link, FIFO or device)
+    of at most ``max_bytes``: for files that are not trusted, so that a planted link
+    cannot point the read elsewhere, a FIFO cannot hang it and ``/dev/zero`` cannot fill
+    the memory.
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no such file.
+    OSError
+        Anything else; ``strerror`` says what (a link, not a regular file, too large).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a link, which is not followed", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the {max_bytes} expected", str(path))
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"more than the {max_bytes} bytes expected", str(path))
+    return data
 
 
 def remove_leftovers(folder: Path) -> int:

@@ -80,7 +80,7 @@ def _private_folder(folder: Path) -> None:
         raise StorageError(f"{folder}: the lock folder is {'a link' if stat.S_ISLNK(st.st_mode) else 'not a folder'}; "
                            "signalcraft never follows it. Remove it, then run again.")
     if st.st_uid != os.getuid():
-        raise StorageError(f"{folder}: the lock folder belongs to uid {st.st_uid} ({_user(st.st_uid)}), not to "
+        raise StorageError(f"{folder}: the lock folder belongs to uid {st.st_uid} ({user_name(st.st_uid)}), not to "
                            f"this user (uid {os.getuid()}): someone else made it. signalcraft does not trust it; "
                            "an administrator should check who made it and remove it.")
     if st.st_mode & 0o022:
@@ -88,7 +88,7 @@ def _private_folder(folder: Path) -> None:
                            "signalcraft does not trust it. Remove it (it is made again, mode 700).")
 
 
-def _user(uid: int) -> str:
+def user_name(uid: int) -> str:
     import pwd
 
     try:
@@ -97,10 +97,33 @@ def _user(uid: int) -> str:
         return "no such user"
 
 
+def _device_file(device_name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_") or "default"
+    return f"device-{slug}.lock"
+
+
 def device_lock_path(device_name: str) -> Path:
     """The lock file of an audio device, by its name."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_") or "default"
-    return lock_dir() / f"device-{slug}.lock"
+    return lock_dir() / _device_file(device_name)
+
+
+def other_users_holder(device_name: str) -> Optional[tuple[int, dict]]:
+    """A live run of another user on this device, as its lock file says: (uid of the
+    lock folder's owner, what the file claims), or None. For reports only (`doctor` as
+    root): what another user's file says is never trusted to decide anything."""
+    me = os.getuid()
+    base = lock_dir().parent
+    for folder in sorted(base.glob("signalcraft-*")):
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid == me:
+            continue
+        found = holder(folder / _device_file(device_name))
+        if found is not None:
+            return st.st_uid, found
+    return None
 
 
 def output_lock_path(output_dir: Path) -> Path:
@@ -212,7 +235,7 @@ def _open_lock(path: Path, what: str, owned: bool) -> int:
     st = os.fstat(fd)
     problem = ("not a regular file" if not stat.S_ISREG(st.st_mode)
                else "a hard link to another file" if st.st_nlink != 1
-               else f"owned by uid {st.st_uid} ({_user(st.st_uid)}), not by this user" if owned and st.st_uid != os.getuid()
+               else f"owned by uid {st.st_uid} ({user_name(st.st_uid)}), not by this user" if owned and st.st_uid != os.getuid()
                else None)
     if problem:
         os.close(fd)

@@ -139,6 +139,13 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
     path = model_file(config.repo, config.model)
     model = read_model(path)
     model.eval()
+    from .segments.layout import valid_source
+
+    bad = [s for s in model.sources if not valid_source(s)]
+    if bad or len(set(model.sources)) != len(model.sources):
+        raise ModelError(f"{path}: source names {bad or list(model.sources)} cannot name tensor files (letters and "
+                         "digits, then '_', '-', '.', '+' or spaces; distinct). Rename the training folders and "
+                         "retrain.")
     if getattr(model, "audio_channels", None) != 1:
         raise ModelError(
             f"{path}: the model expects {model.audio_channels} audio channels; signalcraft separates each "

@@ -33,7 +33,7 @@ import torch
 from .. import clock
 from ..config import Config
 from ..files import temp_path
-from ..segments import StoredSegment, candidate_names, list_segments
+from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
@@ -100,13 +100,18 @@ def detect(
                 "detector file away to calibrate from scratch."
             )
         names = candidate_names(output_dir)
-        seen = store.scored_folders(among=names) | store.rejected_folders().keys()
+        rejected = store.rejected_folders()
+        seen = store.scored_folders(among=names) | {
+            name for name in names if name in rejected and rejected[name] == manifest_signature(output_dir / name)}
 
-        def reject(folder: Path, error: Exception) -> None:
+        def reject(folder: Path, error: ManifestError) -> None:
+            if error.transient:  # unreadable this time: tried again next run
+                log.warning("%s: manifest not readable now, tried again next run: %s", folder.name, error)
+                return
             # Recorded, so that one bad folder never stops every later run at the same place.
             with store.transaction():
-                store.reject(folder.name, str(error), clock.now_iso())
-            log.error("%s: not a usable segment, passed by from now on: %s", folder.name, error)
+                store.reject(folder.name, manifest_signature(folder), str(error), clock.now_iso())
+            log.error("%s: not a usable segment, passed by until its manifest changes: %s", folder.name, error)
             result.rejected += 1
 
         # Enough may have been collected by a run that was stopped while training.

@@ -91,13 +91,15 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_utc);
 CREATE TABLE IF NOT EXISTS rejected (
     folder TEXT PRIMARY KEY,            -- relative to the output folder
+    signature TEXT NOT NULL,            -- segments.manifest_signature when rejected: a changed file is read again
     seen_at_utc TEXT NOT NULL,
     reason TEXT NOT NULL                -- why it is not a usable segment (its manifest)
 );
 """
 # Statements that bring a state file of version k (the key) to version k + 1.
 _MIGRATIONS = {
-    1: """CREATE TABLE rejected (folder TEXT PRIMARY KEY, seen_at_utc TEXT NOT NULL, reason TEXT NOT NULL)""",
+    1: """CREATE TABLE rejected (folder TEXT PRIMARY KEY, signature TEXT NOT NULL, seen_at_utc TEXT NOT NULL,
+                                 reason TEXT NOT NULL)""",
 }
 
 
@@ -271,12 +273,15 @@ class Store:
         return found
 
     def rejected_folders(self) -> dict[str, str]:
-        """Folders that looked like segments but were refused (bad manifest): name -> reason."""
-        return {r[0]: r[1] for r in self._execute("SELECT folder, reason FROM rejected")}
+        """Folders that looked like segments but were refused (bad manifest): name ->
+        the signature of the manifest that was refused."""
+        return {r[0]: r[1] for r in self._execute("SELECT folder, signature FROM rejected")}
 
-    def reject(self, folder: str, reason: str, at_utc: str) -> None:
-        """Record that ``folder`` is not a usable segment, so that later runs pass it by."""
-        self._execute("INSERT OR REPLACE INTO rejected VALUES (?, ?, ?)", (folder, at_utc, reason))
+    def reject(self, folder: str, signature: str, reason: str, at_utc: str) -> None:
+        """Record that ``folder``, with its manifest as ``signature`` says, is not a
+        usable segment, so that later runs pass it by until the file changes."""
+        self._execute("INSERT OR REPLACE INTO rejected (folder, signature, seen_at_utc, reason) VALUES (?, ?, ?, ?)",
+                      (folder, signature, at_utc, reason))
 
     def finished_folders(self) -> set[str]:
         """Segments detect has finished with: scored ones, and calibration ones once the

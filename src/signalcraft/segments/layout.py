@@ -22,8 +22,9 @@ AUDIO = "audio.flac"
 FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 # A source name is a single, harmless path component (it comes from a model file and is
-# read back from manifests, which are not trusted).
-_SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# read back from manifests, which are not trusted): letters and digits of any script,
+# then also '_', '-', '.', '+' and spaces; never '/', a leading '.' or '..'.
+_SOURCE = re.compile(r"^[^\W_][\w .+-]{0,63}$")
 _MIC = re.compile(r"^mic_(0|[1-9][0-9]{0,3})$")
 _SEGMENT_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(_[1-9][0-9]{0,2})?$")
 
@@ -54,7 +55,8 @@ def valid_source(name: str) -> bool:
 def tensor_file(mic: int, source: str) -> str:
     """The tensor of (mic, source), relative to its segment folder."""
     if not valid_source(source):
-        raise ValueError(f"{source!r} is not a usable source name (letters, digits, '_', '-', '.')")
+        raise ValueError(f"{source!r} is not a usable source name (letters and digits, then also '_', '-', '.', "
+                         "'+' or spaces; at most 64)")
     return f"{mic_folder(mic)}/{source}.pt"
 
 

@@ -13,19 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import StorageError
+from ..files import read_regular
 from .layout import AUDIO, MANIFEST, mic_folder, parse_mic_folder, tensor_file, valid_source
 
 FORMAT = 2
 
 
+MAX_BYTES = 1_000_000  # a manifest is a few kB
+
+
 class ManifestError(StorageError):
-    """A manifest that is unreadable, malformed or of an unknown version."""
+    """A manifest that is unreadable, malformed or of an unknown version. ``transient``:
+    the file could not be read this time (permissions, I/O), which may change."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +117,16 @@ class Manifest:
         Raises
         ------
         ManifestError
-            Of another version, a key missing or unknown, or a value of the wrong type;
-            the message names ``where`` and the key.
+            Of another version, a key missing or unknown, or a value of the wrong type
+            or out of range; the message names ``where`` and the key.
         """
+        try:
+            return cls._from_dict(data, where)
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:  # values no check above foresaw
+            raise ManifestError(f"{where}: malformed ({type(e).__name__}: {str(e)[:200]})") from None
+
+    @classmethod
+    def _from_dict(cls, data: Any, where: str) -> "Manifest":
         if not isinstance(data, dict):
             raise ManifestError(f"{where}: not a JSON object")
         version = data.get("format")
@@ -119,7 +137,8 @@ class Manifest:
                                 f"up to {FORMAT}). Upgrade signalcraft to read this segment.")
         if version < 1:
             raise ManifestError(f"{where}: manifest format {version} is not one signalcraft wrote")
-        missing = sorted(_KEYS - data.keys())
+        optional = _FORMAT_1_OPTIONAL if version == 1 else frozenset()
+        missing = sorted(_KEYS - optional - data.keys())
         unknown = sorted(data.keys() - _KEYS)
         if missing or unknown:
             raise ManifestError(f"{where}: " + "; ".join(
@@ -163,7 +182,8 @@ class Manifest:
             start_time_utc=start, duration_s=r.number("duration_s"), sample_rate=r.int("sample_rate", minimum=1),
             device=r.string("device"), channels=channels, start_frame=r.int("start_frame"),
             overflows=r.int("overflows"), dropped_frames=r.int("dropped_frames"),
-            dropped_segments=r.int("dropped_segments"), reconnects=r.int("reconnects"), levels=tuple(levels),
+            dropped_segments=r.int("dropped_segments"),
+            reconnects=r.int("reconnects") if "reconnects" in data else 0, levels=tuple(levels),
             denoise=denoise, separator=r.mapping("separator"), features=features, tensors=tensors,
             signalcraft_version=r.string("signalcraft_version"), files=tuple(files),
         )
@@ -171,6 +191,8 @@ class Manifest:
 
 _KEYS = frozenset(set(Manifest.__dataclass_fields__) | {"format", "start_time_local"})
 _LEVEL_KEYS = frozenset(Level.__dataclass_fields__)
+# Keys that early format-1 manifests did not have yet (read as 0).
+_FORMAT_1_OPTIONAL = frozenset({"reconnects"})
 
 
 def _is_int(x: Any) -> bool:
@@ -240,6 +262,17 @@ class _Reader:
         return x
 
 
+def manifest_signature(folder: Path) -> str:
+    """Identifies the manifest of ``folder`` as it is now, for this signalcraft: its
+    size, modification time and the format this version reads. A rejected manifest is
+    read again once this changes (the file was fixed, or signalcraft was upgraded)."""
+    try:
+        st = os.lstat(Path(folder) / MANIFEST)
+    except OSError:
+        return "absent"
+    return f"format {FORMAT}; {st.st_size} bytes; mtime {st.st_mtime_ns}"
+
+
 def read_manifest(folder: Path) -> Manifest:
     """The manifest of a segment folder.
 
@@ -252,13 +285,18 @@ def read_manifest(folder: Path) -> Manifest:
     """
     path = Path(folder) / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read segment manifest ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        permanent = e.errno in (errno.ELOOP, errno.EINVAL, errno.EFBIG)  # what the file is, not a passing failure
+        raise ManifestError(f"{path}: cannot read segment manifest ({e.strerror})", transient=not permanent) from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid JSON (nested too deep)") from None
     except ValueError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     return Manifest.from_dict(data, str(path))

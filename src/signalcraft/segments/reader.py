@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Container, Optional
 
+from ..files import read_regular
 from .layout import MANIFEST, candidate_names, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
+
+TENSOR_OVERHEAD_BYTES = 64 * 1024  # torch.save's archive around the tensor's data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +66,26 @@ def read_tensor(folder: Path, mic: int, source: str, shape: tuple[int, ...]) -> 
     Raises
     ------
     TensorError
-        Missing, unreadable, not a tensor (or a pickle that is more than one: refused
-        unread by ``weights_only``), of another shape, or holding NaN or infinity.
+        Missing, a link (the file or its microphone folder), not a regular file, far
+        larger than a tensor of that shape, unreadable, not a tensor (or a pickle that
+        is more than one: refused unread by ``weights_only``), of another shape, or
+        holding NaN or infinity.
     """
+    import io
+    import math
+    import stat
+
     import torch
 
     path = Path(folder) / tensor_file(mic, source)
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
+            raise TensorError(f"{path}: skipped, {path.parent.name} is not a folder (a link is not followed)")
+        data = read_regular(path, math.prod(shape) * 8 + TENSOR_OVERHEAD_BYTES)
+    except OSError as e:
+        raise TensorError(f"{path}: skipped, cannot read it ({e.strerror})") from None
+    try:
+        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails inside torch.load in many ways
         raise TensorError(f"{path}: skipped, not a usable tensor ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():

@@ -91,7 +91,9 @@ def prune(output_dir: Path, config: OutputConfig, done: Container[str], dry_run:
     result = PruneResult()
     if config.keep_days is None and config.max_gb is None:
         return result
-    segments = list_segments(output_dir)  # oldest first
+    # Oldest first. A folder with an unusable manifest is never deleted (it may not be
+    # a segment); detect reports it once, so it is not reported again here.
+    segments = list_segments(output_dir, on_error=lambda folder, e: log.debug("retention: %s", e))
     now = clock.now()
     sizes = {s.name: folder_bytes(s.path) for s in segments} if config.max_gb is not None else {}
     total = sum(sizes.values())
