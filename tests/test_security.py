@@ -321,7 +321,8 @@ def test_a_noise_clip_with_nan_samples_is_refused_by_process_and_doctor(project,
     wav = tmp_path / "plant.wav"
     sf.write(wav, np.zeros((SEGMENT_FRAMES, CHANNELS), np.float32), SAMPLE_RATE)
     result = invoke("--config", str(project), "process", str(wav))
-    assert result.returncode == ExitCode.FAILURE and "channel_2.pt: 100 of 16000 samples are not finite" in result.stderr
+    assert result.returncode == ExitCode.FAILURE
+    assert "channel_2.pt: 100 of 16000 samples are not finite" in result.stderr
     doctor = invoke("--config", str(project), "doctor")
     assert "channel_2.pt: 100 of 16000 samples are not finite" in doctor.stdout
 
@@ -378,7 +379,8 @@ def test_report_to_a_read_only_filesystem_says_so(tmp_path):
     finally:
         subprocess.run(["umount", str(readonly)], check=True)
     assert result.returncode == ExitCode.FAILURE
-    assert "report: cannot write: the filesystem is read-only" in result.stderr and "internal error" not in result.stderr
+    assert "report: cannot write: the filesystem is read-only" in result.stderr
+    assert "internal error" not in result.stderr
 
 
 def test_a_busy_detect_exits_before_loading_the_models(tmp_path):

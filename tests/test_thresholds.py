@@ -146,3 +146,27 @@ def test_decide_is_pure():
     assert decision.state != state and state.to_dict() == before
     with pytest.raises(ThresholdError, match="finite"):
         decide(state, float("nan"), DEFAULTS)
+
+
+def test_a_slow_rise_below_every_level_is_caught_by_accumulation_not_by_k_of_n():
+    state = fit(gamma_scores(60, seed=5), DEFAULTS)
+    full_mean, full_sd = state.mean * state.mean_factor, (state.var * state.var_factor) ** 0.5
+    # A worn part: scores creep up by 1.5 standard deviations over 100 segments, then
+    # stay there, always below the warning level (so never above critical, never k of n).
+    rng = np.random.default_rng(6)
+    creep = full_mean + np.minimum(np.arange(300) / 100, 1.0) * 1.5 * full_sd
+    scores = np.minimum(creep + 0.3 * full_sd * rng.standard_normal(300), 0.98 * state.warning)
+    without = dataclasses.replace(DEFAULTS, cusum_limit=None)
+    assert CRITICAL not in statuses(stream(state, scores, without)[0])
+    found = statuses(stream(state, scores)[0])
+    assert CRITICAL in found and found.index(CRITICAL) < 200
+
+
+def test_accumulation_stays_quiet_on_a_long_normal_stream_and_drains():
+    state = fit(gamma_scores(60, seed=7), DEFAULTS)
+    decisions, last = stream(state, gamma_scores(20000, seed=8))
+    assert CRITICAL not in statuses(decisions)
+    assert max(d.state.cusum for d in decisions) < DEFAULTS.cusum_limit / 2
+    high = dataclasses.replace(last, cusum=DEFAULTS.cusum_limit - 1)
+    _, drained = stream(high, gamma_scores(100, seed=9))
+    assert drained.cusum < 5  # normal scores drain it by about cusum_slack each

@@ -155,7 +155,8 @@ def devices(ctx: click.Context) -> None:
 
 @cli.command("calibrate-noise")
 @click.option("--seconds", type=click.FloatRange(min=0.1), help="Length of the recording [default: noise.seconds].")
-@click.option("--force", is_flag=True, help="Replace existing clips (every old clip is kept as channel_<C>.pt.<time>.bak).")
+@click.option("--force", is_flag=True,
+              help="Replace existing clips (every old clip is kept as channel_<C>.pt.<time>.bak).")
 @click.pass_context
 def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -> None:
     """Record the room with the machines OFF and save one noise clip per channel.

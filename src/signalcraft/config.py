@@ -252,6 +252,11 @@ class DetectConfig:
     # CRITICAL needs at least k of the last n segments above the critical level.
     alert_k: int = 3
     alert_n: int = 5
+    # Or a fault too small for any one segment: a CUSUM of standardised scores (how many
+    # standard deviations above the mean of normal scores, less cusum_slack each
+    # segment) that passes cusum_limit. null: off.
+    cusum_slack: float = 0.5
+    cusum_limit: Optional[float] = 20.0
 
     def __post_init__(self):
         _require(self.calibration_segments >= 5, "calibration_segments", "must be at least 5")
@@ -263,6 +268,8 @@ class DetectConfig:
         _require(0 < self.warning_sigma < self.critical_sigma, "warning_sigma", "must be below critical_sigma")
         _require(0 <= self.adapt_rate < 1, "adapt_rate", "must be in [0, 1)")
         _require(1 <= self.alert_k <= self.alert_n, "alert_k", "must be between 1 and alert_n")
+        _require(self.cusum_slack > 0, "cusum_slack", "must be positive")
+        _require(self.cusum_limit is None or self.cusum_limit > 0, "cusum_limit", "must be positive or null")
 
 
 @dataclasses.dataclass(frozen=True)

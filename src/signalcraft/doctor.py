@@ -176,8 +176,9 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
         return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run `signalcraft train-detector "
                       f"{ctx.output}`")
     backlog = " (is detect running from cron?)" if waiting > 100 else ""
-    return WARN if backlog or bad else OK, (f"{c.model.name} trained for {', '.join(detector.sources)}; {seen} "
-                                            f"segments seen, {waiting} waiting for `detect`{backlog}{note}")
+    return WARN if backlog or bad else OK, (f"{c.model.name} ({detector.kind}) trained for "
+                                            f"{', '.join(detector.sources)}; {seen} segments seen, {waiting} "
+                                            f"waiting for `detect`{backlog}{note}")
 
 
 def _check_disk(ctx: _Context) -> tuple[str, str]:

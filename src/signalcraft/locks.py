@@ -233,10 +233,14 @@ def _open_lock(path: Path, what: str, owned: bool) -> int:
                else f"{e.strerror}. Check the folder's owner and mode")
         raise StorageError(f"{path}: cannot open the lock file for {what}: {why}.") from None
     st = os.fstat(fd)
-    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode)
-               else "a hard link to another file" if st.st_nlink != 1
-               else f"owned by uid {st.st_uid} ({user_name(st.st_uid)}), not by this user" if owned and st.st_uid != os.getuid()
-               else None)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_nlink != 1:
+        problem = "a hard link to another file"
+    elif owned and st.st_uid != os.getuid():
+        problem = f"owned by uid {st.st_uid} ({user_name(st.st_uid)}), not by this user"
+    else:
+        problem = None
     if problem:
         os.close(fd)
         raise StorageError(f"{path}: the lock file for {what} is {problem}; signalcraft does not trust it. "

@@ -13,6 +13,16 @@ a developing fault, whose scores are WARNING or CRITICAL, is never learnt as nor
 A single loud segment (a door, a forklift) must not page anyone: CRITICAL needs
 ``alert_k`` of the last ``alert_n`` scores above the critical level. Above-critical
 scores that do not yet meet that rule are WARNING.
+
+A fault can also be too small for any one segment to pass a level. So each state
+accumulates a one-sided CUSUM of standardised scores: each score at or below the
+warning level adds how many standard deviations it lies above the mean of all normal
+scores, less ``cusum_slack``; it never goes below 0. Scores above the warning level
+leave it as it is: spikes are the k-of-n rule's, and a door slammed every half minute
+must not page. Past ``cusum_limit`` the score is CRITICAL. Normal scores drain it by about ``cusum_slack``
+each; the moments it standardises with adapt as the levels do, so a step the
+adaptation follows (a room that got louder) drains too, while a rise faster than the
+adaptation, or one that leaves the NORMAL range, keeps accumulating.
 """
 
 from __future__ import annotations
@@ -84,6 +94,7 @@ class ThresholdState:
     # Levels when a change was last reported (or at fit).
     reported_warning: Optional[float] = None
     reported_critical: Optional[float] = None
+    cusum: float = 0.0  # accumulated standardised excess of recent scores (see the module docstring)
 
     def __post_init__(self):
         defaults = {
@@ -101,9 +112,9 @@ class ThresholdState:
             raise ThresholdError(f"threshold method {self.method!r}: must be one of {', '.join(METHODS)}.")
         numbers = [self.warning, self.critical, self.mean, self.var, self.mean_factor, self.var_factor,
                    self.fit_mean, self.fit_warning, self.fit_critical, self.reported_warning,
-                   self.reported_critical]
+                   self.reported_critical, self.cusum]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) \
-                or self.var < 0 or self.fit_mean <= 0 or self.mean_factor <= 0 or self.var_factor <= 0:
+                or self.var < 0 or self.cusum < 0 or self.fit_mean <= 0 or self.mean_factor <= 0 or self.var_factor <= 0:
             raise ThresholdError(f"threshold state has a value that is not a positive finite number: {self}.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,7 +222,8 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     """Status of ``score`` and the state after it. Pure: ``state`` is not changed.
 
     - CRITICAL: ``score > critical`` and at least ``alert_k`` of the last ``alert_n``
-      scores (this one included) were above critical.
+      scores (this one included) were above critical; or the CUSUM passes
+      ``cusum_limit`` (module docstring).
     - WARNING: ``score > warning``, including above-critical scores short of k-of-n.
     - NORMAL: otherwise. Only then the running mean and variance take the score with
       weight ``adapt_rate`` and the levels are recomputed from them, scaled to all
@@ -233,14 +245,19 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
         raise ThresholdError(f"anomaly score {score!r}: must be a finite, non-negative number.")
     above_critical = score > state.critical
     recent = (state.recent + (above_critical,))[-config.alert_n:]
-    if above_critical and sum(recent) >= config.alert_k:
+    cusum = state.cusum if config.cusum_limit is not None else 0.0
+    if config.cusum_limit is not None and score <= state.warning:
+        z = (score - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
+        cusum = max(0.0, cusum + z - config.cusum_slack)
+    if (above_critical and sum(recent) >= config.alert_k) or (config.cusum_limit is not None
+                                                              and cusum > config.cusum_limit):
         status = CRITICAL
     elif score > state.warning:
         status = WARNING
     else:
         status = NORMAL
     if status != NORMAL or config.adapt_rate == 0:
-        return Decision(status, dataclasses.replace(state, recent=recent))
+        return Decision(status, dataclasses.replace(state, recent=recent, cusum=cusum))
 
     # Incremental EWMA of mean and variance (West 1979 / Finch 2009).
     alpha = config.adapt_rate
@@ -248,7 +265,8 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     mean = state.mean + alpha * diff
     var = _floor_var(mean, (1 - alpha) * (state.var + alpha * diff * diff))
     warning, critical = _levels(state, mean, var, config)
-    new = dataclasses.replace(state, recent=recent, mean=mean, var=var, warning=warning, critical=critical)
+    new = dataclasses.replace(state, recent=recent, mean=mean, var=var, warning=warning, critical=critical,
+                              cusum=cusum)
     if not (_moved(warning, state.reported_warning) or _moved(critical, state.reported_critical)):
         return Decision(status, new)
     change = (f"drift: warning {state.reported_warning:.4g} -> {warning:.4g}, "

@@ -16,6 +16,6 @@ from .writer import SegmentWriter
 
 __all__ = [
     "AUDIO", "FORMAT", "MANIFEST", "Level", "Manifest", "ManifestError", "SegmentWriter", "StoredSegment",
-    "TensorError", "candidate_names", "folder_name", "is_complete", "list_segments", "manifest_signature", "open_segment",
-    "read_manifest", "read_tensor", "tensor_file",
+    "TensorError", "candidate_names", "folder_name", "is_complete", "list_segments", "manifest_signature",
+    "open_segment", "read_manifest", "read_tensor", "tensor_file",
 ]

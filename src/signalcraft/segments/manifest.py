@@ -141,8 +141,9 @@ class Manifest:
         missing = sorted(_KEYS - optional - data.keys())
         unknown = sorted(data.keys() - _KEYS)
         if missing or unknown:
-            raise ManifestError(f"{where}: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+            problems = [f"missing {', '.join(missing)}"] if missing else []
+            problems += [f"unknown {', '.join(unknown)}"] if unknown else []
+            raise ManifestError(f"{where}: " + "; ".join(problems))
         r = _Reader(data, where)
         start = r.time("start_time_utc")
         r.string("start_time_local")
