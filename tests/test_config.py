@@ -7,7 +7,7 @@ import yaml
 from signalcraft.config import ENV_VAR, Config, config_from_dict, load_config
 from signalcraft.errors import ConfigError, ExitCode
 
-from conftest import SCRIPT, run_cli
+from conftest import run_cli
 
 
 def write(tmp_path: Path, data) -> Path:

@@ -3,7 +3,6 @@ noise clips, a real (tiny) Demucs model, tensors and manifests; `process` on a f
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import yaml
 from signalcraft import pipeline
 from signalcraft.capture import Segment
 from signalcraft.config import config_from_dict
-from signalcraft.errors import ExitCode, NoiseClipError
+from signalcraft.errors import ExitCode
 from signalcraft.segments import MANIFEST, read_manifest
 
 from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, invoke

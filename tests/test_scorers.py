@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from signalcraft.config import DetectConfig
 from signalcraft.detect import scorers
 from signalcraft.detect.model import MODEL_FORMAT, DetectorError, load_detector, save_detector
 from signalcraft.detect.modulation import ModulationDetector, ModulationFeatures, ShrunkGaussian

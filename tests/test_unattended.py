@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 import sounddevice
@@ -26,7 +25,7 @@ from signalcraft.config import load_config
 from signalcraft.errors import DeviceError, ExitCode
 from signalcraft.files import STAGING
 from signalcraft.segments import MANIFEST
-from signalcraft.locks import device_lock_path, output_lock_path
+from signalcraft.locks import device_lock_path
 
 from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, known_samples, invoke
 

@@ -21,14 +21,12 @@ manifest is left for a later run.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from .. import clock
 from ..config import Config

@@ -25,7 +25,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-import numpy as np
 
 from .. import clock
 from ..errors import StorageError

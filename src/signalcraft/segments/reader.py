@@ -12,9 +12,12 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Container, Optional
+from typing import TYPE_CHECKING, Callable, Container, Optional
 
 from ..files import read_regular
+
+if TYPE_CHECKING:
+    import torch
 from .layout import MANIFEST, candidate_names, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
 
