@@ -283,20 +283,7 @@ class Detector:
         DetectorError
             ``source`` is unknown, or the tensors have the wrong shape.
         """
-        model = self.models.get(source)
-        if model is None:
-            raise DetectorError(
-                f"no detector model for source {source!r} (this detector knows: {', '.join(sorted(self.models)) or 'none'}). "
-                f"Score one of those sources, or {RETRAIN} on data that includes {source!r}."
-            )
-        x = torch.as_tensor(tensors)
-        expected = (1, self.args.n_mels, self.args.n_frames)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise DetectorError(
-                f"source {source!r}: cannot score tensors of shape {tuple(x.shape)}; the detector expects "
-                f"(N, {', '.join(map(str, expected))}). Stack the exported (1, n_mels, n_frames) tensors with "
-                f"torch.stack, or {RETRAIN} if the feature settings changed."
-            )
+        model, x = scoring_input(self.models, source, tensors, (self.args.n_mels, self.args.n_frames))
         if x.shape[0] == 0:
             return np.zeros(0, np.float64)
         mean, std = (v.view(1, 1, -1, 1) for v in self.norm[source])
@@ -313,6 +300,31 @@ class Detector:
                 per_band += profile.deviation(batch.cpu())
                 scores.append(per_band.topk(worst, dim=1).values.mean(dim=1))
         return torch.cat(scores).numpy()
+
+
+def scoring_input(models: dict, source: str, tensors, size: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+    """(the model of ``source``, ``tensors`` as a tensor), checked for any detector kind.
+
+    Raises
+    ------
+    DetectorError
+        No model for ``source``, or tensors not of shape (N, 1, n_mels, n_frames) = ``size``.
+    """
+    model = models.get(source)
+    if model is None:
+        raise DetectorError(
+            f"no detector model for source {source!r} (this detector knows: {', '.join(sorted(models)) or 'none'}). "
+            f"Score one of those sources, or {RETRAIN} on data that includes {source!r}."
+        )
+    x = torch.as_tensor(tensors)
+    expected = (1, *size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise DetectorError(
+            f"source {source!r}: cannot score tensors of shape {tuple(x.shape)}; the detector expects "
+            f"(N, {', '.join(map(str, expected))}). Stack the exported (1, n_mels, n_frames) tensors with "
+            f"torch.stack, or {RETRAIN} if the feature settings changed."
+        )
+    return model, x
 
 
 def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features: dict,

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import clock
 from ..config import DetectConfig
-from .model import RETRAIN, DetectorError, _check_training_tensors, _state_sha256
+from .model import RETRAIN, DetectorError, _check_training_tensors, _state_sha256, scoring_input
 
 MOD_GROUPS = 40  # groups of adjacent mel bands (the largest divisor of n_mels up to this)
 MOD_BINS = 40  # ranges of modulation rate, up to half the frame rate
@@ -183,17 +183,7 @@ class ModulationDetector:
         DetectorError
             ``source`` is unknown, or the tensors have the wrong shape.
         """
-        model = self.models.get(source)
-        if model is None:
-            raise DetectorError(
-                f"no detector model for source {source!r} (this detector knows: {', '.join(sorted(self.models))}). "
-                f"Score one of those sources, or {RETRAIN} on data that includes {source!r}.")
-        x = torch.as_tensor(tensors)
-        expected = (1, self.n_mels, self.n_frames)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise DetectorError(f"source {source!r}: cannot score tensors of shape {tuple(x.shape)}; the detector "
-                                f"expects (N, {', '.join(map(str, expected))}), or {RETRAIN} if the feature settings "
-                                "changed.")
+        model, x = scoring_input(self.models, source, tensors, (self.n_mels, self.n_frames))
         with torch.no_grad():
             return model(x).numpy()
 
