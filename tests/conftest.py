@@ -166,3 +166,29 @@ def make_segment(output: Path, start: dt.datetime, size: int = 10_000) -> Path:
     with SegmentWriter(output, start) as w:
         w.save_tensor(0, "mix", b"\0" * size)
         return w.commit(segment_manifest(start))
+
+
+@pytest.fixture
+def berlin_fall_back(monkeypatch) -> dt.datetime:
+    """Local time is Europe/Berlin for the test; returns the next instant (UTC, from
+    ``clock.now()``) at which its clocks go back an hour, so the hour after it repeats
+    the local times of the hour before."""
+    import time
+    from zoneinfo import ZoneInfo
+
+    from signalcraft import clock
+
+    berlin = ZoneInfo("Europe/Berlin")
+    t = clock.now().replace(minute=0, second=0, microsecond=0)
+    for _ in range(24 * 400):
+        step = t + dt.timedelta(hours=1)
+        if step.astimezone(berlin).utcoffset() < t.astimezone(berlin).utcoffset():
+            break
+        t = step
+    else:
+        raise AssertionError("Europe/Berlin has no fall-back within 400 days of the clock")
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield step
+    monkeypatch.undo()
+    time.tzset()

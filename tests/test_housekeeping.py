@@ -16,6 +16,7 @@ from signalcraft.config import OutputConfig
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
 from signalcraft.files import STAGING, remove_leftovers
+from signalcraft.segments import folder_name
 from signalcraft.segments.retention import GB, folder_bytes, prune
 
 from conftest import invoke, make_segment
@@ -68,25 +69,16 @@ def test_max_gb_deletes_the_oldest_finished_segments_until_under_the_limit(tmp_p
     assert visible(output) == more
 
 
-def test_retention_orders_segments_by_start_time_across_a_clock_change(tmp_path, monkeypatch):
+def test_retention_orders_segments_by_start_time_across_a_clock_change(tmp_path, berlin_fall_back):
     """When the clocks go back, the folder name (local time) of a later segment sorts
     before an earlier one: retention deletes by the start time in the manifest."""
-    import time
-
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time.tzset()
-    try:
-        output = tmp_path / "out"
-        fall_back = dt.datetime(2026, 10, 25, 1, 0, tzinfo=dt.timezone.utc)  # 03:00 CEST -> 02:00 CET
-        first = make_segment(output, fall_back - dt.timedelta(minutes=30)).name  # 02:30 CEST
-        second = make_segment(output, fall_back + dt.timedelta(minutes=10)).name  # 02:10 CET, 40 min later
-        assert second < first  # by name, the later one looks older
-        with clock.frozen(fall_back + dt.timedelta(days=7, minutes=5)):  # only the first is over 7 days
-            result = prune(output, OutputConfig(keep_days=7), {first, second})
-        assert result.deleted == [first] and visible(output) == [second]
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    output = tmp_path / "out"
+    first = make_segment(output, berlin_fall_back - dt.timedelta(minutes=30)).name  # 02:30 summer time
+    second = make_segment(output, berlin_fall_back + dt.timedelta(minutes=10)).name  # 02:10 winter, 40 min later
+    assert second < first  # by name, the later one looks older
+    with clock.frozen(berlin_fall_back + dt.timedelta(days=7, minutes=5)):  # only the first is over 7 days
+        result = prune(output, OutputConfig(keep_days=7), {first, second})
+    assert result.deleted == [first] and visible(output) == [second]
 
 
 def test_retention_through_detect_uses_the_state_database(tmp_path):
@@ -127,10 +119,11 @@ def test_detect_applies_retention_after_scoring(tmp_path):
 def test_leftovers_of_live_processes_are_kept(tmp_path):
     staging = tmp_path / STAGING
     staging.mkdir(parents=True)
-    mine = staging / f"2026-11-21_12-00-00.{os.getpid()}.0123abcd"  # the name's date plays no part
+    name = folder_name(clock.now())
+    mine = staging / f"{name}.{os.getpid()}.0123abcd"
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
-    dead = staging / f"2026-11-21_12-00-00.{dead_pid}.0123abcd"
+    dead = staging / f"{name}.{dead_pid}.0123abcd"
     for folder in (mine, dead):
         folder.mkdir()
     stray = tmp_path / f".detector.pt.{dead_pid}.89abcdef.tmp"

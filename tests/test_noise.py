@@ -1,5 +1,3 @@
-import datetime as dt
-
 import numpy as np
 import pytest
 import torch
@@ -45,7 +43,7 @@ def test_clipping_over_the_limit_is_reported():
 
 
 def test_clip_round_trip_and_backup(tmp_path):
-    first = NoiseClip(tone(0.1), SAMPLE_RATE, 3, "dev", dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc))
+    first = NoiseClip(tone(0.1), SAMPLE_RATE, 3, "dev", clock.now())
     path = save_clip(first, tmp_path)
     assert path == clip_path(tmp_path, 3) == tmp_path / "channel_3.pt"
     loaded = load_clip(path)

@@ -1,3 +1,4 @@
+import datetime as dt
 import sqlite3
 import subprocess
 import sys
@@ -6,13 +7,15 @@ import textwrap
 import numpy as np
 import pytest
 
+from signalcraft import clock
 from signalcraft.config import DetectConfig
 from signalcraft.detect.store import SCHEMA_VERSION, Store, StoreError
 from signalcraft.detect.thresholds import ThresholdState, fit
 from signalcraft.errors import SignalcraftError
 
-T0, T1, T2 = "2026-11-21T10:00:00+00:00", "2026-11-21T10:00:10+00:00", "2026-11-21T10:00:20+00:00"
-NOW = "2026-11-21T10:01:00+00:00"
+_START = clock.now() - dt.timedelta(minutes=5)
+T0, T1, T2 = ((_START + dt.timedelta(seconds=10 * k)).isoformat() for k in range(3))
+NOW = clock.now_iso()
 
 
 @pytest.fixture
