@@ -143,7 +143,7 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
 
 def _check_detector(ctx: _Context) -> tuple[str, str]:
     from .detect.model import load_detector
-    from .detect.run import state_path
+    from .detect.run import state_path, still_rejected
     from .detect.store import Store
     from .segments import candidate_names, list_segments
 
@@ -159,13 +159,13 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
     names = candidate_names(ctx.output)
     with Store(state, create=False) as store:
         seen = store.counts()["segments"]
-        rejected = store.rejected_folders()
-        known = store.scored_folders(among=names) | rejected.keys()  # a rejected one that changed is not waiting yet
+        rejected = still_rejected(store, ctx.output, names)
+        known = store.scored_folders(among=names) | rejected
         collected = store.calibration_count()
         has_thresholds = store.has_thresholds()
     unusable: list[str] = []
     waiting = len(list_segments(ctx.output, skip=known, on_error=lambda f, e: unusable.append(f.name))) if names else 0
-    bad = sorted(set(unusable) | (rejected.keys() & set(names)))
+    bad = sorted(set(unusable) | rejected)
     note = (f"; {len(bad)} folders look like segments but have an unusable manifest "
             f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): detect passes them by, the log says why; "
             "move them away once checked") if bad else ""

@@ -98,9 +98,7 @@ def detect(
                 "detector file away to calibrate from scratch."
             )
         names = candidate_names(output_dir)
-        rejected = store.rejected_folders()
-        seen = store.scored_folders(among=names) | {
-            name for name in names if name in rejected and rejected[name] == manifest_signature(output_dir / name)}
+        seen = store.scored_folders(among=names) | still_rejected(store, output_dir, names)
 
         def reject(folder: Path, error: ManifestError) -> None:
             if error.transient:  # unreadable this time: tried again next run
@@ -136,6 +134,13 @@ def detect(
             detector = _train_when_ready(config, output_dir, store, detector, result)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
+
+
+def still_rejected(store: Store, output_dir: Path, names: list[str]) -> set[str]:
+    """The folders among ``names`` that were rejected and whose manifest has not changed
+    since: `detect` passes them by (a changed one is read again)."""
+    rejected = store.rejected_folders()
+    return {name for name in names if name in rejected and rejected[name] == manifest_signature(output_dir / name)}
 
 
 def _train_when_ready(config: Config, output_dir: Path, store: Store, detector: Optional[Detector],

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import logging
+import math
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Container, Optional
 
 from ..files import read_regular
+from .layout import MANIFEST, candidate_names, tensor_file
+from .manifest import Manifest, ManifestError, read_manifest
 
 if TYPE_CHECKING:
     import torch
-from .layout import MANIFEST, candidate_names, tensor_file
-from .manifest import Manifest, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,7 @@ def read_tensor(folder: Path, mic: int, source: str, shape: tuple[int, ...]) -> 
         is more than one: refused unread by ``weights_only``), of another shape, or
         holding NaN or infinity.
     """
-    import io
-    import math
-    import stat
-
-    import torch
+    import torch  # here: listing segments needs no torch
 
     path = Path(folder) / tensor_file(mic, source)
     try:
