@@ -5,7 +5,7 @@ Data: the real DCASE 2020 Task 2 slide-rail recordings in ../shared/data/dcase20
 recordings of machineA in ../shared/data/dcase2020. Nothing is copied into the project;
 without those folders the benchmark says so and stops.
 
-For each slider id and each scorer kind (``detect.scorer``), through the installed
+For each slider id and each scorer kind (``detect.scorer.kind``), through the installed
 ``signalcraft`` command, exactly as in production:
 
 1. ``signalcraft process`` the first 50 normal clips (sorted by name), then
@@ -25,7 +25,7 @@ simple references computed on the very tensors signalcraft exported: a shrunk
 frames, and the mean over frames of each frame's distance to its nearest calibration
 frame. machineA: calibrate on clips 00-06, then clips 07-09 must raise no alarm.
 
-    python scripts/bench_detection_real.py [--scorers autoencoder,modulation]
+    python scripts/bench_detection_real.py [--scorers ensemble,autoencoder]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def project(work: Path, scorer: str, calibration: int) -> Path:
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump({
         "capture": {"channels": [1]}, "denoise": {"enabled": False}, "output": {"dir": "out"},
-        "detect": {"calibration_segments": calibration, "model": "detector.pt", "scorer": scorer},
+        "detect": {"calibration_segments": calibration, "model": "detector.pt", "scorer": {"kind": scorer}},
         "log": {"file": None},
     }))
     return config
@@ -135,7 +135,7 @@ def slider(mid: str, scorers: list[str], seed: int) -> dict:
             for name in ("out", "detector.pt"):
                 (shutil.copytree if (work / name).is_dir() else shutil.copy2)(work / name, alone / name)
             settings = yaml.safe_load(config.read_text())
-            settings["detect"]["cusum_limit"] = None
+            settings["detect"]["alerts"] = {"cusum_limit": None}
             (alone / "config.yaml").write_text(yaml.safe_dump(settings))
             rows = list(csv.DictReader(io.StringIO(run(config, "detect", str(work / "out"), "--csv").stdout)))
             rows_alone = list(csv.DictReader(io.StringIO(
@@ -187,7 +187,7 @@ def machine_a(scorer: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scorers", default=",".join(SCORERS), help="detect.scorer kinds to compare")
+    parser.add_argument("--scorers", default=",".join(SCORERS), help="detect.scorer.kind values to compare, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="order of the test clips")
     args = parser.parse_args()
     scorers = args.scorers.split(",")
@@ -228,7 +228,7 @@ published baseline saw about 1,000). Cold start: wall time of the first `detect`
 AUC target: at least the published full-data baseline and at least the best simple
 reference + 0.03. Alert target: at least 60% of anomalies flagged with at most 2% of
 normals flagged. "k of n alone": the same calibrated detector and stream with
-`detect.cusum_limit: null`. The CUSUM accumulates over the stream, and here two thirds
+`detect.alerts.cusum_limit: null`. The CUSUM accumulates over the stream, and here two thirds
 of the stream are faulty clips in random order, so it also flags the normal clips
 between them; in a plant the clips after a fault are of the same faulty machine.
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import yaml
@@ -25,8 +26,7 @@ SETTINGS = {
     "capture": {"channels": [1, 2]},
     "denoise": {"enabled": False},
     "output": {"dir": "out"},
-    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt", "epochs": 15, "channels": 8,
-               "batch_size": 8},
+    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt"},
 }
 
 
@@ -211,3 +211,36 @@ def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(cop
     assert (project / "detector.pt").read_bytes() != before
     with Store(project / "out" / "signalcraft.sqlite") as store:
         assert len(store.threshold_changes()) > 2
+
+
+def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(copy):
+    project, _ = copy
+    settings = {**SETTINGS, "detect": {**SETTINGS["detect"], "scorer": {"kind": "online"}}}
+    (project / "config.yaml").write_text(yaml.safe_dump(settings))
+    config = config_from_dict(settings, project / "config.yaml")
+    # On the calibration segments (other tests may have added faulty ones to the project).
+    until = [s.start_time.isoformat() for s in list_segments(project / "out")][CALIBRATION - 1]
+    trained = invoke("--config", str(project / "config.yaml"), "train-detector", str(project / "out"), "--until", until)
+    assert trained.returncode == 0, trained.stderr
+    state_file = project / "out" / "signalcraft.sqlite"
+
+    hiss = project / "hiss.wav"  # nothing like the pump: loud broadband noise on both microphones
+    sf.write(hiss, 0.3 * np.random.default_rng(0).standard_normal((160_000, 2)).astype(np.float32), 16000)
+    outcomes = set()
+    for seed, fault in ((300, None), (301, None), (302, "hiss"), (303, None)):
+        with Store(state_file) as store:
+            before = {mic: store.get_scorer_state(mic, "mix") for mic in (0, 1)}
+        process_files(config, [hiss if fault else scene_file(project, seed)])
+        rows = detect(config, project / "out").rows
+        with Store(state_file) as store:
+            for row in rows:
+                learnt = store.get_scorer_state(row.mic, "mix") != before[row.mic]
+                assert learnt == (row.status == "NORMAL"), (seed, row)
+                outcomes.add((fault, learnt))
+    assert (None, True) in outcomes and ("hiss", False) in outcomes
+
+    # A new detector starts again from its own calibration.
+    again = invoke("--config", str(project / "config.yaml"), "train-detector", str(project / "out"), "--until", until)
+    assert again.returncode == 0, again.stderr
+    with Store(state_file) as store:
+        assert store.get_scorer_state(0, "mix") is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from signalcraft.config import DetectConfig
+from signalcraft.config import AutoencoderConfig, DetectConfig, ScorerConfig
 from signalcraft.detect.model import (
     MIN_PROFILE_STD_DB,
     MODEL_FORMAT,
@@ -28,7 +28,12 @@ FEATURES = {"kind": "log-mel", "sample_rate": 16000, "segment_samples": 160000, 
             "power": 2.0, "mel_scale": "slaney", "norm": "slaney", "db_reference": 1.0, "floor_db": FLOOR_DB}
 PUMP_LINES = (20, 45, 80, 130)  # mel bins of the pump's harmonics
 FAN_LINES = (30, 100, 190)
-SMALL = DetectConfig(channels=8, epochs=12, batch_size=8, learning_rate=2e-3, seed=0)
+def autoencoder(**settings) -> DetectConfig:
+    """A DetectConfig of the autoencoder scorer with these network and training settings."""
+    return DetectConfig(scorer=ScorerConfig(kind="autoencoder", autoencoder=AutoencoderConfig(**settings)))
+
+
+SMALL = autoencoder(channels=8, epochs=12, batch_size=8, learning_rate=2e-3, seed=0)
 
 
 def spectrogram(n: int, lines=PUMP_LINES, seed: int = 0, gain_db: float = 0.0, extra_lines=(),
@@ -78,7 +83,7 @@ def test_the_autoencoder_returns_the_shape_it_is_given():
 
 
 def test_detector_is_trained_per_source_with_its_data_recorded(detector):
-    assert set(detector.models) == {"pump", "fan"} and detector.args.channels == SMALL.channels
+    assert set(detector.models) == {"pump", "fan"} and detector.args.channels == SMALL.scorer.autoencoder.channels
     assert detector.trained_on["pump"]["tensors"] == 32 and detector.trained_on["fan"]["tensors"] == 16
     assert all(not m.training for m in detector.models.values())
     mean, std = detector.norm["pump"]
@@ -272,12 +277,12 @@ def test_training_refuses_tensors_it_cannot_use():
 
 
 def test_training_is_repeatable_with_the_same_seed(capsys):
-    config = DetectConfig(channels=4, epochs=2, batch_size=4, seed=7)
+    config = autoencoder(channels=4, epochs=2, batch_size=4, seed=7)
     data = {"pump": spectrogram(8, seed=3)}
     x = spectrogram(4, seed=4, extra_lines=(60,))
     first = train_detector_models(data, FEATURES, config, progress=False, device="cpu")
     second = train_detector_models(data, FEATURES, config, progress=False, device="cpu")
-    other = train_detector_models(data, FEATURES, dataclasses.replace(config, seed=8), progress=False, device="cpu")
+    other = train_detector_models(data, FEATURES, autoencoder(channels=4, epochs=2, batch_size=4, seed=8), progress=False, device="cpu")
     assert np.array_equal(first.score("pump", x), second.score("pump", x))
     assert not np.array_equal(first.score("pump", x), other.score("pump", x))
     assert capsys.readouterr().err == ""  # progress=False: no bar

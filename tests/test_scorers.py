@@ -1,22 +1,31 @@
-"""Scorer kinds: the modulation scorer, the registry that the detector file's kind
-selects, and the one cross-fitting used by detect, train-detector and the benchmarks."""
+"""Scorer kinds: what each sees, their round trip through the detector file, the
+ensemble's standardisation, the registry that the file's kind selects, and the one
+cross-fitting used by detect, train-detector and the benchmarks."""
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from signalcraft.config import ConfigError, DetectConfig, ScorerConfig, config_from_dict
 from signalcraft.detect import scorers
+from signalcraft.detect.ensemble import EnsembleDetector
+from signalcraft.detect.gaussian import FrameWindows, ModulationFeatures, ShrunkGaussian
 from signalcraft.detect.model import MODEL_FORMAT, DetectorError, load_detector, save_detector
-from signalcraft.detect.modulation import ModulationDetector, ModulationFeatures, ShrunkGaussian
 from signalcraft.detect.scorers import SCORERS, cross_fit, fit_detector, pooled
 
 from test_detect_model import FEATURES, PUMP_LINES, SMALL, spectrogram
 
-MODULATION = dataclasses.replace(SMALL, scorer="modulation")
+
+def kind(name: str, **settings) -> DetectConfig:
+    return DetectConfig(scorer=ScorerConfig(kind=name, autoencoder=SMALL.scorer.autoencoder, **settings))
+
+
+MODULATION = kind("modulation")
 
 
 def rattling(n: int, seed: int, period: int = 16, bands=(150, 200)) -> torch.Tensor:
@@ -28,37 +37,117 @@ def rattling(n: int, seed: int, period: int = 16, bands=(150, 200)) -> torch.Ten
     return x
 
 
+def knocked(n: int, seed: int, at: int = 100, frames: int = 4, bands=(150, 200)) -> torch.Tensor:
+    """Pump tensors with one knock of ``frames`` frames: 20 dB in ``bands``."""
+    x = spectrogram(n, PUMP_LINES, seed=seed)
+    lo, hi = bands
+    x[:, :, lo:hi, at:at + frames] += 20.0
+    return x
+
+
 @pytest.fixture(scope="module")
-def modulation() -> ModulationDetector:
-    return fit_detector({"pump": spectrogram(40, PUMP_LINES, seed=1)}, FEATURES, MODULATION)
+def fitted() -> dict:
+    """A detector of every kind, fitted on the same normal pump tensors."""
+    train = {"pump": spectrogram(40, PUMP_LINES, seed=1)}
+    return {name: fit_detector(train, FEATURES, kind(name)) for name in SCORERS}
 
 
-def test_the_kind_in_the_config_selects_the_scorer(modulation):
-    assert isinstance(modulation, ModulationDetector) and SCORERS["modulation"] is ModulationDetector
-    assert modulation.sources == ("pump",) and modulation.trained_on["pump"]["tensors"] == 40
+def test_the_kind_in_the_config_selects_the_scorer(fitted):
+    for name, detector in fitted.items():
+        assert type(detector) is SCORERS[name] and detector.kind == name
+        assert detector.sources == ("pump",)
+    assert isinstance(fitted["ensemble"], EnsembleDetector) and DetectConfig().scorer.kind == "ensemble"
+    assert set(fitted["ensemble"].members) == {"profile", "modulation"}
 
 
-def test_a_knock_every_few_frames_scores_far_above_normal(modulation):
-    normal = modulation.score("pump", spectrogram(20, PUMP_LINES, seed=50))
-    knocking = modulation.score("pump", rattling(20, seed=51))
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_save_and_load_give_identical_scores(fitted, tmp_path, name):
+    detector = fitted[name]
+    path = save_detector(detector, tmp_path / "detector.pt")
+    data = torch.load(path, weights_only=True)
+    assert data["format"] == MODEL_FORMAT and data["kind"] == name
+    loaded = load_detector(path, features=FEATURES)
+    assert type(loaded) is type(detector)
+    x = torch.cat([spectrogram(5, PUMP_LINES, seed=9), rattling(3, seed=10), spectrogram(3, seed=11,
+                                                                                          extra_lines=(60,))])
+    assert np.array_equal(loaded.score("pump", x), detector.score("pump", x))
+
+
+def test_a_knock_every_few_frames_scores_far_above_normal(fitted):
+    normal = fitted["modulation"].score("pump", spectrogram(20, PUMP_LINES, seed=50))
+    knocking = fitted["modulation"].score("pump", rattling(20, seed=51))
     assert knocking.min() > 1.5 * normal.max()
     assert float((rattling(1, 7) - spectrogram(1, PUMP_LINES, seed=7))[0, 0, 150:200].mean()) <= 0.5  # dB
 
 
-def test_a_louder_machine_is_not_a_different_rhythm(modulation):
+def test_a_louder_machine_is_not_a_different_rhythm(fitted):
     """The modulation scorer describes fluctuation, not level: slow load or room changes
-    do not look like a fault (the autoencoder and band profiles watch levels)."""
-    normal = modulation.score("pump", spectrogram(20, PUMP_LINES, seed=60))
-    louder = modulation.score("pump", spectrogram(20, PUMP_LINES, seed=60, gain_db=6.0))
+    do not look like a fault (the profile watches levels)."""
+    normal = fitted["modulation"].score("pump", spectrogram(20, PUMP_LINES, seed=60))
+    louder = fitted["modulation"].score("pump", spectrogram(20, PUMP_LINES, seed=60, gain_db=6.0))
     assert np.allclose(louder, normal, rtol=0.05)
 
 
-def test_the_shrunk_gaussian_is_ledoit_wolf():
+def test_a_new_tone_is_the_profiles_and_a_single_knock_the_frames(fitted):
+    normal = spectrogram(20, PUMP_LINES, seed=70)
+    tone = spectrogram(20, PUMP_LINES, seed=70, extra_lines=(60,))
+    knock = knocked(20, seed=70)
+    profile, frames = fitted["profile"], fitted["frames"]
+    assert profile.score("pump", tone).min() > 3 * profile.score("pump", normal).max()
+    assert frames.score("pump", knock).min() > 3 * frames.score("pump", normal).max()
+    # One knock of 4 frames in 240 hardly moves a band's median level.
+    assert profile.score("pump", knock).max() < 1.5 * profile.score("pump", normal).max()
+
+
+def test_the_ensemble_flags_what_any_member_sees(fitted):
+    ensemble = fitted["ensemble"]
+    normal = ensemble.score("pump", spectrogram(20, PUMP_LINES, seed=80))
+    for fault in (rattling(20, seed=81), spectrogram(20, PUMP_LINES, seed=81, extra_lines=(60,))):
+        z = ensemble.member_z("pump", fault)
+        assert np.allclose(ensemble.score("pump", fault), np.log1p(np.exp(np.maximum(z["profile"], z["modulation"]))))
+        assert ensemble.score("pump", fault).min() > normal.max()
+    # Standardised on scores of data each member did not see: a typical normal is about 0.7.
+    assert 0.1 < float(np.median(normal)) < 3
+
+
+def test_the_ensemble_standardises_each_member_on_a_blocked_cross_fit(fitted):
+    """Each member's mean and spread come from scores of five contiguous blocks of the
+    calibration tensors (stretches of time), each scored by a model fitted on the rest."""
+    train = spectrogram(40, PUMP_LINES, seed=1)
+    for name in ("profile", "modulation"):
+        member = SCORERS[name]
+        held_out = np.concatenate([
+            member.fit({"pump": torch.cat([train[:8 * k], train[8 * (k + 1):]])}, FEATURES, kind(name))
+            .score("pump", train[8 * k:8 * (k + 1)]) for k in range(5)])
+        logs = np.log(held_out + 1e-12)
+        assert fitted["ensemble"].standard["pump"][name] == pytest.approx((logs.mean(), logs.std()), rel=1e-9)
+        # Out-of-block scores are higher than in-sample ones, which would make every new segment look abnormal.
+        assert logs.mean() > np.log(fitted[name].score("pump", train)).mean()
+
+
+def test_the_online_scorer_learns_only_what_it_is_given(fitted):
+    online = fitted["online"]
+    x = spectrogram(3, PUMP_LINES, seed=90)
+    state = online.learn("pump", x)
+    json.dumps(state)  # plain data, as the state file stores it
+    again = online.learn("pump", x)
+    assert state == again  # the calibration forest itself did not change
+    assert np.array_equal(online.score("pump", x), online.score("pump", x, state=None))
+    later = online.learn("pump", spectrogram(60, PUMP_LINES, seed=91), state=state)
+    assert later["counter"] != state["counter"] or later["r_mass"] != state["r_mass"]
+    with pytest.raises(DetectorError, match="damaged"):
+        online.score("pump", x, state={**state, "l_mass": state["l_mass"][:1]})
+    with pytest.raises(DetectorError, match="another River"):
+        online.score("pump", x, state={**state, "structure": "0" * 64})
+
+
+@pytest.mark.parametrize("n, p", [(30, 200), (200, 30)])
+def test_the_shrunk_gaussian_is_ledoit_wolf(n, p):
     from sklearn.covariance import LedoitWolf
 
     rng = np.random.default_rng(0)
-    train = rng.standard_normal((30, 200)) @ rng.standard_normal((200, 200)) * 0.1 + 3.0  # n < p
-    test = rng.standard_normal((10, 200)) * 0.3 + 3.0
+    train = rng.standard_normal((n, p)) @ rng.standard_normal((p, p)) * 0.1 + 3.0
+    test = rng.standard_normal((10, p)) * 0.3 + 3.0
     ours = ShrunkGaussian.fit(torch.from_numpy(train))(torch.from_numpy(test)).numpy()
     theirs = LedoitWolf().fit(train).mahalanobis(test)
     assert np.allclose(ours, theirs, rtol=1e-3)
@@ -69,31 +158,48 @@ def test_features_have_the_documented_size():
     assert (extract.groups, extract.bins, extract.width) == (40, 40, 3)
     assert extract(torch.zeros(2, 1, 240, 240)).shape == (2, 1600)
     assert ModulationFeatures(64, 32).groups == 32
+    assert FrameWindows(240, 240)(torch.zeros(2, 1, 240, 240)).shape == (2, 236, 200)
 
 
-def test_save_and_load_give_identical_scores(modulation, tmp_path):
-    path = save_detector(modulation, tmp_path / "detector.pt")
-    data = torch.load(path, weights_only=True)
-    assert data["format"] == MODEL_FORMAT and data["kind"] == "modulation"
-    loaded = load_detector(path, features=FEATURES)
-    x = torch.cat([spectrogram(5, PUMP_LINES, seed=9), rattling(5, seed=10)])
-    assert isinstance(loaded, ModulationDetector)
-    assert np.array_equal(loaded.score("pump", x), modulation.score("pump", x))
-
-
-def test_a_file_of_an_unknown_kind_or_an_older_format_is_refused(modulation, tmp_path):
-    data = torch.load(save_detector(modulation, tmp_path / "d.pt"), weights_only=True)
+def test_a_file_of_an_unknown_kind_or_an_older_format_is_refused(fitted, tmp_path):
+    data = torch.load(save_detector(fitted["modulation"], tmp_path / "d.pt"), weights_only=True)
     torch.save({**data, "kind": "forest"}, tmp_path / "forest.pt")
     with pytest.raises(DetectorError, match="forest.pt: a detector of kind 'forest'.*train-detector"):
         load_detector(tmp_path / "forest.pt")
-    torch.save({**data, "format": 3}, tmp_path / "old.pt")
-    with pytest.raises(DetectorError, match="old.pt: detector format 3 .*reads format 4.*train-detector"):
+    torch.save({**data, "format": 4}, tmp_path / "old.pt")
+    with pytest.raises(DetectorError, match=f"old.pt: detector format 4 .*reads format {MODEL_FORMAT}.*train-detector"):
         load_detector(tmp_path / "old.pt")
     damaged = {**data, "state_dicts": {"pump": {**data["state_dicts"]["pump"],
                                                "gaussian.mean": data["state_dicts"]["pump"]["gaussian.mean"] + 1}}}
     torch.save(damaged, tmp_path / "damaged.pt")
     with pytest.raises(DetectorError, match="fails its checksum"):
         load_detector(tmp_path / "damaged.pt")
+
+
+def test_a_damaged_ensemble_or_profile_file_is_refused(fitted, tmp_path):
+    data = torch.load(save_detector(fitted["ensemble"], tmp_path / "e.pt"), weights_only=True)
+    data["standard"]["pump"]["profile"] = [float("nan"), 1.0]
+    torch.save(data, tmp_path / "nan.pt")
+    with pytest.raises(DetectorError, match="nan.pt: damaged detector model.*not finite"):
+        load_detector(tmp_path / "nan.pt")
+    data = torch.load(save_detector(fitted["profile"], tmp_path / "p.pt"), weights_only=True)
+    data["profiles"]["pump"]["std"][3] = -1.0
+    torch.save(data, tmp_path / "negative.pt")
+    with pytest.raises(DetectorError, match="negative.pt: damaged detector model.*positive spreads"):
+        load_detector(tmp_path / "negative.pt")
+
+
+def test_the_scorer_section_is_checked_and_old_keys_are_pointed_to_their_new_place():
+    with pytest.raises(ConfigError, match=r"detect\.scorer\.members: 'online' is not a scorer an ensemble can hold"):
+        config_from_dict({"detect": {"scorer": {"members": ["profile", "online"]}}})
+    with pytest.raises(ConfigError, match=r"detect\.scorer: now a section; write detect\.scorer: \{kind: modulation\}"):
+        config_from_dict({"detect": {"scorer": "modulation"}})
+    with pytest.raises(ConfigError, match=r"detect\.alert_k: this key is now detect\.alerts\.k"):
+        config_from_dict({"detect": {"alert_k": 2}})
+    with pytest.raises(ConfigError, match=r"detect\.epochs: this key is now detect\.scorer\.autoencoder\.epochs"):
+        config_from_dict({"detect": {"epochs": 2}})
+    config = config_from_dict({"detect": {"scorer": {"kind": "frames"}, "alerts": {"k": 2, "n": 4}}})
+    assert config.detect.scorer.kind == "frames" and (config.detect.alerts.k, config.detect.alerts.n) == (2, 4)
 
 
 def test_cross_fit_scores_each_segment_with_a_model_that_did_not_see_it():
@@ -124,3 +230,4 @@ def test_the_detection_benchmark_uses_the_products_cross_fit():
     finally:
         sys.path.remove(str(path.parent))
     assert bench.cross_fit is scorers.cross_fit and bench.fit_detector is scorers.fit_detector
+    assert isinstance(bench.CONFIG, DetectConfig) and dataclasses.is_dataclass(bench.CONFIG)

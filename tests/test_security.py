@@ -211,7 +211,7 @@ def test_a_separator_file_not_matching_its_checksum_is_refused(model_repo):
 
 
 SMALL = {"capture": {"channels": [1], "segment_seconds": 1.0}, "denoise": {"enabled": False}, "output": {"dir": "out"},
-         "detect": {"calibration_segments": 5, "model": "detector.pt", "epochs": 2, "channels": 4, "batch_size": 4}}
+         "detect": {"calibration_segments": 5, "model": "detector.pt"}}
 
 
 def noise_wav(folder: Path, seconds: float, seed: int = 0) -> Path:

@@ -193,3 +193,22 @@ def test_a_newer_schema_is_refused(path):
     db.close()
     with pytest.raises(StoreError, match=f"newer signalcraft.*version {SCHEMA_VERSION + 1}.*Upgrade"):
         Store(path)
+
+
+def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
+    with Store(path) as store:
+        seg = store.record_segment("2026-01-01_00-00-00", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:10+00:00",
+                                   1, 0, phase="calibration")
+        store.add_score(seg, 0, "pump", None, None, None, "CALIBRATING")
+    with sqlite3.connect(path) as db:  # as signalcraft with schema version 1 left it
+        db.execute("DROP TABLE rejected")
+        db.execute("DROP TABLE scorer_states")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.close()
+    with Store(path) as store:
+        assert store.calibration_count() == 1 and store.rejected_folders() == {}
+        store.set_scorer_state(0, "pump", {"counter": 3}, "2026-01-01T00:00:20+00:00")
+        assert store.get_scorer_state(0, "pump") == {"counter": 3}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    db.close()

@@ -14,6 +14,11 @@ SHAPE, SCALE = 4.0, 0.05  # a skewed, gamma-like score distribution
 DEFAULTS = DetectConfig()
 
 
+def levels(**settings) -> DetectConfig:
+    """The default DetectConfig with these ``levels`` settings."""
+    return dataclasses.replace(DEFAULTS, levels=dataclasses.replace(DEFAULTS.levels, **settings))
+
+
 def gamma_scores(n: int, seed: int = 0, shape: float = SHAPE, scale: float = SCALE) -> np.ndarray:
     return np.random.default_rng(seed).gamma(shape, scale, n)
 
@@ -46,11 +51,11 @@ def test_gamma_levels_match_the_true_quantiles():
 
 def test_sigma_and_percentile_levels_on_known_scores():
     scores = np.arange(1.0, 101.0)  # mean 50.5, sample std 29.011
-    sigma = fit(scores, dataclasses.replace(DEFAULTS, threshold_method="sigma"))
+    sigma = fit(scores, levels(method="sigma"))
     assert sigma.warning == pytest.approx(50.5 + 3 * 29.0115, rel=1e-4)
     assert sigma.critical == pytest.approx(50.5 + 5 * 29.0115, rel=1e-4)
-    percentile = fit(scores, dataclasses.replace(DEFAULTS, threshold_method="percentile",
-                                                 warning_quantile=0.9, critical_quantile=0.99))
+    percentile = fit(scores, levels(method="percentile", warning_quantile=0.9,
+                                    critical_quantile=0.99))
     assert (percentile.warning, percentile.critical) == pytest.approx((90.1, 99.01))
 
 
@@ -87,7 +92,7 @@ def test_spikes_spread_wider_than_the_window_never_page():
     decisions, state = stream(fixed_state(), scores)
     assert CRITICAL not in statuses(decisions)
     assert statuses(decisions)[::3] == [WARNING] * 20
-    assert len(state.recent) == DEFAULTS.alert_n
+    assert len(state.recent) == DEFAULTS.alerts.n
 
 
 def test_slow_drift_of_normal_scores_moves_the_levels_with_it():
@@ -96,7 +101,7 @@ def test_slow_drift_of_normal_scores_moves_the_levels_with_it():
     drift = np.linspace(1.0, 1.2, 2000)
     scores = gamma_scores(2000, seed=4, shape=shape, scale=0.01) * drift
     decisions, end = stream(state, scores)
-    _, frozen = stream(state, scores, dataclasses.replace(DEFAULTS, adapt_rate=0.0))
+    _, frozen = stream(state, scores, levels(adapt_rate=0.0))
     assert end.warning == pytest.approx(1.2 * state.warning, rel=0.1)
     assert end.critical == pytest.approx(1.2 * state.critical, rel=0.1)
     tail = statuses(decisions)[-500:]
@@ -156,7 +161,7 @@ def test_a_slow_rise_below_every_level_is_caught_by_accumulation_not_by_k_of_n()
     rng = np.random.default_rng(6)
     creep = full_mean + np.minimum(np.arange(300) / 100, 1.0) * 1.5 * full_sd
     scores = np.minimum(creep + 0.3 * full_sd * rng.standard_normal(300), 0.98 * state.warning)
-    without = dataclasses.replace(DEFAULTS, cusum_limit=None)
+    without = dataclasses.replace(DEFAULTS, alerts=dataclasses.replace(DEFAULTS.alerts, cusum_limit=None))
     assert CRITICAL not in statuses(stream(state, scores, without)[0])
     found = statuses(stream(state, scores)[0])
     assert CRITICAL in found and found.index(CRITICAL) < 200
@@ -166,7 +171,7 @@ def test_accumulation_stays_quiet_on_a_long_normal_stream_and_drains():
     state = fit(gamma_scores(60, seed=7), DEFAULTS)
     decisions, last = stream(state, gamma_scores(20000, seed=8))
     assert CRITICAL not in statuses(decisions)
-    assert max(d.state.cusum for d in decisions) < DEFAULTS.cusum_limit / 2
-    high = dataclasses.replace(last, cusum=DEFAULTS.cusum_limit - 1)
+    assert max(d.state.cusum for d in decisions) < DEFAULTS.alerts.cusum_limit / 2
+    high = dataclasses.replace(last, cusum=DEFAULTS.alerts.cusum_limit - 1)
     _, drained = stream(high, gamma_scores(100, seed=9))
     assert drained.cusum < 5  # normal scores drain it by about cusum_slack each

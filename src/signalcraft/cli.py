@@ -331,8 +331,9 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     OUTPUT/signalcraft.sqlite, or detect.state). With no trained detector yet, the
     first detect.calibration_segments segments are taken as normal ("calibrating
     37/60"); then the detector trains itself and sets WARNING and CRITICAL levels per
-    microphone and machine. CRITICAL needs detect.alert_k of the last detect.alert_n
-    segments above the critical level.
+    microphone and machine. CRITICAL needs detect.alerts.k of the last
+    detect.alerts.n segments above the critical level, or the CUSUM of small rises
+    past detect.alerts.cusum_limit.
 
     Then applies retention (output.keep_days, output.max_gb) to the segments it has
     finished with; if that fails the alerts still count (exit 3/4, else 1). One

@@ -216,9 +216,114 @@ class FeaturesConfig:
         _require(-100 <= self.floor_db < 0, "floor_db", "must be in [-100, 0) dB")
 
 
+SCORER_KINDS = ("ensemble", "profile", "modulation", "bands", "frames", "autoencoder", "online")
+# Members that fit in about a second: the ensemble cross-fits each member inside each
+# of its own cross-fitting folds, which would train an autoencoder tens of times; and
+# online learning is the online scorer's own.
+ENSEMBLE_MEMBERS = ("profile", "modulation", "bands", "frames")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """The ``autoencoder`` scorer's network and training."""
+
+    channels: int = 16  # width of the first conv layer
+    epochs: int = 30
+    batch_size: int = 16
+    learning_rate: float = 1.0e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.channels >= 1, "channels", "must be positive")
+        _require(self.epochs >= 1, "epochs", "must be positive")
+        _require(self.batch_size >= 1, "batch_size", "must be positive")
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """The ``online`` scorer: River's HalfSpaceTrees, learning from NORMAL segments."""
+
+    trees: int = 10
+    height: int = 8
+    # Segments per reference window: the model scores against the last full window of
+    # normal segments and fills the next one.
+    window: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.trees >= 1, "trees", "must be positive")
+        _require(1 <= self.height <= 20, "height", "must be between 1 and 20")
+        _require(self.window >= 1, "window", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerConfig:
+    """How a tensor becomes an anomaly score (the README's Detection section)."""
+
+    # ensemble: each of `members` standardised on its calibration scores, the most
+    # abnormal counts; profile: each mel band's level against normal, worst bands;
+    # modulation: a shrunk Gaussian on how each band group's level fluctuates; bands:
+    # the same on each group's level and spread; frames: the same on short windows of
+    # frames, scored by the worst; autoencoder: a convolutional autoencoder and band
+    # profiles; online: River HalfSpaceTrees on band statistics, learning as it goes.
+    kind: Literal["ensemble", "profile", "modulation", "bands", "frames", "autoencoder", "online"] = "ensemble"
+    members: tuple[str, ...] = ("profile", "modulation")
+    autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
+    online: OnlineConfig = dataclasses.field(default_factory=OnlineConfig)
+
+    def __post_init__(self):
+        for member in self.members:
+            _require(member in ENSEMBLE_MEMBERS, "members",
+                     f"{member!r} is not a scorer an ensemble can hold (choose from {', '.join(ENSEMBLE_MEMBERS)})")
+        _require(len(set(self.members)) == len(self.members) and len(self.members) >= 1, "members",
+                 "must name at least one scorer, each once")
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelsConfig:
+    """WARNING and CRITICAL levels per microphone and machine, and how they adapt."""
+
+    # gamma (quantiles of a fitted gamma distribution), sigma (mean + k standard
+    # deviations) or percentile (empirical), on the cross-fitted calibration scores.
+    method: Literal["gamma", "sigma", "percentile"] = "gamma"
+    warning_quantile: float = 0.99  # gamma and percentile
+    critical_quantile: float = 0.999
+    warning_sigma: float = 3.0  # sigma
+    critical_sigma: float = 5.0
+    # Slow drift: each NORMAL score moves the score distribution by this weight
+    # (exponentially weighted); WARNING and CRITICAL scores never do.
+    adapt_rate: float = 0.01
+
+    def __post_init__(self):
+        _require(0 < self.warning_quantile < self.critical_quantile < 1, "warning_quantile",
+                 "and critical_quantile must satisfy 0 < warning < critical < 1")
+        _require(0 < self.warning_sigma < self.critical_sigma, "warning_sigma", "must be below critical_sigma")
+        _require(0 <= self.adapt_rate < 1, "adapt_rate", "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertsConfig:
+    """When a score above the levels becomes CRITICAL."""
+
+    # CRITICAL needs at least k of the last n segments above the critical level.
+    k: int = 3
+    n: int = 5
+    # Or a fault too small for any one segment: a CUSUM of standardised scores (how many
+    # standard deviations above the mean of normal scores, less cusum_slack each
+    # segment) that passes cusum_limit. null: off.
+    cusum_slack: float = 0.5
+    cusum_limit: Optional[float] = 20.0
+
+    def __post_init__(self):
+        _require(1 <= self.k <= self.n, "k", "must be between 1 and n")
+        _require(self.cusum_slack > 0, "cusum_slack", "must be positive")
+        _require(self.cusum_limit is None or self.cusum_limit > 0, "cusum_limit", "must be positive or null")
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectConfig:
-    """`signalcraft detect`: the autoencoder, its thresholds and the alert rule."""
+    """`signalcraft detect`: the scorer, its levels and the alert rule."""
 
     # SQLite file with segments seen, scores, thresholds and alerts.
     # null: signalcraft.sqlite in the folder given to `detect`
@@ -228,48 +333,28 @@ class DetectConfig:
     # Segments taken as normal before the detector trains itself:
     # 60 segments of 10 s are 10 minutes of audio.
     calibration_segments: int = 60
-    # How tensors are scored (see the README's Detection section):
-    # autoencoder: a convolutional autoencoder and band profiles per source;
-    # modulation: a shrunk Gaussian on how each band's level fluctuates over the segment.
-    scorer: Literal["autoencoder", "modulation"] = "autoencoder"
     device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
-    # Autoencoder: first-layer width, training epochs, batch, learning rate, seed.
-    channels: int = 16
-    epochs: int = 30
-    batch_size: int = 16
-    learning_rate: float = 1.0e-3
-    seed: int = 0
-    # Thresholds from the calibration scores: gamma (quantiles of a fitted gamma
-    # distribution), sigma (mean + k standard deviations) or percentile (empirical).
-    threshold_method: Literal["gamma", "sigma", "percentile"] = "gamma"
-    warning_quantile: float = 0.99  # gamma and percentile
-    critical_quantile: float = 0.999
-    warning_sigma: float = 3.0  # sigma
-    critical_sigma: float = 5.0
-    # Slow drift: each NORMAL score moves the score distribution by this weight
-    # (exponentially weighted); WARNING and CRITICAL scores never do.
-    adapt_rate: float = 0.01
-    # CRITICAL needs at least k of the last n segments above the critical level.
-    alert_k: int = 3
-    alert_n: int = 5
-    # Or a fault too small for any one segment: a CUSUM of standardised scores (how many
-    # standard deviations above the mean of normal scores, less cusum_slack each
-    # segment) that passes cusum_limit. null: off.
-    cusum_slack: float = 0.5
-    cusum_limit: Optional[float] = 20.0
+    scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
+    levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)
+    alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 
     def __post_init__(self):
         _require(self.calibration_segments >= 5, "calibration_segments", "must be at least 5")
-        _require(self.channels >= 1 and self.epochs >= 1 and self.batch_size >= 1, "channels",
-                 "epochs and batch_size must be positive")
-        _require(self.learning_rate > 0, "learning_rate", "must be positive")
-        _require(0 < self.warning_quantile < self.critical_quantile < 1, "warning_quantile",
-                 "and critical_quantile must satisfy 0 < warning < critical < 1")
-        _require(0 < self.warning_sigma < self.critical_sigma, "warning_sigma", "must be below critical_sigma")
-        _require(0 <= self.adapt_rate < 1, "adapt_rate", "must be in [0, 1)")
-        _require(1 <= self.alert_k <= self.alert_n, "alert_k", "must be between 1 and alert_n")
-        _require(self.cusum_slack > 0, "cusum_slack", "must be positive")
-        _require(self.cusum_limit is None or self.cusum_limit > 0, "cusum_limit", "must be positive or null")
+
+
+# Keys of earlier versions, and where they are now.
+MOVED_KEYS = {
+    "detect.scorer": "detect.scorer.kind",
+    **{f"detect.{k}": f"detect.scorer.autoencoder.{k}" for k in ("channels", "epochs", "batch_size",
+                                                                   "learning_rate", "seed")},
+    "detect.threshold_method": "detect.levels.method",
+    **{f"detect.{k}": f"detect.levels.{k}" for k in ("warning_quantile", "critical_quantile", "warning_sigma",
+                                                       "critical_sigma", "adapt_rate")},
+    "detect.alert_k": "detect.alerts.k",
+    "detect.alert_n": "detect.alerts.n",
+    "detect.cusum_slack": "detect.alerts.cusum_slack",
+    "detect.cusum_limit": "detect.alerts.cusum_limit",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +514,9 @@ def _build(cls: type, data: Any, prefix: str, where: str, exclude: tuple[str, ..
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
+            if f"{prefix}{key}" in MOVED_KEYS:
+                raise ConfigError(f"{where}: {prefix}{key}: this key is now {MOVED_KEYS[prefix + key]}; "
+                                  "move it there (see config.yaml in the signalcraft source).")
             raise ConfigError(
                 f"{where}: {prefix}{key}: unknown key. Known keys here: {', '.join(fields)}."
             )
@@ -445,6 +533,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and key in MOVED_KEYS:
+            raise ConfigError(f"{where}: {key}: now a section; write {key}: {{{MOVED_KEYS[key].rsplit('.', 1)[1]}: "
+                              f"{value}}} (see config.yaml in the signalcraft source).")
         return _build(tp, value, key + ".", where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

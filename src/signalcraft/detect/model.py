@@ -39,7 +39,7 @@ import math
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -53,9 +53,10 @@ from ..files import save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
-# 2: per-band normalisation, 3: band profiles, 4: the scorer's kind; bump when the saved
+# 2: per-band normalisation, 3: band profiles, 4: the scorer's kind, 5: Gaussian scorers
+# keep one basis matrix (and the ensemble, profile, bands, frames kinds); bump when the saved
 # layout changes; older files are refused, not guessed at.
-MODEL_FORMAT = 4
+MODEL_FORMAT = 5
 
 N_STAGES = 4  # stride-2 stages: 240 -> 120 -> 60 -> 30 -> 15 bins/frames
 DOWNSAMPLING = 2**N_STAGES  # n_mels and n_frames must be multiples of this
@@ -75,6 +76,7 @@ MIN_PROFILE_STD_DB = 0.5  # dB
 # towards the median spread of all bands as if that were worth this many more tensors
 # (moderated variance, as in limma). With the default 60 segments it changes little.
 PROFILE_PRIOR_DOF = 4
+LOGGED_EPOCHS = 5  # progress lines per source in the log while an autoencoder trains
 SCORE_BATCH = 32  # tensors per forward pass when scoring (about 60 MB of activations on CPU)
 RETRAIN = "retrain it with `signalcraft train-detector`"
 
@@ -175,7 +177,8 @@ class BandProfile:
             var = (dof * var + PROFILE_PRIOR_DOF * var.median()) / (dof + PROFILE_PRIOR_DOF)
         else:
             var = torch.zeros_like(mean)
-        return cls(mean.float(), components.float(), var.sqrt().clamp_min(MIN_PROFILE_STD_DB).float())
+        # Contiguous, as a loaded profile is: the same memory layout gives the same rounding.
+        return cls(mean.float(), components.float().contiguous(), var.sqrt().clamp_min(MIN_PROFILE_STD_DB).float())
 
     def deviation(self, tensors: torch.Tensor) -> torch.Tensor:
         """Squared standardised deviation per band of each tensor's profile from normal,
@@ -194,8 +197,9 @@ class BandProfile:
         mean = torch.tensor(data["mean"], dtype=torch.float32)
         std = torch.tensor(data["std"], dtype=torch.float32)
         components = torch.tensor(data["components"], dtype=torch.float32).reshape(-1, n_mels)
-        if mean.shape != (n_mels,) or std.shape != (n_mels,) or not bool((std > 0).all()):
-            raise ValueError(f"band profile does not have {n_mels} bands with positive spreads")
+        if mean.shape != (n_mels,) or std.shape != (n_mels,) or not bool((std > 0).all()) \
+                or not all(bool(torch.isfinite(t).all()) for t in (mean, std, components)):
+            raise ValueError(f"band profile does not have {n_mels} bands with finite levels and positive spreads")
         return cls(mean, components, std)
 
 
@@ -360,6 +364,37 @@ def _check_training_tensors(tensors_by_source: dict[str, torch.Tensor], features
     return n_mels, n_frames
 
 
+def fit_sources(kind: str, tensors_by_source: dict[str, torch.Tensor], features: dict,
+                fit_one: Callable[[torch.Tensor, int, int], Any]) -> tuple[dict, int, int, dict, dict]:
+    """Fit one model per source with ``fit_one(x, n_mels, n_frames)``, x the source's
+    float32 CPU tensors, shape = (N, 1, n_mels, n_frames), N >= 2.
+
+    Returns
+    -------
+    tuple
+        (source -> model, n_mels, n_frames, the feature settings, source -> tensors, date
+        and seconds taken).
+
+    Raises
+    ------
+    DetectorError
+        No sources, fewer than 2 tensors of a source, wrong shapes, non-finite values.
+    """
+    features = dict(features or {})
+    n_mels, n_frames = _check_training_tensors(tensors_by_source, features, multiple=1)
+    models, trained_on = {}, {}
+    for source in sorted(tensors_by_source):
+        x = tensors_by_source[source].detach().to("cpu", torch.float32)
+        if x.shape[0] < 2:
+            raise DetectorError(f"source {source!r}: {x.shape[0]} tensor to fit on; the {kind} scorer needs at least 2.")
+        began = time.monotonic()
+        with torch.no_grad():
+            models[source] = fit_one(x, n_mels, n_frames)
+        trained_on[source] = {"tensors": int(x.shape[0]), "date": clock.now().isoformat(timespec="seconds"),
+                              "seconds": round(time.monotonic() - began, 3)}
+    return models, n_mels, n_frames, features, trained_on
+
+
 def train_detector_models(
     tensors_by_source: dict[str, torch.Tensor],
     features: dict,
@@ -369,7 +404,7 @@ def train_detector_models(
 ) -> Detector:
     """Train one autoencoder per source on its normal tensors.
 
-    Each source's model starts from ``torch.manual_seed(config.seed)`` and sees its
+    Each source's model starts from ``torch.manual_seed(seed)`` and sees its
     tensors in an order drawn from a generator with the same seed, so a model does not
     depend on which other sources are trained, and training is repeatable on CPU (CUDA
     kernels may differ in the last bits).
@@ -383,7 +418,7 @@ def train_detector_models(
         ``LogMel.settings()`` of the tensors; saved with the detector and checked on load.
         Its n_mels and n_frames, when present, must match the tensors.
     config : DetectConfig
-        channels, epochs, batch_size, learning_rate and seed are used.
+        ``scorer.autoencoder`` (channels, epochs, batch_size, learning_rate, seed) is used.
     progress : bool or None
         A progress bar per source with the loss; None: only when stderr is a terminal.
     device : str
@@ -399,7 +434,8 @@ def train_detector_models(
 
     features = dict(features or {})  # a manifest without settings: nothing to check against
     n_mels, n_frames = _check_training_tensors(tensors_by_source, features)
-    args = AutoencoderArgs(n_mels=n_mels, n_frames=n_frames, channels=config.channels)
+    ae = config.scorer.autoencoder
+    args = AutoencoderArgs(n_mels=n_mels, n_frames=n_frames, channels=ae.channels)
     dev = torch_device(device, "device")
     models, norm, trained_on, profiles = {}, {}, {}, {}
     for source in sorted(tensors_by_source):
@@ -411,18 +447,19 @@ def train_detector_models(
         std = (x.double().std(dim=(0, 1, 3)).float() if n * n_frames > 1 else torch.zeros_like(mean))
         std = std.clamp_min(MIN_STD_DB)
         xn = (x - mean.view(1, 1, -1, 1)) / std.view(1, 1, -1, 1)
-        torch.manual_seed(config.seed)
-        order = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(ae.seed)
+        order = torch.Generator().manual_seed(ae.seed)
         model = ConvAutoencoder(args).to(dev)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        optimizer = torch.optim.Adam(model.parameters(), lr=ae.learning_rate)
         model.train()
         began = time.monotonic()
         loss_value = math.nan
-        bar = tqdm(range(config.epochs), desc=f"{source}", unit="epoch", leave=False,
+        bar = tqdm(range(ae.epochs), desc=f"{source}", unit="epoch", leave=False,
                    disable=not progress if progress is not None else None)
-        for _ in bar:
+        every = max(1, ae.epochs // LOGGED_EPOCHS)
+        for epoch in bar:
             total = 0.0
-            for idx in torch.randperm(n, generator=order).split(config.batch_size):
+            for idx in torch.randperm(n, generator=order).split(ae.batch_size):
                 batch = xn[idx].to(dev)
                 loss = nn.functional.mse_loss(model(batch), batch)
                 optimizer.zero_grad()
@@ -431,6 +468,11 @@ def train_detector_models(
                 total += loss.item() * len(idx)
             loss_value = total / n
             bar.set_postfix(loss=f"{loss_value:.4f}")
+            if epoch == 0 or (epoch + 1) % every == 0:
+                # In the log too: from cron the first training would otherwise be silent.
+                elapsed = time.monotonic() - began
+                log.info("detector for %s: epoch %d of %d, loss %.4f, about %.0f s left for this source", source,
+                         epoch + 1, ae.epochs, loss_value, elapsed / (epoch + 1) * (ae.epochs - epoch - 1))
         bar.close()
         seconds = time.monotonic() - began
         model.cpu().eval()
@@ -439,16 +481,16 @@ def train_detector_models(
         trained_on[source] = {
             "tensors": n,
             "date": clock.now().isoformat(timespec="seconds"),
-            "epochs": config.epochs,
-            "batch_size": config.batch_size,
-            "learning_rate": config.learning_rate,
-            "seed": config.seed,
+            "epochs": ae.epochs,
+            "batch_size": ae.batch_size,
+            "learning_rate": ae.learning_rate,
+            "seed": ae.seed,
             "final_loss": loss_value,
             "seconds": round(seconds, 3),
             "device": str(dev),
         }
         log.info("detector for %s: %d tensors, %d epochs, final loss %.4f, %.1f s on %s", source, n,
-                 config.epochs, loss_value, seconds, dev)
+                 ae.epochs, loss_value, seconds, dev)
     return Detector(models=models, norm=norm, args=args, features=features, trained_on=trained_on,
                     profiles=profiles)
 

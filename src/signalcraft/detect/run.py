@@ -4,14 +4,16 @@ Each run finds the complete segments under OUTPUT (manifest present) that the st
 database has not seen, oldest first, and handles each in one transaction:
 
 - cold start (no detector yet): the segment is taken as normal calibration data. Once
-  ``detect.calibration_segments`` are collected, one autoencoder per source is trained
-  on all of them (shared by the microphones), and WARNING/CRITICAL levels per
-  (microphone, source) are fitted to scores the model gave to data it was not trained
-  on (two-fold cross-fitting over the calibration segments: in-sample reconstruction
-  errors are too low and would set the levels too low).
-- scoring: each (mic, source) tensor gets the autoencoder's reconstruction error; the
-  thresholds decide NORMAL / WARNING / CRITICAL (k of n segments for CRITICAL) and
-  adapt to slow drift from NORMAL scores only.
+  ``detect.calibration_segments`` are collected, a detector of ``detect.scorer.kind``
+  is fitted per source on all of them (shared by the microphones), and WARNING/CRITICAL
+  levels per (microphone, source) are fitted to scores that models gave to data they
+  were not fitted on (``scorers.cross_fit`` over the calibration segments: in-sample
+  scores are too low and would set the levels too low).
+- scoring: each (mic, source) tensor gets the detector's score; the thresholds decide
+  NORMAL / WARNING / CRITICAL (k of n segments, or the CUSUM, for CRITICAL) and adapt
+  to slow drift from NORMAL scores only. A scorer that learns online (``online``)
+  keeps a model per (mic, source) in the state and learns each NORMAL segment, in the
+  same transaction as its score.
 
 Segments come from the segment store (``signalcraft.segments``), oldest first. A
 corrupt or wrong-shape tensor is skipped, logged and counted; a folder without a
@@ -172,10 +174,14 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
                         "calibration); retrain with `signalcraft train-detector`", segment.name, mic, source)
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             continue
-        score = float(detector.score(source, tensor[None])[0])
+        learns = getattr(detector, "learns_online", False)
+        model_state = store.get_scorer_state(mic, source) if learns else None
+        score = float(detector.score(source, tensor[None], **({"state": model_state} if learns else {}))[0])
         state = th.ThresholdState.from_dict(saved)
         decision = th.decide(state, score, c)
         store.add_score(seg, mic, source, score, state.warning, state.critical, decision.status)
+        if learns and decision.status == th.NORMAL:  # a WARNING or CRITICAL segment is never learnt
+            store.set_scorer_state(mic, source, detector.learn(source, tensor[None], state=model_state), at)
         if decision.state != state:
             store.set_threshold(mic, source, decision.state.to_dict(), decision.change or "", at,
                                 log_change=decision.change is not None)
@@ -212,9 +218,13 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
-    kind = SCORERS[c.scorer]
-    log.info("training the %s detector on %d segments (%d folds for the thresholds, then all)", c.scorer,
-             len(chosen), min(kind.cross_fit_folds, len(chosen)))
+    kind = SCORERS[c.scorer.kind]
+    folds = max(2, min(kind.cross_fit_folds, len(chosen)))
+    sources = sorted({source for tensors in loaded for _, source in tensors})
+    log.info("training the %s detector on %d segments of %d source(s): %d cross-fitting folds for the thresholds, "
+             "then all%s", c.scorer.kind, len(chosen), len(sources), folds,
+             f" ({folds + 1} autoencoder trainings per source; progress follows)" if c.scorer.kind == "autoencoder"
+             else "")
     out_of_fold = cross_fit(loaded, lambda tensors: fit_detector(tensors, features, c), kind.cross_fit_folds)
     detector = fit_detector(pooled(loaded), features, c)
     at = clock.now_iso()
@@ -230,6 +240,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
                 store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
                 log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
                          state.critical)
+            store.clear_scorer_states()  # online models start again from the new detector's
             store.mark_calibration_done()
     except BaseException:
         staged.unlink(missing_ok=True)

@@ -10,10 +10,15 @@ A scorer kind is a class with
   abnormal;
 - ``sources``, ``features`` (the ``LogMel.settings()`` it was fitted on);
 - ``to_data()`` / ``from_data(data)``: plain data that loads with ``weights_only``;
-- ``cross_fit_folds``: how many folds ``cross_fit`` uses for it.
+- ``cross_fit_folds``: how many folds ``cross_fit`` uses for it;
+- optionally ``learns_online = True`` with ``score(source, tensors, state=None)`` and
+  ``learn(source, tensors, state=None) -> state``: `detect` keeps a state per
+  (microphone, source) and has it learn every NORMAL segment (``online``).
 
-``detect.scorer`` chooses the kind. Add a kind by writing such a class and listing it
-in ``SCORERS``.
+``detect.scorer.kind`` chooses the kind. Add a kind by writing such a class and listing it
+in ``SCORERS``. The kinds: ``ensemble`` (the default; ``ensemble.py``), ``profile``
+(``profile.py``), ``modulation``, ``bands`` and ``frames`` (``gaussian.py``),
+``autoencoder`` (``model.py``) and ``online`` (``online.py``).
 """
 
 from __future__ import annotations
@@ -24,20 +29,24 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import DetectConfig
-from .modulation import ModulationDetector
+from .ensemble import EnsembleDetector
+from .gaussian import BandsDetector, FramesDetector, ModulationDetector
 from .model import Detector
+from .online import OnlineDetector
+from .profile import ProfileDetector
 
 log = logging.getLogger(__name__)
 
-SCORERS: dict[str, type] = {cls.kind: cls for cls in (Detector, ModulationDetector)}
+SCORERS: dict[str, type] = {cls.kind: cls for cls in (EnsembleDetector, ProfileDetector, ModulationDetector,
+                                                      BandsDetector, FramesDetector, Detector, OnlineDetector)}
 
 # One segment's tensors by (mic, source).
 SegmentTensors = dict[tuple[int, str], torch.Tensor]
 
 
 def fit_detector(tensors_by_source: dict[str, torch.Tensor], features: dict, config: DetectConfig):
-    """A detector of the kind ``config.scorer``, fitted on normal tensors."""
-    return SCORERS[config.scorer].fit(tensors_by_source, features, config)
+    """A detector of the kind ``config.scorer.kind``, fitted on normal tensors."""
+    return SCORERS[config.scorer.kind].fit(tensors_by_source, features, config)
 
 
 def pooled(segments: Sequence[SegmentTensors]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Optional
 from .. import clock
 from ..errors import StorageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
 PHASES = ("calibration", "scored")
 STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
@@ -94,11 +94,20 @@ CREATE TABLE IF NOT EXISTS rejected (
     seen_at_utc TEXT NOT NULL,
     reason TEXT NOT NULL                -- why it is not a usable segment (its manifest)
 );
+CREATE TABLE IF NOT EXISTS scorer_states (
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    state_json TEXT NOT NULL,           -- a scorer that learns online (detect.scorer.kind online): its model
+    updated_at_utc TEXT NOT NULL,
+    PRIMARY KEY (mic, source)
+);
 """
 # Statements that bring a state file of version k (the key) to version k + 1.
 _MIGRATIONS = {
     1: """CREATE TABLE rejected (folder TEXT PRIMARY KEY, signature TEXT NOT NULL, seen_at_utc TEXT NOT NULL,
                                  reason TEXT NOT NULL)""",
+    2: """CREATE TABLE scorer_states (mic INTEGER NOT NULL, source TEXT NOT NULL, state_json TEXT NOT NULL,
+                                      updated_at_utc TEXT NOT NULL, PRIMARY KEY (mic, source))""",
 }
 
 
@@ -412,6 +421,25 @@ class Store:
                      text),
                 )
 
+    def get_scorer_state(self, mic: int, source: str) -> Optional[dict[str, Any]]:
+        """The model of (mic, source) of a scorer that learns online, as saved, or None."""
+        row = self._execute("SELECT state_json FROM scorer_states WHERE mic = ? AND source = ?",
+                            (int(mic), source)).fetchone()
+        return None if row is None else self._json(row[0])
+
+    def set_scorer_state(self, mic: int, source: str, state: dict[str, Any], at_utc: str) -> None:
+        """Save the model of (mic, source) of a scorer that learns online."""
+        self._execute(
+            "INSERT INTO scorer_states (mic, source, state_json, updated_at_utc) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (mic, source) DO UPDATE SET state_json = excluded.state_json, "
+            "updated_at_utc = excluded.updated_at_utc",
+            (int(mic), source, json.dumps(state, allow_nan=False, sort_keys=True), at_utc),
+        )
+
+    def clear_scorer_states(self) -> None:
+        """Forget every online model (a new detector starts from its own calibration)."""
+        self._execute("DELETE FROM scorer_states")
+
     def threshold_changes(self, mic: Optional[int] = None, source: Optional[str] = None) -> list[dict[str, Any]]:
         """The history of threshold changes, oldest first. Each row: id, mic, source,
         at_utc, reason, warning, critical, state (the saved dict)."""
@@ -471,7 +499,7 @@ class Store:
         try:
             return json.loads(text)
         except ValueError as e:
-            raise StoreError(f"{self.path}: a saved threshold state is not valid JSON ({e}); move the file "
+            raise StoreError(f"{self.path}: a saved threshold or scorer state is not valid JSON ({e}); move the file "
                              "aside and let `signalcraft detect` start a new one.") from None
 
 

@@ -11,7 +11,7 @@ else: only NORMAL scores update the running mean and variance the levels derive 
 a developing fault, whose scores are WARNING or CRITICAL, is never learnt as normal.
 
 A single loud segment (a door, a forklift) must not page anyone: CRITICAL needs
-``alert_k`` of the last ``alert_n`` scores above the critical level. Above-critical
+``alerts.k`` of the last ``alerts.n`` scores above the critical level. Above-critical
 scores that do not yet meet that rule are WARNING.
 
 A fault can also be too small for any one segment to pass a level. So each state
@@ -79,7 +79,7 @@ class ThresholdState:
     mean: float
     var: float
     n_fit: int  # calibration scores the levels were fitted on
-    # One flag per recent score, oldest first, at most alert_n: was it above critical?
+    # One flag per recent score, oldest first, at most alerts.n: was it above critical?
     recent: tuple[bool, ...] = ()
     # Moments of all scores over moments of NORMAL scores, from the fit (>= 1): gamma
     # from the fitted distribution cut at its warning level, sigma and percentile from
@@ -154,7 +154,7 @@ class Decision:
 
 
 def fit(scores: np.ndarray, config: DetectConfig, *, where: str = "calibration scores") -> ThresholdState:
-    """Levels from calibration scores, by ``config.threshold_method``.
+    """Levels from calibration scores, by ``config.levels.method``.
 
     gamma (as the DCASE 2023 baseline): a gamma distribution with location 0 fitted by
     its moments, levels at its ``warning_quantile`` and ``critical_quantile``. It
@@ -193,7 +193,7 @@ def fit(scores: np.ndarray, config: DetectConfig, *, where: str = "calibration s
             f"{where}: scores must be positive reconstruction errors, got minimum {x.min():.4g}; "
             "the detector model is not an autoencoder score: retrain it."
         )
-    method = config.threshold_method
+    method = config.levels.method
     if method == "gamma":
         # A gamma is fixed by its mean and variance: _gamma_levels gives the fitted
         # quantiles now and continues them once decide() adapts the moments.
@@ -206,7 +206,8 @@ def fit(scores: np.ndarray, config: DetectConfig, *, where: str = "calibration s
         if method == "sigma":
             warning, critical = _sigma_levels(full_mean, full_var, config)
         else:
-            warning, critical = (float(q) for q in np.quantile(x, [config.warning_quantile, config.critical_quantile]))
+            quantiles = [config.levels.warning_quantile, config.levels.critical_quantile]
+            warning, critical = (float(q) for q in np.quantile(x, quantiles))
         mean, var = _moments(x[x <= warning])
     return ThresholdState(method, warning, critical, mean=mean, var=var, n_fit=int(x.size),
                           mean_factor=full_mean / mean, var_factor=full_var / var)
@@ -221,7 +222,7 @@ def describe_fit(state: ThresholdState) -> str:
 def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decision:
     """Status of ``score`` and the state after it. Pure: ``state`` is not changed.
 
-    - CRITICAL: ``score > critical`` and at least ``alert_k`` of the last ``alert_n``
+    - CRITICAL: ``score > critical`` and at least ``alerts.k`` of the last ``alerts.n``
       scores (this one included) were above critical; or the CUSUM passes
       ``cusum_limit`` (module docstring).
     - WARNING: ``score > warning``, including above-critical scores short of k-of-n.
@@ -233,7 +234,7 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
       scale, as with a gain change, and a ratio keeps levels positive and their spread in
       proportion).
 
-    Levels are derived from ``state.method``, not ``config.threshold_method``.
+    Levels are derived from ``state.method``, not ``config.levels.method``.
 
     Raises
     ------
@@ -244,23 +245,24 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     if not (math.isfinite(score) and score >= 0):
         raise ThresholdError(f"anomaly score {score!r}: must be a finite, non-negative number.")
     above_critical = score > state.critical
-    recent = (state.recent + (above_critical,))[-config.alert_n:]
-    cusum = state.cusum if config.cusum_limit is not None else 0.0
-    if config.cusum_limit is not None and score <= state.warning:
+    alerts = config.alerts
+    recent = (state.recent + (above_critical,))[-alerts.n:]
+    cusum = state.cusum if alerts.cusum_limit is not None else 0.0
+    if alerts.cusum_limit is not None and score <= state.warning:
         z = (score - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
-        cusum = max(0.0, cusum + z - config.cusum_slack)
-    if (above_critical and sum(recent) >= config.alert_k) or (config.cusum_limit is not None
-                                                              and cusum > config.cusum_limit):
+        cusum = max(0.0, cusum + z - alerts.cusum_slack)
+    accumulated = alerts.cusum_limit is not None and cusum > alerts.cusum_limit
+    if (above_critical and sum(recent) >= alerts.k) or accumulated:
         status = CRITICAL
     elif score > state.warning:
         status = WARNING
     else:
         status = NORMAL
-    if status != NORMAL or config.adapt_rate == 0:
+    if status != NORMAL or config.levels.adapt_rate == 0:
         return Decision(status, dataclasses.replace(state, recent=recent, cusum=cusum))
 
     # Incremental EWMA of mean and variance (West 1979 / Finch 2009).
-    alpha = config.adapt_rate
+    alpha = config.levels.adapt_rate
     diff = score - state.mean
     mean = state.mean + alpha * diff
     var = _floor_var(mean, (1 - alpha) * (state.var + alpha * diff * diff))
@@ -288,14 +290,14 @@ def _gamma_levels(mean: float, var: float, config: DetectConfig) -> tuple[float,
     # Method of moments: shape = mean^2 / var, scale = var / mean. gammaincinv is
     # gamma.ppf without scipy.stats' per-call overhead (about 100 times faster).
     shape, scale = mean * mean / var, var / mean
-    q = np.array([config.warning_quantile, config.critical_quantile])
+    q = np.array([config.levels.warning_quantile, config.levels.critical_quantile])
     warning, critical = scipy.special.gammaincinv(shape, q) * scale
     return float(warning), float(critical)
 
 
 def _sigma_levels(mean: float, var: float, config: DetectConfig) -> tuple[float, float]:
     std = math.sqrt(var)
-    return mean + config.warning_sigma * std, mean + config.critical_sigma * std
+    return mean + config.levels.warning_sigma * std, mean + config.levels.critical_sigma * std
 
 
 def _gamma_moments_below(shape: float, scale: float, level: float) -> tuple[float, float]:
