@@ -198,3 +198,42 @@ def test_an_error_after_export_stops_record_instead_of_hanging(vmic, project):
     worker.join(timeout=60)
     assert not worker.is_alive(), "record hung after its worker failed"
     assert outcome and outcome[0].type is BrokenPipeError
+
+
+def test_only_the_machines_in_the_room_are_exported_under_their_names(project, model_repo, tmp_path):
+    """separation.assets: the model separates pump and fan; the room has one pump, P-101."""
+    settings = yaml.safe_load(project.read_text())
+    settings["separation"] = {"repo": str(model_repo), "model": "tiny", "assets": {"P-101": "pump"}}
+    settings["denoise"] = {"enabled": False}
+    project.write_text(yaml.safe_dump(settings))
+    wav = tmp_path / "room.wav"
+    sf.write(wav, 0.05 * np.random.default_rng(0).standard_normal((SEGMENT_FRAMES, CHANNELS)), SAMPLE_RATE)
+    result = invoke("--config", str(project), "process", str(wav))
+    assert result.returncode == 0, result.stderr
+    folder, = sorted((project.parent / "out").glob("2*"))
+    assert set(tensors(folder)) == {f"mic_{n}/P-101.pt" for n in range(CHANNELS)}
+    manifest = read_manifest(folder)
+    assert manifest.tensors == {n: ("P-101",) for n in range(CHANNELS)}
+    assert manifest.separator["assets"] == {"P-101": "pump"} and manifest.separator["sources"] == ["pump", "fan"]
+
+    settings["separation"]["assets"] = {"P-101": "pump", "V-7": "valve"}
+    project.write_text(yaml.safe_dump(settings))
+    wrong = invoke("--config", str(project), "process", str(wav))
+    assert wrong.returncode == ExitCode.FAILURE  # the file is not processed; process goes on to the next
+    assert "separation.assets: V-7: valve: no such source in the separator tiny, whose sources are pump, fan" \
+        in wrong.stderr
+    assert "V-7: valve" in invoke("--config", str(project), "doctor").stdout
+
+
+@pytest.mark.parametrize("assets, message", [
+    ({"P-101": "pump", "P-102": "pump"}, "source 'pump' is mapped to more than one machine"),
+    ({"../P-101": "pump"}, "cannot name a tensor file"),
+    ({}, "must name at least one machine"),
+    (["pump"], "expected a mapping of names to names"),
+    ({"P-101": 3}, r"separation\.assets\.P-101: expected a string"),
+])
+def test_a_wrong_asset_map_is_a_config_error(assets, message):
+    from signalcraft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"separation": {"assets": assets}})

@@ -83,10 +83,19 @@ def test_another_sample_rate_is_resampled_or_refused(tmp_path):
         load_separator(config(tmp_path, resample=False), SAMPLE_RATE)
 
 
-def test_a_stereo_model_is_refused(tmp_path):
-    save_model(tiny_demucs(audio_channels=2), tmp_path, "tiny")
-    with pytest.raises(ModelError, match="needs a mono model"):
-        load_separator(config(tmp_path), SAMPLE_RATE)
+def test_an_array_model_takes_all_microphones_at_once(tmp_path):
+    save_model(tiny_demucs(audio_channels=3), tmp_path, "tiny")
+    separator = load_separator(config(tmp_path), SAMPLE_RATE)
+    assert separator.info.audio_channels == 3 and separator.info.to_dict()["audio_channels"] == 3
+    audio = (0.05 * np.random.default_rng(0).standard_normal((3, 8000))).astype(np.float32)
+    out = separator(audio)
+    assert out.shape == (3, 2, 8000) and np.isfinite(out).all()
+    # One example of three channels, not three examples: each output depends on every microphone.
+    changed = audio.copy()
+    changed[2] *= 0.1
+    assert not np.allclose(separator(changed)[0], out[0])
+    with pytest.raises(ValueError, match="takes 3 channels, got 2"):
+        separator(audio[:2])
 
 
 def test_device_settings_resolve_in_one_place():

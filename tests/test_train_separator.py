@@ -9,9 +9,10 @@ import soundfile as sf
 import torch
 
 from signalcraft.config import config_from_dict
+from signalcraft.errors import ExitCode
 from signalcraft.separate import load_separator, model_file
 from signalcraft.training.separator import (
-    TrainingDataError, checkpoint_path, load_training_data, si_sdr, train_separator,
+    NotBetterError, TrainingDataError, checkpoint_path, load_training_data, si_sdr, train_separator,
 )
 
 SR = 16000
@@ -39,7 +40,14 @@ def tiny_config(tmp_path, **training):
 def test_trains_exports_and_the_chain_loads_it(tmp_path):
     data = write_data(tmp_path / "data")
     config = tiny_config(tmp_path)
-    result = train_separator(data, config, progress=False)
+    # Two steps do not separate: the model is worse than the mixtures themselves.
+    with pytest.raises(NotBetterError, match=r"no better than not separating: validation SI-SDR .* dB, -?[0-9.]+ dB "
+                                             r"against the unseparated mixtures.*Not exported.*--force"):
+        train_separator(data, config, progress=False)
+    assert not list((tmp_path / "models").glob("tiny-*.th"))
+    # Exported on request, from the checkpoint that the refused run kept.
+    result = train_separator(data, config, resume=True, progress=False, force=True)
+    assert result.best_si_sdri <= 0
     assert result.sources == ("hum", "whine") and result.steps == 2 and result.epochs == 1
     assert result.model_path == model_file(tmp_path / "models", "tiny")
     assert np.isfinite(result.best_si_sdr)
@@ -56,14 +64,14 @@ def test_trains_exports_and_the_chain_loads_it(tmp_path):
 def test_resuming_continues_from_the_step_it_stopped_at(tmp_path, caplog):
     data = write_data(tmp_path / "data")
     straight = tiny_config(tmp_path / "a", epochs=2)
-    train_separator(data, straight, progress=False)
+    train_separator(data, straight, progress=False, force=True)
     reference = torch.load(checkpoint_path(straight), weights_only=True)
 
     first = tiny_config(tmp_path / "b", epochs=1)
-    assert train_separator(data, first, progress=False).steps == 2
+    assert train_separator(data, first, progress=False, force=True).steps == 2
     caplog.set_level(logging.INFO)
     second = tiny_config(tmp_path / "b", epochs=2)
-    result = train_separator(data, second, resume=True, progress=False)
+    result = train_separator(data, second, resume=True, progress=False, force=True)
     assert "from epoch 1, step 2" in caplog.text
     assert result.steps == 4 and result.epochs == 2
     resumed = torch.load(checkpoint_path(second), weights_only=True)
@@ -103,7 +111,7 @@ def test_data_errors_name_the_folder(tmp_path):
         load_training_data(short, SR, config)
     single = write_data(tmp_path / "single", files=1, seconds=4.0)  # one recording: split in time
     loaded = load_training_data(single, SR, config)
-    assert [len(v[0]) for v in loaded.valid] == [round(0.15 * 4 * SR)] * 2
+    assert [v[0].shape for v in loaded.valid] == [(1, round(0.15 * 4 * SR))] * 2
 
 
 def test_another_sample_rate_is_resampled_with_a_note(tmp_path, caplog):
@@ -111,7 +119,7 @@ def test_another_sample_rate_is_resampled_with_a_note(tmp_path, caplog):
     data = write_data(tmp_path / "data", rate=8000)
     loaded = load_training_data(data, SR, tiny_config(tmp_path).train_separator)
     assert "8000 Hz, resampled to 16000 Hz" in caplog.text
-    total = sum(len(t) + len(v) for t, v in zip(loaded.train[0], loaded.valid[0]))
+    total = sum(t.shape[-1] + v.shape[-1] for t, v in zip(loaded.train[0], loaded.valid[0]))
     assert total == 2 * 4 * SR  # two 4 s recordings, now at 16 kHz
 
 
@@ -145,7 +153,10 @@ def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):
                             "epochs": 2, "steps_per_epoch": 2, "validation_mixtures": 2},
         "output": {"dir": "out"},
     }))
-    trained = invoke("--config", str(config), "train-separator", str(data))
+    refused = invoke("--config", str(config), "train-separator", str(data))
+    assert refused.returncode == ExitCode.FAILURE and "no better than not separating" in refused.stderr
+    assert not list((tmp_path / "models").glob("tiny-*.th"))
+    trained = invoke("--config", str(config), "train-separator", str(data), "--resume", "--force")
     assert trained.returncode == 0, trained.stderr
     assert "sources fan,pump" in trained.stdout and "(4 steps" in trained.stdout
     assert len(list((tmp_path / "models").glob("tiny-*.th"))) == 1
@@ -170,3 +181,58 @@ def test_cli_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "c.yaml").write_text("separation:\n  repo: models\n")
     result = invoke("--config", str(tmp_path / "c.yaml"), "train-separator", str(data), "--resume")
     assert result.returncode == 1 and "no checkpoint to resume" in result.stderr
+
+
+def test_an_array_model_trains_on_the_array_and_exports_every_source_at_every_microphone(tmp_path):
+    """simulate --training-set --mics 2 -> train-separator (array) -> demucs' loader -> process."""
+    import json
+
+    import yaml
+    from demucs.pretrained import get_model
+
+    from conftest import invoke
+
+    data = tmp_path / "data"
+    made = invoke("simulate", "--training-set", "--out", str(data), "--machines", "pump,fan", "--clips", "3",
+                  "--seconds", "2", "--seed", "3", "--mics", "2")
+    assert made.returncode == 0, made.stderr
+    assert all(sf.info(str(f)).channels == 2 for f in data.rglob("*.wav"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "capture": {"segment_seconds": 1.0, "channels": [1, 2]},
+        "denoise": {"enabled": False},
+        "separation": {"repo": "models", "model": "tiny"},
+        "train_separator": {"name": "tiny", "array": True, "channels": 4, "depth": 2, "segment_seconds": 0.5,
+                            "batch_size": 2, "epochs": 1, "steps_per_epoch": 2, "validation_mixtures": 2},
+        "output": {"dir": "out"},
+    }))
+    trained = invoke("--config", str(config), "train-separator", str(data), "--force")
+    assert trained.returncode == 0, trained.stderr
+    assert "array mode: one model for 2 microphones" in trained.stderr
+    assert get_model("tiny", repo=tmp_path / "models").audio_channels == 2  # demucs' own packaging
+
+    scene = tmp_path / "scene"
+    assert invoke("simulate", "--out", str(scene), "--seconds", "2", "--mics", "2").returncode == 0
+    done = invoke("--config", str(config), "process", str(scene / "mixture.wav"))
+    assert done.returncode == 0, done.stderr
+    for folder in map(Path, done.stdout.split()):
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt")) == [
+            "mic_0/fan.pt", "mic_0/pump.pt", "mic_1/fan.pt", "mic_1/pump.pt"]
+        assert json.loads((folder / "manifest.json").read_text())["separator"]["audio_channels"] == 2
+
+    wider = tmp_path / "wider"
+    assert invoke("simulate", "--out", str(wider), "--seconds", "1", "--mics", "3").returncode == 0
+    settings = yaml.safe_load(config.read_text())
+    settings["capture"]["channels"] = [1, 2, 3]
+    config.write_text(yaml.safe_dump(settings))
+    refused = invoke("--config", str(config), "process", str(wider / "mixture.wav"))
+    assert refused.returncode == ExitCode.FAILURE
+    assert "trained on an array of 2 microphones, but 3 channels are recorded" in refused.stderr
+
+
+def test_array_training_data_must_have_one_width(tmp_path):
+    data = write_data(tmp_path / "data")
+    sf.write(data / "hum" / "stereo.wav", np.zeros((16000, 2), np.float32), SR)
+    config = tiny_config(tmp_path, array=True)
+    with pytest.raises(TrainingDataError, match="different numbers of channels .*1 in .*2 in hum"):
+        load_training_data(data, SR, config.train_separator)

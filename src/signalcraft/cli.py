@@ -246,7 +246,9 @@ def process(ctx: click.Context, files: tuple[Path, ...]) -> None:
 @click.option("--machines", metavar="TYPE,...",
               help="Machine types: pump, fan, motor, valve; a repeated type is named TYPE_2, TYPE_3. "
                    "'none': the room alone. [default: pump,fan; with --training-set all four]")
-@click.option("--mics", type=click.IntRange(min=1), help="Microphones, 1 m apart on a line. [default: 4]")
+@click.option("--mics", type=click.IntRange(min=1),
+              help="Microphones, 1 m apart on a line. [default: 4] With --training-set: clips for an array "
+                   "separator, each machine alone at every microphone (train_separator.array: true).")
 @click.option("--fault", "faults", multiple=True, metavar="NAME:KIND[@START-END]",
               help="Give machine NAME a fault from START to END s (default: the whole clip); "
                    "repeatable. KIND: imbalance, bearing, looseness (rotating machines), "
@@ -290,8 +292,9 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
 @cli.command("train-separator")
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint of an earlier run.")
+@click.option("--force", is_flag=True, help="Export the model even if it separates worse than not separating.")
 @click.pass_context
-def train_separator(ctx: click.Context, data_dir: Path, resume: bool) -> None:
+def train_separator(ctx: click.Context, data_dir: Path, resume: bool, force: bool) -> None:
     """Train a Demucs separator on isolated recordings of each machine.
 
     \b
@@ -305,12 +308,15 @@ def train_separator(ctx: click.Context, data_dir: Path, resume: bool) -> None:
     <separation.repo>/checkpoints/ after every epoch and on Ctrl-C (resume with
     --resume); the best model by validation SI-SDR is exported to separation.repo as
     NAME-<sha8>.th. Set separation.model to NAME to use it. Uses CUDA when present.
+    Training stops after train_separator.max_minutes (50 by default). A model whose
+    validation SI-SDR is no better than the unseparated mixtures' is not exported
+    (exit 1, the checkpoint kept) unless --force.
     """
     from .training.separator import train_separator as train
 
     config = _config(ctx)
     with _stop_on_signals() as stop:
-        result = train(data_dir, config, resume=resume, stop=stop)
+        result = train(data_dir, config, resume=resume, stop=stop, force=force)
     click.echo(
         f"{result.model_path}  sources {','.join(result.sources)}  validation SI-SDRi {result.best_si_sdri:.2f} dB  "
         f"({result.steps} steps, {result.seconds / 60:.1f} min; stopped: {result.stopped_because})"

@@ -137,6 +137,11 @@ class SeparationConfig:
     repo: Path = Path("models/separator")
     # Model name in repo. null: no separation, one source named "mix" per microphone.
     model: Optional[str] = None
+    # The machines in the room, each mapped to the model's source that is its sound,
+    # e.g. {P-101: pump, F-201: fan} (without separation: {P-101: mix}). Only these are
+    # exported, scored and reported, under these names; a source of the model that no
+    # machine maps to is not exported. null: every source of the model, by its own name.
+    assets: Optional[dict[str, str]] = None
     # Chunk length for the model, s. null: the model's own training length.
     segment: Optional[float] = None
     overlap: float = 0.25  # overlap between chunks, fraction
@@ -151,6 +156,16 @@ class SeparationConfig:
         _require(0 <= self.overlap < 1, "overlap", "must be in [0, 1)")
         _require(self.shifts >= 0, "shifts", "must be 0 or more")
         _require(self.threads >= 0, "threads", "must be 0 or more")
+        if self.assets is not None:
+            from .segments.layout import valid_source
+
+            _require(bool(self.assets), "assets", "must name at least one machine, or be null")
+            for asset in self.assets:
+                _require(valid_source(asset), "assets", f"{asset!r} cannot name a tensor file (letters and digits, "
+                         "then also '_', '-', '.', '+' or spaces; at most 64)")
+            twice = sorted({s for s in self.assets.values() if list(self.assets.values()).count(s) > 1})
+            _require(not twice, "assets", f"source {', '.join(map(repr, twice))} is mapped to more than one "
+                     "machine; a separator gives one signal per source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,17 +173,24 @@ class TrainSeparatorConfig:
     """`signalcraft train-separator`: the model and how it is trained."""
 
     name: str = "separator"  # model name; written to separation.repo as NAME-<sha8>.th
+    # false: one microphone at a time (a mono model; every channel of a training file
+    # is a recording). true: one model for the whole array, every training file holding
+    # one channel per microphone (capture.channels order), each machine recorded alone
+    # where it stands; the model takes all microphones and returns every source at each.
+    array: bool = False
     # Demucs family: demucs (v2, waveform), hdemucs (hybrid), htdemucs (transformer).
     architecture: Literal["demucs", "hdemucs", "htdemucs"] = "demucs"
     channels: int = 16  # width of the first layer; the size grows with its square
     depth: int = 4  # encoder/decoder layers
     segment_seconds: float = 4.0  # training excerpt length, s; also the chunk at inference
     batch_size: int = 8
-    learning_rate: float = 3.0e-4
+    learning_rate: float = 1.0e-3  # the bundled model's; 3e-4 progressed about three times slower
     epochs: int = 100  # at most
     steps_per_epoch: int = 50
     patience: int = 5  # stop after this many epochs without a better validation SI-SDR
-    max_minutes: Optional[float] = None  # stop after this much training time
+    # Stop after this much training time (every --resume run counted); a default run
+    # ends within the hour. null: no limit.
+    max_minutes: Optional[float] = 50.0
     # The last fraction of every recording is held out for validation.
     validation_fraction: float = 0.15
     validation_mixtures: int = 24
@@ -557,6 +579,11 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, where, tp, value)
         return tuple(_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, where, tp, value)
+        return {_convert(args[0], k, f"{key} (a name)", where): _convert(args[1], v, f"{key}.{k}", where)
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -592,6 +619,8 @@ def _describe(tp: Any) -> str:
     if origin is tuple:
         plural = {int: "integers", float: "numbers", str: "strings"}
         return f"a list of {plural.get(typing.get_args(tp)[0], 'values')}"
+    if origin is dict:
+        return "a mapping of names to names"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              Path: "a path", type(None): "null"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))

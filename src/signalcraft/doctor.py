@@ -135,10 +135,15 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
 def _check_separator(ctx: _Context) -> tuple[str, str]:
     from .separate import load_separator
 
+    from .pipeline import exported_sources
+
     separator = load_separator(ctx.config.separation, ctx.config.capture.sample_rate)
+    exported = exported_sources(ctx.config, separator.info.sources)  # a wrong asset map fails here
+    machines = ("; machines " + ", ".join(f"{name} ({separator.info.sources[k]})" for name, k in exported)
+                if ctx.config.separation.assets else "")
     if separator.info.name is None:
-        return OK, "no separation (separation.model: null): one source 'mix' per microphone"
-    return OK, f"{separator.info.file}: sources {', '.join(separator.info.sources)}"
+        return OK, f"no separation (separation.model: null): one source 'mix' per microphone{machines}"
+    return OK, f"{separator.info.file}: sources {', '.join(separator.info.sources)}{machines}"
 
 
 def _check_detector(ctx: _Context) -> tuple[str, str]:

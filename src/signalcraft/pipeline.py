@@ -96,6 +96,16 @@ class Chain:
         clips = None if self.noise_clips is None else [clip.audio for clip in self.noise_clips]
         self.denoiser = Denoiser(config.denoise, sample_rate, clips) if config.denoise.enabled else None
         self.separator = load_separator(config.separation, sample_rate)
+        array = self.separator.info.audio_channels
+        if array > 1 and array != len(self.channels):
+            from .separate import ModelError
+
+            raise ModelError(
+                f"separator {config.separation.model} was trained on an array of {array} microphones, but "
+                f"{len(self.channels)} channels are recorded ({list(self.channels)}). Record the channels it was "
+                "trained on (capture.channels), or train a model for these with train_separator.array: true."
+            )
+        self.exports = exported_sources(config, self.separator.sources)
         self.logmel = LogMel(config.features, sample_rate, round(config.capture.segment_seconds * sample_rate))
 
     def _load_clips(self):
@@ -116,12 +126,19 @@ class Chain:
             clips.append(clip)
         return clips
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What the tensors of a microphone are named, in order: the machines of
+        ``separation.assets``, else the separator's sources."""
+        return tuple(name for name, _ in self.exports)
+
     def features(self, audio: np.ndarray) -> "torch.Tensor":
         """float32 audio, shape = (mics, samples) -> log-mel tensor,
-        shape = (mics, sources, n_mels, n_frames). Does not change ``audio``."""
+        shape = (mics, len(names), n_mels, n_frames), one per exported machine. Does
+        not change ``audio``."""
         clean = self.denoiser(audio) if self.denoiser is not None else audio
         sources = self.separator(clean)  # (mics, sources, samples)
-        return self.logmel(sources)
+        return self.logmel(sources[:, [k for _, k in self.exports]])
 
     def __call__(self, segment: Segment, dropped_segments: int = 0) -> Path:
         if segment.channels != self.channels or segment.sample_rate != self.sample_rate:
@@ -138,8 +155,8 @@ class Chain:
         mels = self.features(segment.audio)
         with SegmentWriter(self.config.output.dir, segment.start_time) as w:
             for mic in mics:
-                for k, source in enumerate(self.separator.sources):
-                    w.save_tensor(mic, source, mels[mic, k][None].clone())  # clone: only this slice's storage
+                for k, name in enumerate(self.names):
+                    w.save_tensor(mic, name, mels[mic, k][None].clone())  # clone: only this slice's storage
             if self.config.output.keep_raw:
                 write_flac(w.audio_path(), segment, self.config.capture.sample_format)
             return w.commit(self.manifest(segment, dropped_segments, nonfinite, mics))
@@ -165,10 +182,34 @@ class Chain:
                     ],
                 }
             ),
-            separator=self.separator.info.to_dict(),
+            separator={**self.separator.info.to_dict(),
+                       **({"assets": dict(self.config.separation.assets)} if self.config.separation.assets else {})},
             features=self.logmel.settings(),
-            tensors={n: tuple(self.separator.sources) for n in mics},
+            tensors={n: self.names for n in mics},
         )
+
+
+def exported_sources(config: Config, sources: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(name, index of the separator's source) of each tensor a microphone exports.
+
+    Raises
+    ------
+    ConfigError
+        ``separation.assets`` maps a machine to a source the separator does not have.
+    """
+    assets = config.separation.assets
+    if assets is None:
+        return [(source, k) for k, source in enumerate(sources)]
+    unknown = {asset: source for asset, source in assets.items() if source not in sources}
+    if unknown:
+        where = config.source or "config"
+        raise ConfigError(
+            f"{where}: separation.assets: {', '.join(f'{a}: {s}' for a, s in unknown.items())}: "
+            f"{'no such source' if len(unknown) == 1 else 'no such sources'} in the separator "
+            f"{config.separation.model or '(none: the one source is mix)'}, whose sources are "
+            f"{', '.join(sources)}. Map each machine to one of those."
+        )
+    return [(asset, sources.index(source)) for asset, source in assets.items()]
 
 
 def _finite(segment: Segment) -> tuple[Segment, list[int]]:

@@ -43,6 +43,9 @@ class SeparatorInfo:
     file: Optional[str] = None
     sha256: Optional[str] = None
     samplerate: Optional[int] = None
+    # 1: each microphone separated on its own; more: an array model that takes this many
+    # microphones at once.
+    audio_channels: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"sources": list(self.sources)}
@@ -50,7 +53,10 @@ class SeparatorInfo:
 
 class Separator:
     """Maps float32 audio of shape = (channels, samples) to shape = (channels, sources,
-    samples). Without a model it passes each channel through as the source "mix"."""
+    samples). Without a model it passes each channel through as the source "mix". A
+    mono model separates each channel on its own (scaled to unit standard deviation); an
+    array model (``info.audio_channels`` > 1) takes all channels at once, scaled together
+    so that the level differences between microphones stay."""
 
     def __init__(self, info: SeparatorInfo, model=None, config: Optional[SeparationConfig] = None,
                  sample_rate: Optional[int] = None):
@@ -74,13 +80,16 @@ class Separator:
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if model_sr != sr:
             x = torchaudio.functional.resample(x, sr, model_sr)
-        scale = x.std(dim=-1, keepdim=True).clamp_min(1e-8)
+        array = self.info.audio_channels > 1
+        if array and x.shape[0] != self.info.audio_channels:
+            raise ValueError(f"the array separator takes {self.info.audio_channels} channels, got {x.shape[0]}")
+        # (batch, audio channels, samples): the whole array as one example, or each channel as its own.
+        scale = (x.std() if array else x.std(dim=-1, keepdim=True)).clamp_min(1e-8)
+        batch = (x / scale)[None] if array else (x / scale)[:, None, :]
         with torch.no_grad():
-            y = apply_model(
-                self._model, (x / scale)[:, None, :], shifts=c.shifts, split=True, overlap=c.overlap,
-                segment=c.segment, device=self._device, progress=False,
-            )  # (channels, sources, 1, samples)
-        y = y[:, :, 0, :] * scale[:, None, :]
+            y = apply_model(self._model, batch, shifts=c.shifts, split=True, overlap=c.overlap, segment=c.segment,
+                            device=self._device, progress=False)  # (batch, sources, audio channels, samples)
+        y = (y[0].transpose(0, 1) if array else y[:, :, 0, :]) * (scale if array else scale[:, None, :])
         if model_sr != sr:
             y = torchaudio.functional.resample(y, model_sr, sr)
         out = np.zeros((audio.shape[0], len(self.sources), audio.shape[-1]), np.float32)
@@ -129,8 +138,8 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
     Raises
     ------
     ModelError
-        The model is missing, corrupt (checksum), not a demucs model, not mono, or at
-        another sample rate with ``resample`` off. The message names the file.
+        The model is missing, corrupt (checksum), not a demucs model, or at another
+        sample rate with ``resample`` off. The message names the file.
     """
     if config.model is None:
         return Separator(SeparatorInfo(name=None, sources=(MIX,)))
@@ -146,11 +155,10 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
         raise ModelError(f"{path}: source names {bad or list(model.sources)} cannot name tensor files (letters and "
                          "digits, then '_', '-', '.', '+' or spaces; distinct). Rename the training folders and "
                          "retrain.")
-    if getattr(model, "audio_channels", None) != 1:
-        raise ModelError(
-            f"{path}: the model expects {model.audio_channels} audio channels; signalcraft separates each "
-            "microphone on its own and needs a mono model (audio_channels=1)."
-        )
+    audio_channels = getattr(model, "audio_channels", None)
+    if not isinstance(audio_channels, int) or audio_channels < 1:
+        raise ModelError(f"{path}: the model has no usable number of audio channels ({audio_channels!r}); "
+                         "retrain it with `signalcraft train-separator`.")
     if model.samplerate != sample_rate:
         if not config.resample:
             raise ModelError(
@@ -160,7 +168,7 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
         log.info("separator %s runs at %d Hz: resampling from %d Hz and back", config.model,
                  model.samplerate, sample_rate)
     info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
-                         sha256=_sha256(path), samplerate=model.samplerate)
+                         sha256=_sha256(path), samplerate=model.samplerate, audio_channels=audio_channels)
     return Separator(info, model, config, sample_rate)
 
 

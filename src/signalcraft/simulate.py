@@ -117,6 +117,7 @@ MIC_SPACING_M = 1.0  # default layout: microphones on a line along x, m
 MIC_HEIGHT_M = 1.5  # m
 MACHINE_SPACING_M = 2.0  # default layout: machines along x, alternating sides, m
 MACHINE_SIDE_M = 1.5  # distance of the machine row from the microphone line, m
+ARRAY_JITTER_M = 0.25  # array training clips: a machine's place varies by up to this, m
 MACHINE_HEIGHT_M = 0.5  # acoustic centre of a floor-mounted machine, m
 
 # --- Levels ----------------------------------------------------------------------------
@@ -1020,8 +1021,9 @@ def write_training_set(
     noise_clips: int = 10,
     fault_fraction: float = 0.0,
     line_hz: float = DEFAULT_LINE_HZ,
+    n_mics: Optional[int] = None,
 ) -> Path:
-    """Write isolated mono recordings per machine type for separator training.
+    """Write isolated recordings per machine type for separator training.
 
     Layout (see the module docstring): ``out_dir/<type>/sim-<seed>-<NNNN>[-<fault>].wav``,
     ``out_dir/_noise/sim-<seed>-<NNNN>.wav`` and ``out_dir/simulated-seed<seed>.json``
@@ -1029,6 +1031,12 @@ def write_training_set(
     0.5-4 m away, gain -6..+6 dB, its own speed and design, free field or RT60
     0.2-1.2 s (half each), with a fault in ``fault_fraction`` of the clips. WAV files are
     mono 32-bit float.
+
+    With ``n_mics``: training data for an array separator (``train_separator.array``).
+    Each clip is one machine alone recorded on the ``default_scene`` array of ``n_mics``
+    microphones, from where that scene puts a machine of its type (the order of
+    ``sources``) give or take ``ARRAY_JITTER_M``, one channel per microphone; the
+    background clips are the room at every microphone.
 
     Returns
     -------
@@ -1046,7 +1054,13 @@ def write_training_set(
         raise ConfigError("clips: need at least 1 clip per source and 0 or more noise clips.")
     if not 0 <= fault_fraction <= 1:
         raise ConfigError(f"fault_fraction {fault_fraction}: must be in [0, 1].")
-    mic = ((0.0, 0.0, MIC_HEIGHT_M),)
+    if n_mics is None:
+        mic = ((0.0, 0.0, MIC_HEIGHT_M),)
+        placed = {}
+    else:
+        layout = default_scene(machines=sources, n_mics=n_mics)
+        mic = layout.mics
+        placed = {m.kind: m.position for m in layout.machines}
     manifest = {"format": 1, "generator": f"signalcraft.simulate {__version__}", "seed": seed,
                 "sample_rate": sample_rate, "seconds": seconds, "clips": []}
 
@@ -1063,6 +1077,8 @@ def write_training_set(
         allowed = [k for k, kinds in FAULTS.items() if source in kinds]
         for i in range(clips_per_source):
             clip_seed, position, gain, rt60, r = draw(source, i)
+            if source in placed:  # where it stands in the room, give or take a little
+                position = tuple(p + d for p, d in zip(placed[source], r.uniform(-ARRAY_JITTER_M, ARRAY_JITTER_M, 3)))
             u, kind = r.random(), allowed[int(r.integers(len(allowed)))]
             start = r.uniform(0, seconds / 2)
             end = r.uniform(start + seconds / 4, seconds)
@@ -1090,7 +1106,7 @@ def write_training_set(
             m = labels[0]
             entry = {"source": source, "distance_m": m["distance_m"][0], "gain_db": m["gain_db"],
                      "parameters": m["parameters"], "faults": m["faults"]}
-        _write_wav(path, audio[0].astype(np.float32), sample_rate)
+        _write_wav(path, (audio if n_mics else audio[0]).astype(np.float32), sample_rate)
         # scene_seed re-renders the clip: Scene(..., seed=scene_seed) with these settings.
         manifest["clips"].append({"file": path.relative_to(out_dir).as_posix(), "scene_seed": scene.seed,
                                   "reverb_rt60_s": scene.reverb_rt60_s, **entry})
@@ -1192,12 +1208,11 @@ def from_options(
     common = _given(seconds=seconds, sample_rate=sample_rate, seed=seed, line_hz=line_hz)
     kinds = parse_machines(machines) if machines is not None else None
     if training_set:
-        scene_only = [opt for opt, v in (("--mics", mics), ("--fault", faults), ("--snr", snr),
-                                          ("--reverb", reverb)) if v]
+        scene_only = [opt for opt, v in (("--fault", faults), ("--snr", snr), ("--reverb", reverb)) if v]
         if scene_only:
             raise ConfigError(f"{', '.join(scene_only)}: describe one scene; leave them out with "
                               "--training-set (its clips draw their own distances and rooms).")
-        folder = write_training_set(out, **_given(sources=kinds, clips_per_source=clips), **common)
+        folder = write_training_set(out, **_given(sources=kinds, clips_per_source=clips, n_mics=mics), **common)
         return [folder / s for s in (kinds or MACHINE_TYPES)] + [folder / NOISE_DIR]
     if clips is not None:
         raise ConfigError("--clips: applies only with --training-set.")

@@ -8,16 +8,22 @@ recordings can be dropped in the same way)::
       fan/         one folder per source; the folder names become the model's sources
       _noise/      optional: room background without machines, mixed in as interference
 
-Multichannel files contribute each channel as a separate recording; files at another
-sample rate are resampled (with a note in the log). Mixtures are made on the fly: for
+With ``train_separator.array: false`` (one microphone at a time) multichannel files
+contribute each channel as a separate recording, and the model is mono. With ``array:
+true`` every file must have one channel per microphone of the array (in the order of
+``capture.channels``), each machine recorded alone on the whole array where it stands:
+the model takes all microphones as its input channels and returns every source at every
+microphone, so where a machine is (which microphones hear it first and loudest) helps
+to separate it. Files at another sample rate are resampled (with a note in the log). Mixtures are made on the fly: for
 each example every source gets a random excerpt of a random recording, a random gain
 (and is sometimes left out), and background noise is added at a random level. Whole recordings
 (the last ``validation_fraction`` of each folder, at least one) are held out for
 validation, or the end of the only recording: validation mixtures never reuse training
 audio.
 
-The model sees each mixture scaled to unit standard deviation, as ``separate.Separator``
-scales a channel at inference. The loss is the L1 distance of the waveforms, as in
+The model sees each mixture scaled to unit standard deviation (over all its channels:
+the level differences between microphones stay), as ``separate.Separator`` scales its
+input at inference. The loss is the L1 distance of the waveforms, as in
 demucs; validation reports the scale-invariant SDR of the separated sources and its
 improvement over the unprocessed mixture (SI-SDRi).
 """
@@ -57,7 +63,8 @@ class TrainingDataError(SignalcraftError):
 class TrainingData:
     """Recordings per source, split into training and validation parts.
 
-    Each list holds mono float32 arrays, shape = (samples,), at ``sample_rate``.
+    Each list holds float32 arrays, shape = (channels, samples), at ``sample_rate``:
+    ``channels`` is 1, or the array's microphones in array mode.
     """
 
     sources: tuple[str, ...]
@@ -66,6 +73,7 @@ class TrainingData:
     noise_train: list[np.ndarray]
     noise_valid: list[np.ndarray]
     sample_rate: int
+    channels: int = 1  # the model's audio channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +88,9 @@ class TrainResult:
     stopped_because: str
 
 
-def _read_recordings(folder: Path, sample_rate: int) -> list[list[np.ndarray]]:
-    """Per file, its channels as mono float32 arrays at ``sample_rate``."""
+def _read_recordings(folder: Path, sample_rate: int, array: bool = False) -> list[list[np.ndarray]]:
+    """Per file, its recordings as float32 arrays, shape = (channels, samples), at
+    ``sample_rate``: each channel alone (channels 1), or with ``array`` the whole file."""
     import soundfile as sf
 
     from ..audio_backend import torchaudio
@@ -96,7 +105,7 @@ def _read_recordings(folder: Path, sample_rate: int) -> list[list[np.ndarray]]:
         if rate != sample_rate:
             log.info("%s: %d Hz, resampled to %d Hz", path, rate, sample_rate)
             audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, sample_rate).numpy()
-        out.append([np.ascontiguousarray(channel) for channel in audio])
+        out.append([np.ascontiguousarray(audio)] if array else [np.ascontiguousarray(c[None]) for c in audio])
     return out
 
 
@@ -121,32 +130,46 @@ def load_training_data(data_dir: Path, sample_rate: int, config: TrainSeparatorC
         )
     segment = round(config.segment_seconds * sample_rate)
     train, valid = [], []
+    widths: dict[int, Path] = {}
     for folder in folders:
-        recordings = _read_recordings(folder, sample_rate)
+        recordings = _read_recordings(folder, sample_rate, config.array)
         if not recordings:
             raise TrainingDataError(f"{folder}: no .wav or .flac recordings. Add some or remove the folder.")
+        for file_recordings in recordings:
+            widths.setdefault(file_recordings[0].shape[0], folder)
         t, v = _split(recordings, config.validation_fraction, segment, folder)
         train.append(t)
         valid.append(v)
     noise_train, noise_valid = [], []
-    if (data_dir / NOISE_DIR).is_dir() and (noise := _read_recordings(data_dir / NOISE_DIR, sample_rate)):
+    noise = _read_recordings(data_dir / NOISE_DIR, sample_rate, config.array) if (data_dir / NOISE_DIR).is_dir() else []
+    for file_recordings in noise:
+        widths.setdefault(file_recordings[0].shape[0], data_dir / NOISE_DIR)
+    if len(widths) > 1:
+        raise TrainingDataError(
+            f"{data_dir}: train_separator.array is true, but the recordings have different numbers of channels "
+            f"({', '.join(f'{n} in {p.name}' for n, p in sorted(widths.items()))}). Each file must hold one "
+            "channel per microphone of the array, in the order of capture.channels.")
+    if noise:
         try:
             noise_train, noise_valid = _split(noise, config.validation_fraction, segment, data_dir / NOISE_DIR)
         except TrainingDataError:
             # Background is interference, never scored: too little to split is still usable.
-            noise_train = noise_valid = [c for f in noise for c in f if len(c) >= segment]
+            noise_train = noise_valid = [c for f in noise for c in f if c.shape[-1] >= segment]
             log.warning("%s: too little background to hold some out; validation uses the same", data_dir / NOISE_DIR)
     log.info("training data: sources %s, %s training and %s validation recordings, %d noise recordings",
              [f.name for f in folders], [len(t) for t in train], [len(v) for v in valid], len(noise_train))
+    channels = next(iter(widths)) if config.array else 1
+    if config.array:
+        log.info("array mode: one model for %d microphones", channels)
     return TrainingData(tuple(f.name for f in folders), tuple(train), tuple(valid), noise_train, noise_valid,
-                        sample_rate)
+                        sample_rate, channels)
 
 
 def _split(files: list[list[np.ndarray]], fraction: float, segment: int, folder: Path):
     """Hold out whole files (the last ``fraction`` of them, at least one, never all) when
     there are several, else the last ``fraction`` of the only one. The channels of a
     file stay on one side. Channels shorter than a training excerpt are skipped."""
-    usable = [[c for c in f if len(c) >= segment] for f in files]
+    usable = [[c for c in f if c.shape[-1] >= segment] for f in files]
     usable = [f for f in usable if f]
     skipped = sum(len(f) for f in files) - sum(len(f) for f in usable)
     if skipped:
@@ -155,9 +178,9 @@ def _split(files: list[list[np.ndarray]], fraction: float, segment: int, folder:
     if len(usable) >= 2:
         held = min(len(usable) - 1, max(1, round(len(usable) * fraction)))
         return [c for f in usable[:-held] for c in f], [c for f in usable[-held:] for c in f]
-    if len(usable) == 1 and min(len(c) for c in usable[0]) * fraction >= segment:
-        cuts = [round(len(c) * (1 - fraction)) for c in usable[0]]
-        return [c[:k] for c, k in zip(usable[0], cuts)], [c[k:] for c, k in zip(usable[0], cuts)]
+    if len(usable) == 1 and min(c.shape[-1] for c in usable[0]) * fraction >= segment:
+        cuts = [round(c.shape[-1] * (1 - fraction)) for c in usable[0]]
+        return [c[:, :k] for c, k in zip(usable[0], cuts)], [c[:, k:] for c, k in zip(usable[0], cuts)]
     raise TrainingDataError(
         f"{folder}: not enough audio to train and validate: needs two recordings of at least "
         f"{segment} samples (one training excerpt), or one of at least {math.ceil(segment / fraction)}. "
@@ -168,8 +191,9 @@ def _split(files: list[list[np.ndarray]], fraction: float, segment: int, folder:
 class MixtureSampler:
     """Random mixtures and their sources from per-source recordings.
 
-    ``sample(n)`` returns (mix, sources): float32 tensors of shape = (n, 1, samples) and
-    (n, n_sources, 1, samples), both divided by the mixture's standard deviation.
+    ``sample(n)`` returns (mix, sources): float32 tensors of shape = (n, channels,
+    samples) and (n, n_sources, channels, samples), both divided by the mixture's
+    standard deviation. A source's gain is the same on every channel.
     """
 
     def __init__(self, recordings, noise, samples: int, config: TrainSeparatorConfig, rng: np.random.Generator):
@@ -177,13 +201,14 @@ class MixtureSampler:
 
     def _excerpt(self, pool: list[np.ndarray]) -> np.ndarray:
         clip = pool[self.rng.integers(len(pool))]
-        start = self.rng.integers(0, len(clip) - self.samples + 1)
-        return clip[start:start + self.samples]
+        start = self.rng.integers(0, clip.shape[-1] - self.samples + 1)
+        return clip[:, start:start + self.samples]
 
     def sample(self, n: int, all_active: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         c, S = self.config, len(self.recordings)
-        sources = np.zeros((n, S, 1, self.samples), np.float32)
-        mix = np.zeros((n, 1, self.samples), np.float32)
+        channels = self.recordings[0][0].shape[0]
+        sources = np.zeros((n, S, channels, self.samples), np.float32)
+        mix = np.zeros((n, channels, self.samples), np.float32)
         for i in range(n):
             active = np.ones(S, bool) if all_active else self.rng.random(S) >= c.silent_probability
             if not active.any():
@@ -191,13 +216,13 @@ class MixtureSampler:
             for s in np.flatnonzero(active):
                 x = self._excerpt(self.recordings[s])
                 rms = np.sqrt(np.mean(x ** 2)) + 1e-8
-                sources[i, s, 0] = x / rms * 10 ** (self.rng.uniform(-c.gain_db, c.gain_db) / 20)
-            mix[i, 0] = sources[i, :, 0].sum(0)
+                sources[i, s] = x / rms * 10 ** (self.rng.uniform(-c.gain_db, c.gain_db) / 20)
+            mix[i] = sources[i].sum(0)
             if self.noise:
                 noise = self._excerpt(self.noise)
                 snr = self.rng.uniform(*c.noise_snr_db)
-                gain = np.sqrt(np.mean(mix[i, 0] ** 2) / (np.mean(noise ** 2) + 1e-12)) * 10 ** (-snr / 20)
-                mix[i, 0] += gain * noise
+                gain = np.sqrt(np.mean(mix[i] ** 2) / (np.mean(noise ** 2) + 1e-12)) * 10 ** (-snr / 20)
+                mix[i] += gain * noise
             scale = mix[i].std() + 1e-8
             mix[i] /= scale
             sources[i] /= scale
@@ -213,10 +238,12 @@ def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -
     return 10 * torch.log10(((target ** 2).sum(-1) + eps) / (((estimate - target) ** 2).sum(-1) + eps))
 
 
-def build_model(config: TrainSeparatorConfig, sources: tuple[str, ...], sample_rate: int) -> torch.nn.Module:
-    """A mono Demucs model of the configured architecture and size."""
-    common = dict(sources=list(sources), audio_channels=1, samplerate=sample_rate, channels=config.channels,
-                  depth=config.depth, segment=config.segment_seconds)
+def build_model(config: TrainSeparatorConfig, sources: tuple[str, ...], sample_rate: int,
+                audio_channels: int = 1) -> torch.nn.Module:
+    """A Demucs model of the configured architecture and size with ``audio_channels``
+    input channels (1: mono; the array's microphones in array mode)."""
+    common = dict(sources=list(sources), audio_channels=audio_channels, samplerate=sample_rate,
+                  channels=config.channels, depth=config.depth, segment=config.segment_seconds)
     if config.architecture == "demucs":
         from demucs.demucs import Demucs
 
@@ -239,11 +266,10 @@ def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, d
         for k in range(0, len(mix), batch):
             outs.append(model(mix[k:k + batch].to(device)).cpu())
     model.train()
-    est = torch.cat(outs)[:, :, 0]
-    ref = sources[:, :, 0]
-    active = ref.abs().amax(-1) > 0
-    sdr = si_sdr(est, ref)[active]
-    base = si_sdr(mix.expand_as(ref), ref)[active]  # mix: (n, 1, samples)
+    est = torch.cat(outs)  # (n, sources, channels, samples)
+    active = sources.abs().amax(-1) > 0  # per source and channel
+    sdr = si_sdr(est, sources)[active]
+    base = si_sdr(mix[:, None].expand_as(sources), sources)[active]  # mix: (n, channels, samples)
     return float(sdr.mean()), float((sdr - base).mean())
 
 
@@ -252,22 +278,30 @@ def checkpoint_path(config: Config) -> Path:
     return config.separation.repo / "checkpoints" / f"{config.train_separator.name}.pt"
 
 
+class NotBetterError(SignalcraftError):
+    """The trained separator is no better than not separating: not exported."""
+
+
 def train_separator(
     data_dir: Path,
     config: Config,
     resume: bool = False,
     stop: Optional[threading.Event] = None,
     progress: Optional[bool] = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train, validate every epoch, stop early, and export the best model.
 
     A checkpoint is written after every epoch and when ``stop`` is set; with ``resume``
     training continues from its step with the same model, optimiser and random state.
-    The exported model goes to ``separation.repo`` in demucs' packaged format.
+    The exported model goes to ``separation.repo`` in demucs' packaged format, unless
+    its validation SI-SDR is no better than the mixtures' own (SI-SDRi <= 0: worse than
+    not separating), which is refused without ``force``; the checkpoint stays, to
+    resume.
 
     Raises
     ------
-    TrainingDataError, ConfigError, StorageError
+    TrainingDataError, ConfigError, StorageError, NotBetterError
     """
     from tqdm import tqdm
 
@@ -283,7 +317,7 @@ def train_separator(
     device = torch_device(c.device, "train_separator.device")
     samples = round(c.segment_seconds * sr)
     torch.manual_seed(c.seed)
-    model = build_model(c, data.sources, sr).to(device)
+    model = build_model(c, data.sources, sr, data.channels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
     rng = np.random.default_rng(c.seed)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_sdri": -math.inf, "bad_epochs": 0, "best_state": None,
@@ -354,6 +388,15 @@ def train_separator(
     if state["best_state"] is None:
         raise SignalcraftError("training stopped before the first validation; nothing to export. "
                                "Run again with --resume to continue.")
+    if state["best_sdri"] <= 0:
+        message = (f"the trained separator is no better than not separating: validation SI-SDR "
+                   f"{state['best']:.2f} dB, {state['best_sdri']:.2f} dB against the unseparated mixtures "
+                   f"({state['epoch']} epochs, {seconds / 60:.1f} min; stopped: {reason})")
+        if not force:
+            raise NotBetterError(f"{message}. Not exported; {c.name} in {config.separation.repo} is unchanged. "
+                                 f"Train longer with --resume (train_separator.max_minutes), or pass --force to "
+                                 f"export it anyway.")
+        log.error("%s; exported anyway (--force)", message)
     best = copy.deepcopy(model).cpu()
     best.load_state_dict(state["best_state"])
     path = save_model(best, config.separation.repo, c.name)
@@ -390,14 +433,18 @@ def _load_checkpoint(path, c, sources, model, optimizer, rng) -> dict:
         raise StorageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}). "
                            "Delete it and train without --resume.") from None
     saved = data["config"]
-    for key in ("architecture", "channels", "depth", "segment_seconds"):
-        if saved[key] != getattr(c, key):
+    for key in ("architecture", "channels", "depth", "segment_seconds", "array"):
+        if saved.get(key, False) != getattr(c, key):
             raise ConfigError(f"{path}: was trained with train_separator.{key} = {saved[key]!r}, the config now says "
                               f"{getattr(c, key)!r}. Restore the setting or train without --resume.")
     if tuple(data["sources"]) != tuple(sources):
         raise ConfigError(f"{path}: was trained on sources {data['sources']}, the data folder now has "
                           f"{list(sources)}. Train without --resume.")
-    model.load_state_dict(data["model"])
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError:
+        raise ConfigError(f"{path}: its model does not fit the training data (recordings with another number of "
+                          "channels?). Train without --resume.") from None
     optimizer.load_state_dict(data["optimizer"])
     rng.bit_generator.state = data["numpy_rng"]
     torch.set_rng_state(data["torch_rng"])
