@@ -112,6 +112,11 @@ def test_a_second_detect_on_the_same_output_exits_busy(tmp_path):
             result = invoke("--config", str(tmp_path / "config.yaml"), *command)
             assert result.returncode == ExitCode.BUSY, result.stderr
             assert f"another `signalcraft detect` (pid {holder.pid}" in result.stderr
+        # From cron (-q) the same is silent: routine, and the log file has it.
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"output": {"dir": "out"}, "log": {"file": "sc.log"}}))
+        quiet = invoke("--config", str(tmp_path / "config.yaml"), "-q", "detect", str(output))
+        assert quiet.returncode == ExitCode.BUSY and quiet.stderr == "" and quiet.stdout == ""
+        assert "in use by another `signalcraft detect`" in (tmp_path / "sc.log").read_text()
     finally:
         holder.communicate("", timeout=30)
     # Released with its process: detect runs now.

@@ -64,7 +64,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SignalcraftError as e:
-            log.error("%s", e)
+            options = ctx.find_object(_Options)
+            if e.exit_code == ExitCode.BUSY and options is not None and options.quiet:
+                # From cron, a run that finds the previous one still going is routine:
+                # the exit code says so, the log file records it, and no mail is sent.
+                log.info("%s", e)
+            else:
+                log.error("%s", e)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             log.error("stopped by Ctrl-C")
@@ -85,7 +91,8 @@ class _Group(click.Group):
 @click.option("--verbose", "-v", count=True, help="Log more detail.")
 @click.option("--quiet", "-q", is_flag=True,
               help="For cron: print nothing unless something is wrong (warnings, errors, "
-                   "detect's WARNING/CRITICAL rows). The log file (log.file) still gets everything.")
+                   "detect's WARNING/CRITICAL rows); a run that finds another still holding the device or "
+                   "output folder exits 5 silently. The log file (log.file) still gets everything.")
 @click.version_option(__version__, prog_name="signalcraft")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bool) -> None:
