@@ -208,6 +208,8 @@ def test_doctor_passes_a_healthy_setup(healthy):
     assert all(line.startswith("OK") for line in found.values()), result.stdout
     assert "'signalcraft_vmic', channels [1, 2, 3, 4] of " in found["device"]
     assert "4 clips in" in found["noise clips"] and "sources pump, fan" in found["separator"]
+    quiet = invoke("--config", str(healthy), "-q", "doctor")  # for cron: nothing to say when all is well
+    assert quiet.returncode == 0 and quiet.stdout == "", quiet.stdout
 
 
 def test_doctor_names_each_problem(healthy):
@@ -225,6 +227,9 @@ def test_doctor_names_each_problem(healthy):
     assert "channel_2.pt missing; channel_3.pt missing" in found["noise clips"]
     assert "calibrate-noise" in found["noise clips"]
     assert found["separator"].startswith("OK") and found["config"].startswith("OK")
+    quiet = invoke("--config", str(healthy), "-q", "doctor")
+    assert quiet.returncode == ExitCode.FAILURE
+    assert {name for name in lines(quiet.stdout)} == {"device", "noise clips"}  # only what is wrong
 
 
 def test_doctor_reports_a_broken_config_and_stops(tmp_path):

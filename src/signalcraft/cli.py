@@ -498,14 +498,16 @@ def doctor(ctx: click.Context, output: Optional[Path]) -> None:
     clips (present, readable, for these channels and rate), the separator model,
     the detector and its state, free disk and retention, the log file.
     OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: cannot
-    be checked without what a check above could not find.
+    be checked without what a check above could not find. With -q only WARN and
+    FAIL lines are printed.
     Exit code: 0 if nothing FAILed, else 1.
     """
-    from .doctor import FAIL, run_checks
+    from .doctor import FAIL, OK, SKIP, run_checks
 
     failed = 0
     for check in run_checks(ctx.obj.config_path, output):
-        click.echo(check.line())
+        if not (ctx.obj.quiet and check.status in (OK, SKIP)):
+            click.echo(check.line())
         failed += check.status == FAIL
     if failed:
         log.error("%d check(s) failed", failed)
