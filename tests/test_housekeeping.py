@@ -239,3 +239,15 @@ def test_doctor_reports_a_broken_config_and_stops(tmp_path):
     assert result.returncode == ExitCode.FAILURE
     assert result.stdout.startswith("FAIL  config") and "output.folder: unknown key" in result.stdout
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_doctor_tries_the_log_file_rather_than_asking(healthy):
+    """A log file in /proc passes os.access for root, yet no one can create it there."""
+    settings = yaml.safe_load(healthy.read_text())
+    settings["log"] = {"file": "/proc/signalcraft.log"}
+    healthy.write_text(yaml.safe_dump(settings))
+    result = invoke("--config", str(healthy), "doctor")
+    assert result.returncode == ExitCode.FAILURE
+    found = lines(result.stdout)["log file"]
+    assert found.startswith("FAIL") and "/proc/signalcraft.log: cannot be written" in found
+    assert not list(Path("/proc").glob(".signalcraft-doctor-*"))
