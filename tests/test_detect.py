@@ -209,6 +209,8 @@ def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(cop
     assert result.returncode == 0, result.stderr
     assert "training on 8 of 10 segments" in result.stderr
     assert (project / "detector.pt").read_bytes() != before
+    backup, = project.glob("detector.pt.*.bak")  # the previous detector, kept as calibrate-noise keeps clips
+    assert backup.read_bytes() == before and backup.name in result.stderr
     with Store(project / "out" / "signalcraft.sqlite") as store:
         assert len(store.threshold_changes()) > 2
 

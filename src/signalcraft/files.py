@@ -185,3 +185,31 @@ def remove_leftovers(folder: Path) -> int:
         log.info("removed %s, left by an interrupted run", path)
         removed += 1
     return removed
+
+
+def backup_path(path: Path) -> Path:
+    """A free name for the backup of the file at ``path``, by when it was replaced:
+    ``<name>.<YYYYmmdd-HHMMSS>.bak`` (local time), so no backup is ever overwritten."""
+    stamp = clock.now().astimezone().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        candidate = path.with_name(f"{path.name}.{stamp}{'' if k == 1 else f'_{k}'}.bak")
+        if not candidate.exists():
+            return candidate
+    raise StorageError(f"{path}: more than 999 backups made in one second; remove some.")
+
+
+def keep_backup(path: Path) -> Path | None:
+    """Keep the file at ``path`` as ``backup_path(path)`` (a hard link, else a copy) and
+    return it; None if there is no file. The file itself stays where it is, to be
+    replaced atomically."""
+    if not path.exists():
+        return None
+    backup = backup_path(path)
+    try:
+        try:
+            os.link(path, backup)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, backup)
+    except OSError as e:
+        raise storage_error(backup, e) from None
+    return backup

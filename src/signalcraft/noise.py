@@ -19,11 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import clock
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
-from .files import save_torch, temp_path
+from .files import backup_path, save_torch, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +118,6 @@ def save_clips(clips: Sequence[NoiseClip], noise_dir: Path) -> list[Path]:
             os.replace(path, backup_path(path))
         os.replace(tmp, path)
     return [path for _, path in staged]
-
-
-def backup_path(path: Path) -> Path:
-    """A free name for the backup of the clip at ``path``, by when it was replaced:
-    ``channel_<C>.pt.<YYYYmmdd-HHMMSS>.bak`` (local time), so no backup is ever
-    overwritten."""
-    stamp = clock.now().astimezone().strftime("%Y%m%d-%H%M%S")
-    for k in range(1, 1000):
-        candidate = path.with_name(f"{path.name}.{stamp}{'' if k == 1 else f'_{k}'}.bak")
-        if not candidate.exists():
-            return candidate
-    raise NoiseClipError(f"{path}: more than 999 backups made in one second; remove some.")
 
 
 def _clip_data(clip: NoiseClip) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import clock
 from ..config import Config
-from ..files import temp_path
+from ..files import keep_backup, temp_path
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector
@@ -204,7 +204,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     """Train the detector on ``chosen`` segments, taken as normal, and
     fit thresholds per (mic, source). More than ``max_segments`` are thinned evenly
     (every tensor is held in memory while training). The previous detector file stays in
-    place until the new one is saved."""
+    place until the new one is saved, and is then kept as ``<model>.<time>.bak``."""
     c = config.detect
     if max_segments is not None and len(chosen) > max_segments:
         keep = np.linspace(0, len(chosen) - 1, max_segments).round().astype(int)
@@ -234,6 +234,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     staged = temp_path(c.model)
     save_detector(detector, staged)
     try:
+        backup = keep_backup(c.model)  # a hard link: the file in place stays the previous detector
         with store.transaction():
             for (mic, source), scores in sorted(out_of_fold.items()):
                 state = th.fit(np.asarray(scores), c)
@@ -246,5 +247,5 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         staged.unlink(missing_ok=True)
         raise
     os.replace(staged, c.model)
-    log.info("detector saved to %s", c.model)
+    log.info("detector saved to %s%s", c.model, f" (the previous one kept as {backup.name})" if backup else "")
     return detector
