@@ -170,3 +170,19 @@ def test_tensor_files_are_not_trusted(tmp_path, start, content, message):
 
 def test_storage_error_says_what_to_do(tmp_path):
     assert "no permission" in str(storage_error(tmp_path / "f", OSError(errno.EACCES, "Permission denied")))
+
+
+def test_since_takes_iso_times_and_folder_names(tmp_path, berlin_fall_back):
+    """--since/--until: ISO 8601 (UTC without an offset) or a folder name (local time,
+    as the folders are named), so a time copied from either place means what it says."""
+    from signalcraft.clock import parse_time
+    from signalcraft.errors import ConfigError
+
+    start = berlin_fall_back - dt.timedelta(hours=3)  # well before the clocks go back: one reading
+    folder = folder_name(start)
+    assert parse_time(folder, "--since") == start.replace(microsecond=0)
+    iso = start.replace(microsecond=0)
+    assert parse_time(iso.isoformat(), "--since") == iso
+    assert parse_time(iso.replace(tzinfo=None).isoformat(), "--since") == iso  # no offset: UTC
+    with pytest.raises(ConfigError, match=r"--since 'noon': not an ISO 8601 time .* nor a segment folder's name"):
+        parse_time("noon", "--since")

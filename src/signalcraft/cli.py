@@ -335,7 +335,8 @@ def train_separator(ctx: click.Context, data_dir: Path, resume: bool, force: boo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 @click.option("--since", metavar="TIMESTAMP",
-              help="Also list stored results of segments starting at or after TIMESTAMP (ISO 8601, UTC).")
+              help="Also list stored results of segments starting at or after TIMESTAMP: ISO 8601 (UTC "
+                   "unless it has an offset) or a segment folder's name (local time).")
 @click.pass_context
 def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since: Optional[str]) -> None:
     """Score new segments in OUTPUT and flag machines that sound wrong.
@@ -412,9 +413,11 @@ def _prune(config: Config, output: Path, dry_run: bool = False):
 @cli.command("train-detector")
 @click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--since", metavar="TIMESTAMP",
-              help="Train on segments starting at or after TIMESTAMP (ISO 8601; UTC unless it has an offset).")
+              help="Train on segments starting at or after TIMESTAMP: ISO 8601 (UTC unless it has an "
+                   "offset) or a segment folder's name (local time).")
 @click.option("--until", metavar="TIMESTAMP",
-              help="Train on segments starting before TIMESTAMP (ISO 8601; UTC unless it has an offset).")
+              help="Train on segments starting before TIMESTAMP: ISO 8601 (UTC unless it has an offset) or "
+                   "a segment folder's name (local time).")
 @click.option("--max-segments", type=click.IntRange(min=2), default=600, show_default=True,
               help="Train on at most this many segments, evenly spread over the period (all are held in memory).")
 @click.pass_context

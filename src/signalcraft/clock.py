@@ -45,21 +45,30 @@ def frozen(at: dt.datetime) -> Iterator[dt.datetime]:
         _source = previous
 
 
+FOLDER_TIME = "%Y-%m-%d_%H-%M-%S"  # a segment folder's name: its start, local time
+
+
 def parse_time(text: str, option: str) -> dt.datetime:
-    """An ISO 8601 time given to ``option`` (e.g. ``--since``), as an aware UTC datetime
-    (UTC if it has no offset).
+    """A time given to ``option`` (e.g. ``--since``), as an aware UTC datetime: ISO 8601
+    (UTC if it has no offset), or a segment folder's name ``YYYY-MM-DD_HH-MM-SS``
+    (local time, as folders are named).
 
     Raises
     ------
     ConfigError
-        Not an ISO 8601 time; the message names the option and gives an example.
+        Neither; the message names the option and gives examples.
     """
     from .errors import ConfigError
 
     try:
-        t = dt.datetime.fromisoformat(text)
+        t = dt.datetime.strptime(text, FOLDER_TIME).astimezone()  # naive: this machine's local time
     except ValueError:
-        raise ConfigError(f"{option} {text!r}: not an ISO 8601 time, e.g. 2026-11-21T08:00:00+00:00") from None
+        try:
+            t = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(f"{option} {text!r}: not an ISO 8601 time (e.g. 2026-11-21T08:00:00+00:00; UTC "
+                              "without an offset) nor a segment folder's name (e.g. 2026-11-21_09-00-00, local "
+                              "time)") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.timezone.utc)
     return t.astimezone(dt.timezone.utc)

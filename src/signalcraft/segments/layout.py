@@ -17,9 +17,11 @@ import datetime as dt
 import re
 from pathlib import Path
 
+from .. import clock
+
 MANIFEST = "manifest.json"
 AUDIO = "audio.flac"
-FOLDER_FORMAT = "%Y-%m-%d_%H-%M-%S"
+FOLDER_FORMAT = clock.FOLDER_TIME
 
 # A source name is a single, harmless path component (it comes from a model file and is
 # read back from manifests, which are not trusted): letters and digits of any script,
