@@ -237,3 +237,25 @@ def test_a_wrong_asset_map_is_a_config_error(assets, message):
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"separation": {"assets": assets}})
+
+
+def test_a_file_processed_twice_is_skipped_unless_forced_and_out_chooses_the_folder(project, tmp_path):
+    settings = yaml.safe_load(project.read_text())
+    settings["denoise"] = {"enabled": False}
+    project.write_text(yaml.safe_dump(settings))
+    wav = tmp_path / "room.wav"
+    sf.write(wav, 0.05 * np.random.default_rng(1).standard_normal((2 * SEGMENT_FRAMES, CHANNELS)), SAMPLE_RATE)
+    out = tmp_path / "elsewhere"
+    first = invoke("--config", str(project), "process", str(wav), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert len(first.stdout.split()) == 2 and all(Path(p).parent == out for p in first.stdout.split())
+    assert not (project.parent / "out").exists() or not list((project.parent / "out").glob("2*"))
+
+    again = invoke("--config", str(project), "process", str(wav), "--out", str(out))
+    assert again.returncode == 0 and again.stdout == ""
+    assert "2 segment(s) already in" in again.stderr and "--force" in again.stderr
+    assert len(list(out.glob("2*"))) == 2
+
+    forced = invoke("--config", str(project), "process", str(wav), "--out", str(out), "--force")
+    assert forced.returncode == 0 and len(forced.stdout.split()) == 2
+    assert len(list(out.glob("2*"))) == 4

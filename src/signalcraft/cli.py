@@ -218,18 +218,27 @@ def record(ctx: click.Context, repeat: int) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the segments here instead of output.dir.")
+@click.option("--force", is_flag=True, help="Process segments that are already in the output again.")
 @click.pass_context
-def process(ctx: click.Context, files: tuple[Path, ...]) -> None:
+def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], force: bool) -> None:
     """Run the same processing as `record` over multichannel WAV/FLAC FILES.
 
     Each file is cut into segments of capture.segment_seconds; a shorter tail at the
     end is skipped. The file's channels are taken to be capture.channels in order (as
-    record's audio.flac holds them). A bad file is reported and the others still run;
-    the exit code is then 1.
+    record's audio.flac holds them). A segment starts when its first sample was
+    recorded: for a segment folder's audio.flac, the start in its manifest; for any
+    other file, its modification time less its length (a recorder writes a file to its
+    end). A segment already in the output (same file name, same start) is skipped
+    unless --force. A bad file is reported and the others still run; the exit code is
+    then 1.
     """
     from . import pipeline
 
     config = _config(ctx)
+    if out is not None:
+        config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=out.resolve()))
     paths = list(files)
     show = sys.stderr.isatty()
     bar = click.progressbar(length=pipeline.count_segments(config, paths), label="segments",
@@ -239,7 +248,7 @@ def process(ctx: click.Context, files: tuple[Path, ...]) -> None:
             config, paths, stop=stop,
             on_exported=lambda path: None if show else _echo(ctx, str(path)),
             on_segment=(lambda: bar.update(1)) if show else (lambda: None),
-            on_error=lambda path, e: log.error("%s", e),
+            on_error=lambda path, e: log.error("%s", e), force=force,
         )
     log.info("%d segments written under %s", len(exported), config.output.dir)
     if failed:

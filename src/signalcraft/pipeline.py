@@ -416,12 +416,16 @@ def process_files(
     on_exported: Callable[[Path], None] = lambda path: None,
     on_segment: Callable[[], None] = lambda: None,
     on_error: Callable[[Path, Exception], None] = lambda path, e: None,
+    force: bool = False,
 ) -> tuple[list[Path], int]:
     """Run the chain over multichannel WAV/FLAC files, cut into segments of
     ``capture.segment_seconds``; a shorter tail at the end of a file is skipped (logged).
 
-    A file that fails (unreadable, wrong channels, ...) is reported through ``on_error``
-    and the others still run. Returns (exported folders, number of failed files).
+    A segment already in the output (a segment of a file of the same name with the same
+    start time) is skipped, logged, unless ``force``: processing a file twice would make
+    `detect` score it twice. A file that fails (unreadable, wrong channels, ...) is
+    reported through ``on_error`` and the others still run. Returns (exported folders,
+    number of failed files).
     """
     import soundfile as sf
 
@@ -431,6 +435,7 @@ def process_files(
     stop = stop or threading.Event()
     chains: dict[tuple, Chain] = {}  # by (channels, sample rate): models load once
     exported, failed = [], 0
+    done = set() if force else {(s.manifest.device, s.start_time) for s in _stored(config.output.dir)}
     for path in paths:
         if stop.is_set():
             break
@@ -443,12 +448,20 @@ def process_files(
             key = (channels, info.samplerate)
             if key not in chains:
                 chains[key] = Chain(config, channels, info.samplerate)
+            skipped = 0
             for segment in file_segments(path, config.capture.segment_seconds, start_time=recorded_at(path),
                                          stop=stop):
+                if (segment.device, segment.start_time) in done:
+                    skipped += 1
+                    on_segment()
+                    continue
                 folder = chains[key](dataclasses.replace(segment, channels=channels))
                 exported.append(folder)
                 on_exported(folder)
                 on_segment()
+            if skipped:
+                log.info("%s: %d segment(s) already in %s, skipped (--force processes them again)", path,
+                         skipped, config.output.dir)
         except SignalcraftError as e:
             failed += 1
             on_error(path, e)
@@ -456,6 +469,12 @@ def process_files(
             failed += 1
             on_error(path, StorageError(f"{path}: {type(e).__name__}: {e}"))
     return exported, failed
+
+
+def _stored(output: Path) -> list:
+    from .segments import list_segments
+
+    return list_segments(output) if Path(output).is_dir() else []
 
 
 def recorded_at(path: Path) -> Optional[dt.datetime]:
