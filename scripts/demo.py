@@ -1,12 +1,17 @@
-"""The signalcraft demo: a simulated pump room through the real capture path.
+"""The signalcraft demo: a simulated pump room through the real capture path, to an alert.
 
 `signalcraft simulate` renders a four-microphone plant room: a pump, a fan and a motor
-in factory background, the pump developing a bearing fault in the last segment. The
-recordings are replayed through a virtual ALSA capture device that PortAudio opens
-like any USB interface, and the real commands run against it:
+in factory background. The recordings are replayed through a virtual ALSA capture
+device that PortAudio opens like any USB interface, and the real commands run against
+it, as cron would run them:
 
-    signalcraft calibrate-noise       (machines off: the room alone)
-    signalcraft record --repeat 3     (machines on: denoise, separate, log-mel, export)
+    signalcraft calibrate-noise          (machines off: the room alone)
+    signalcraft record --repeat 14       (machines on, running normally: denoise,
+                                          separate, log-mel, export)
+    signalcraft detect output            (the first 12 segments calibrate the detector,
+                                          the other two are scored)
+    signalcraft record --repeat 4        (the pump now has a bearing fault)
+    signalcraft detect output            (WARNING, then CRITICAL: exit 4)
 
 The separator is models/separator/plant-*.th, built by scripts/build_demo_separator.sh.
 Everything else goes to ./demo/ (recreated on each run). Run it with scripts/demo.sh.
@@ -28,24 +33,37 @@ SAMPLE_RATE = 16000  # Hz
 MICS = 4
 SEED = 7
 MACHINES = ("pump", "fan", "motor")
-FAULT = ("pump", simulate.Fault("bearing", start_s=20.0))  # the third 10 s segment
+FAULTY = "pump"
+FAULT = simulate.Fault("bearing")
+CALIBRATION = 12  # segments of normal operation the detector calibrates on (2 minutes)
+NORMAL_SEGMENTS = CALIBRATION + 2
+FAULT_SEGMENTS = 4  # CRITICAL needs 3 of the last 5 segments over the level
+SEGMENT_S = 10.0
 
 
-def room_and_plant(seconds: float) -> tuple:
-    """int16 (MICS, samples) recordings of the room alone and of the running plant.
+def recordings(seconds: float, fault: bool) -> tuple:
+    """int16 (MICS, samples) recordings of the room alone and of the running plant (its
+    pump with a bearing fault when ``fault``).
 
-    Both scenes keep the background at its fixed level (snr None) with the same seed, so
-    the room in the noise recording is the room under the machines."""
-    common = dict(n_mics=MICS, seconds=seconds, sample_rate=SAMPLE_RATE, seed=SEED, snr_db=None)
+    All scenes keep the background at its fixed level (snr None) with the same seed, so
+    the room in the noise recording is the room under the machines. The virtual device
+    replays its file from the top for every stream and repeats stale data past the end:
+    each recording is a little longer than what is captured."""
+    common = dict(n_mics=MICS, seconds=seconds + 2.0, sample_rate=SAMPLE_RATE, seed=SEED, snr_db=None)
     room = simulate.render(simulate.default_scene(machines=(), **common)).mixture
-    plant = simulate.render(simulate.default_scene(machines=MACHINES, faults=[FAULT], **common)).mixture
+    faults = [(FAULTY, FAULT)] if fault else []
+    plant = simulate.render(simulate.default_scene(machines=MACHINES, faults=faults, **common)).mixture
     return vdevice.to_int16(room), vdevice.to_int16(plant)
 
 
-def signalcraft(*args: str, env: dict) -> None:
+def signalcraft(*args: str, env: dict, ok: tuple[int, ...] = (0,)) -> int:
     print(f"\n$ signalcraft {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "signalcraft", "--config", str(DEMO / "config.yaml"), *args],
-                   env=env, check=True)
+    # In ./demo, as a user in the project folder: `output` is demo/output.
+    code = subprocess.run([sys.executable, "-m", "signalcraft", "--config", str(DEMO / "config.yaml"), *args],
+                          env=env, cwd=DEMO).returncode
+    if code not in ok:
+        sys.exit(f"signalcraft {args[0]} failed (exit {code})")
+    return code
 
 
 def main() -> None:
@@ -58,22 +76,34 @@ def main() -> None:
         f"capture:\n  device: {vdevice.DEVICE_NAME}\n  channels: [1, 2, 3, 4]\n"
         "  # The virtual device delivers its whole file at once, not in real time:\n"
         "  # buffer all of it rather than drop what processing has not reached.\n"
-        "  queue_seconds: 120\n"
+        "  queue_seconds: 300\n"
+        "pipeline:\n  # Likewise: let finished segments wait for the processing worker, none dropped.\n"
+        f"  queue_segments: {NORMAL_SEGMENTS + 2}\n"
         f"noise:\n  dir: noise_samples\nseparation:\n  repo: {models}\n  model: plant\n"
+        "  # The room has a pump, a fan and a motor; the model also knows valves.\n"
+        "  assets: {P-101: pump, F-201: fan, M-301: motor}\n"
+        f"detect:\n  model: detector.pt\n  calibration_segments: {CALIBRATION}\n"
         "output:\n  dir: output\n"
+        "log:\n  file: signalcraft.log\n"
     )
     env = {**os.environ, **vdevice.install(DEMO / "device", MICS, SAMPLE_RATE)}
-    # The virtual device replays its file from the top for every stream, and repeats
-    # stale data past the end: each recording is a little longer than what is captured.
-    room, plant = room_and_plant(seconds=32.0)
+    room, plant = recordings(NORMAL_SEGMENTS * SEGMENT_S, fault=False)
     vdevice.set_samples(DEMO / "device", room)
     signalcraft("calibrate-noise", env=env)
     vdevice.set_samples(DEMO / "device", plant)
-    signalcraft("record", "--repeat", "3", env=env)
+    signalcraft("record", "--repeat", str(NORMAL_SEGMENTS), env=env)
+    signalcraft("-q", "detect", "output", env=env, ok=(0, 3, 4))
 
-    print(f"\nDemo finished. Noise clips: {DEMO / 'noise_samples'}\nSegments:    {DEMO / 'output'}\n"
-          "Each segment holds mic_<N>/<source>.pt (1x240x240 log-mel) and manifest.json; the pump "
-          "has a bearing fault in the last one.")
+    print(f"\nThe pump ({FAULTY}, asset P-101) develops a bearing fault.", flush=True)
+    _, faulty = recordings(FAULT_SEGMENTS * SEGMENT_S, fault=True)
+    vdevice.set_samples(DEMO / "device", faulty)
+    signalcraft("record", "--repeat", str(FAULT_SEGMENTS), env=env)
+    code = signalcraft("-q", "detect", "output", env=env, ok=(0, 3, 4))
+
+    verdict = {0: "no alert (every machine sounded normal)", 3: "WARNING", 4: "CRITICAL"}[code]
+    print(f"\nDemo finished: detect exited {code}, {verdict}.\nNoise clips: {DEMO / 'noise_samples'}\n"
+          f"Segments:    {DEMO / 'output'} (mic_<N>/<asset>.pt, 1x240x240 log-mel, and manifest.json)\n"
+          f"State:       {DEMO / 'output' / 'signalcraft.sqlite'}\nLog:         {DEMO / 'signalcraft.log'}")
 
 
 if __name__ == "__main__":
