@@ -241,6 +241,15 @@ def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(co
                 outcomes.add((fault, learnt))
     assert (None, True) in outcomes and ("hiss", False) in outcomes
 
+    # A damaged stored model is logged and replaced by the calibration one; detect goes on.
+    with Store(state_file) as store:
+        with store.transaction():
+            store.set_scorer_state(0, "mix", {"structure": "damaged"}, "2026-01-01T00:00:00+00:00")
+    process_files(config, [scene_file(project, 306)])
+    assert detect(config, project / "out").segments == 1
+    with Store(state_file) as store:
+        assert store.get_scorer_state(0, "mix") != {"structure": "damaged"}
+
     # A new detector starts again from its own calibration.
     again = invoke("--config", str(project / "config.yaml"), "train-detector", str(project / "out"), "--until", until)
     assert again.returncode == 0, again.stderr

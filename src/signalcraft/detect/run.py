@@ -175,8 +175,10 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             continue
         learns = getattr(detector, "learns_online", False)
-        model_state = store.get_scorer_state(mic, source) if learns else None
-        score = float(detector.score(source, tensor[None], **({"state": model_state} if learns else {}))[0])
+        if learns:
+            score, model_state = _online_score(store, detector, segment, mic, source, tensor)
+        else:
+            score = float(detector.score(source, tensor[None])[0])
         state = th.ThresholdState.from_dict(saved)
         decision = th.decide(state, score, c)
         store.add_score(seg, mic, source, score, state.warning, state.critical, decision.status)
@@ -191,6 +193,22 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
             store.add_alert(seg, mic, source, decision.status, score, at)
         result.rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical,
                                decision.status))
+
+
+def _online_score(store: Store, detector, segment: StoredSegment, mic: int, source: str, tensor
+                  ) -> tuple[float, Optional[dict]]:
+    """(score, the model state it came from) of a scorer that learns online. A stored
+    state that is damaged is logged and replaced by the detector's own calibration
+    model, so that one bad row never stops every later run."""
+    model_state = store.get_scorer_state(mic, source)
+    try:
+        return float(detector.score(source, tensor[None], state=model_state)[0]), model_state
+    except DetectorError as e:
+        if model_state is None:
+            raise
+        log.error("%s mic_%d/%s: %s; starting again from the detector's calibration model", segment.name, mic,
+                  source, e)
+        return float(detector.score(source, tensor[None], state=None)[0]), None
 
 
 def train_from_calibration(config: Config, output_dir: Path, store: Store) -> Detector:
