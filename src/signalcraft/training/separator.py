@@ -58,7 +58,6 @@ class TrainingDataError(SignalcraftError):
     """The training data folder is missing, empty or unreadable."""
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
     """Recordings per source, split into training and validation parts.
