@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from signalcraft import simulate
+from signalcraft import clock, simulate
 from signalcraft.config import config_from_dict
 from signalcraft.detect.run import CALIBRATING, detect
 from signalcraft.detect.store import Store
@@ -244,7 +244,7 @@ def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(co
     # A damaged stored model is logged and replaced by the calibration one; detect goes on.
     with Store(state_file) as store:
         with store.transaction():
-            store.set_scorer_state(0, "mix", {"structure": "damaged"}, "2026-01-01T00:00:00+00:00")
+            store.set_scorer_state(0, "mix", {"structure": "damaged"}, clock.now_iso())
     process_files(config, [scene_file(project, 306)])
     assert detect(config, project / "out").segments == 1
     with Store(state_file) as store:

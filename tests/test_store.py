@@ -197,9 +197,7 @@ def test_a_newer_schema_is_refused(path):
 
 def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
     with Store(path) as store:
-        seg = store.record_segment("2026-01-01_00-00-00", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:10+00:00",
-                                   1, 0, phase="calibration")
-        store.add_score(seg, 0, "pump", None, None, None, "CALIBRATING")
+        add_segment(store, "a", T0, phase="calibration", scores=((0, "pump", None),), status="CALIBRATING")
     with sqlite3.connect(path) as db:  # as signalcraft with schema version 1 left it
         db.execute("DROP TABLE rejected")
         db.execute("DROP TABLE scorer_states")
@@ -207,7 +205,7 @@ def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
     db.close()
     with Store(path) as store:
         assert store.calibration_count() == 1 and store.rejected_folders() == {}
-        store.set_scorer_state(0, "pump", {"counter": 3}, "2026-01-01T00:00:20+00:00")
+        store.set_scorer_state(0, "pump", {"counter": 3}, NOW)
         assert store.get_scorer_state(0, "pump") == {"counter": 3}
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
