@@ -67,9 +67,10 @@ SCENE_SEED = 7
 DETECT_EVERY_S = 60.0
 POLL_S = 0.25  # how often the soak samples the RSS of `record` and looks for new segments
 # Default detect.calibration_segments: one minute of calibration (the first detect run
-# sees it all), then the detector trains itself and scores the rest. Training is 3 x 4
-# autoencoders (two folds and all, per source) and takes minutes on 2 cores, growing
-# with the segments: 6 keeps it within a 10-minute soak. The smallest allowed is 5.
+# sees it all), then the detector trains itself and scores the rest. The cold start
+# grows with the segments (about 2 minutes for 60 x 4 microphones x 4 sources with the
+# default ensemble scorer): 6 keeps it a small part of a 10-minute soak. The smallest
+# allowed is 5.
 CALIBRATION_SEGMENTS = 6
 REPORT_MINUTES = 10.0  # shorter runs are trials: printed, not written to the report
 RSS_TARGET_MB = 50.0

@@ -231,3 +231,9 @@ def test_the_detection_benchmark_uses_the_products_cross_fit():
         sys.path.remove(str(path.parent))
     assert bench.cross_fit is scorers.cross_fit and bench.fit_detector is scorers.fit_detector
     assert isinstance(bench.CONFIG, DetectConfig) and dataclasses.is_dataclass(bench.CONFIG)
+
+
+def test_the_ensemble_needs_three_tensors_per_source_and_says_so():
+    with pytest.raises(DetectorError, match="source 'pump': 2 tensor\\(s\\) to fit on; the ensemble needs at least 3"):
+        fit_detector({"pump": spectrogram(2, PUMP_LINES, seed=12)}, FEATURES, kind("ensemble"))
+    assert fit_detector({"pump": spectrogram(3, PUMP_LINES, seed=12)}, FEATURES, kind("ensemble")).sources == ("pump",)

@@ -84,25 +84,21 @@ class EnsembleDetector:
         Raises
         ------
         DetectorError
-            A member kind is unknown or an ensemble, fewer than 2 tensors of a source to
-            cross-fit, or what a member's own fit raises.
+            Fewer than 3 tensors of a source to cross-fit, or what a member's own fit
+            raises.
         """
         registry = _registry()
-        kinds = config.scorer.members
-        for kind in kinds:
-            if kind not in registry or kind not in ENSEMBLE_MEMBERS:
-                raise DetectorError(f"detect.scorer.members: {kind!r} is not a scorer an ensemble can hold "
-                                    f"(choose from {', '.join(ENSEMBLE_MEMBERS)}).")
+        kinds = config.scorer.members  # ScorerConfig admits only ENSEMBLE_MEMBERS
         features = dict(features or {})
         _check_training_tensors(tensors_by_source, features, multiple=1)
         members = {kind: registry[kind].fit(tensors_by_source, features, config) for kind in kinds}
         standard: dict[str, dict[str, tuple[float, float]]] = {}
         for source in sorted(tensors_by_source):
             x = tensors_by_source[source]
+            if x.shape[0] < 3:  # each member is fitted on all blocks but one, and needs 2 tensors
+                raise DetectorError(f"source {source!r}: {x.shape[0]} tensor(s) to fit on; the ensemble needs "
+                                    "at least 3.")
             folds = min(MEMBER_FOLDS, x.shape[0])
-            if folds < 2:
-                raise DetectorError(f"source {source!r}: {x.shape[0]} tensor to fit on; the ensemble needs "
-                                    "at least 2.")
             standard[source] = {}
             for kind in kinds:
                 logs = np.log(blocked_scores(registry[kind], x, source, features, config, folds) + LOG_FLOOR)
