@@ -65,7 +65,6 @@ DEVELOPED_HOLD = 10  # segments a developing fault stays at full size
 DCASE = ROOT.parent / "shared" / "data" / "dcase2020"
 
 CHAIN = Chain(config_from_dict({"capture": {"channels": [1]}, "denoise": {"enabled": False}}), (1,), SR)
-CONFIG = DetectConfig()  # the default, as `detect` runs it
 
 
 def clip(kind: str, unit: int, seed: int, snr: float, fault: str | None = None) -> np.ndarray:

@@ -2,7 +2,6 @@
 ensemble's standardisation, the registry that the file's kind selects, and the one
 cross-fitting used by detect, train-detector and the benchmarks."""
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -230,7 +229,6 @@ def test_the_detection_benchmark_uses_the_products_cross_fit():
     finally:
         sys.path.remove(str(path.parent))
     assert bench.cross_fit is scorers.cross_fit and bench.fit_detector is scorers.fit_detector
-    assert isinstance(bench.CONFIG, DetectConfig) and dataclasses.is_dataclass(bench.CONFIG)
 
 
 def test_the_ensemble_needs_three_tensors_per_source_and_says_so():
