@@ -13,7 +13,8 @@ it, as cron would run them:
     signalcraft record --repeat 4        (the pump now has a bearing fault)
     signalcraft detect output            (WARNING, then CRITICAL: exit 4)
 
-The separator is models/separator/plant-*.th, built by scripts/build_demo_separator.sh.
+The separator is models/separator/plant_array-*.th, an array model trained on this room
+(each machine recorded alone where it stands) by scripts/build_demo_separator.sh.
 Everything else goes to ./demo/ (recreated on each run). Run it with scripts/demo.sh.
 """
 
@@ -68,7 +69,7 @@ def signalcraft(*args: str, env: dict, ok: tuple[int, ...] = (0,)) -> int:
 
 def main() -> None:
     models = ROOT / "models" / "separator"
-    if not list(models.glob("plant-*.th")):
+    if not list(models.glob("plant_array-*.th")):
         sys.exit(f"no separator in {models}: run scripts/build_demo_separator.sh to build it")
     shutil.rmtree(DEMO, ignore_errors=True)
     DEMO.mkdir()
@@ -79,8 +80,9 @@ def main() -> None:
         "  queue_seconds: 300\n"
         "pipeline:\n  # Likewise: let finished segments wait for the processing worker, none dropped.\n"
         f"  queue_segments: {NORMAL_SEGMENTS + 2}\n"
-        f"noise:\n  dir: noise_samples\nseparation:\n  repo: {models}\n  model: plant\n"
-        "  # The room has a pump, a fan and a motor; the model also knows valves.\n"
+        f"noise:\n  dir: noise_samples\nseparation:\n  repo: {models}\n"
+        "  # An array model: all four microphones in, each machine at each microphone out.\n"
+        "  model: plant_array\n"
         "  assets: {P-101: pump, F-201: fan, M-301: motor}\n"
         f"detect:\n  model: detector.pt\n  calibration_segments: {CALIBRATION}\n"
         "output:\n  dir: output\n"

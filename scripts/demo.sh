@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up, then run the demo (scripts/demo.py): calibrate-noise and
-# record --repeat 3 through the real capture path from a simulated pump room.
+# Set everything up, then run the demo (scripts/demo.py): calibrate-noise, record and
+# detect through the real capture path, from a simulated pump room to an alert.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"

@@ -156,8 +156,21 @@ def test_quiet_detect_prints_only_the_anomalies(copy):
     process_files(config, [scene_file(project, seed, "bearing") for seed in range(710, 714)])
     quiet = invoke("-q", "--config", cfg, "detect", out)
     assert quiet.returncode == ExitCode.CRITICAL, quiet.stderr
-    statuses = {line.split()[-1] for line in quiet.stdout.splitlines()[1:] if line.startswith("20")}
-    assert "CRITICAL" in statuses and statuses <= {"WARNING", "CRITICAL"}
+    # One row per machine says which one to go and check, since when and where.
+    lines = quiet.stdout.splitlines()
+    assert lines[0].split()[:3] == ["machine", "status", "since"] and not any(line.startswith("20") for line in lines)
+    machine = next(line.split() for line in lines if line.startswith("mix "))
+    segments = list_segments(project / "out")
+    first_fault = segments[-4]
+    assert machine[1] == "CRITICAL" and machine[3] == segments[-1].name and float(machine[5]) > 1
+    assert set(machine[4].split(",")) <= {"0", "1"} and machine[4]
+    assert dt.datetime.fromisoformat(machine[2]) >= first_fault.start_time.replace(tzinfo=None, microsecond=0)
+    # The log names it too.
+    assert "mix CRITICAL since" in (project / "logs" / "signalcraft.log").read_text()
+    # -v adds the (segment, microphone, machine) rows.
+    verbose = invoke("-v", "--config", cfg, "detect", out, "--since", first_fault.start_time.isoformat())
+    statuses = {line.split()[-1] for line in verbose.stdout.splitlines() if line.startswith("20")}
+    assert "CRITICAL" in statuses, (verbose.returncode, verbose.stdout, verbose.stderr[-2000:])
 
 
 def test_warning_exit_code(copy):

@@ -161,6 +161,17 @@ def test_the_room_alone_matches_the_background_of_the_scene_with_machines():
     np.testing.assert_array_equal(off.mixture, off.background)
 
 
+def test_the_background_event_rate_is_a_scene_setting():
+    """A busy shift: more knocks, clanks and beeps; none at rate 0; a bad rate is refused."""
+    def count(rate):
+        return len(sim.render(scene(seconds=30.0, seed=4, event_rate_hz=rate)).labels["background"]["events"])
+
+    assert count(0.0) == 0
+    assert count(1.0) > 2 * count(sim.EVENT_RATE_HZ) > 0
+    with pytest.raises(ConfigError, match="event_rate_hz"):
+        scene(event_rate_hz=-1.0)
+
+
 @pytest.mark.parametrize("line_hz", [50.0, 60.0])
 def test_a_motor_hums_at_twice_the_mains_frequency(line_hz):
     r = sim.render(scene(("motor",), snr_db=None, line_hz=line_hz, seed=1))

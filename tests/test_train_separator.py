@@ -12,7 +12,7 @@ from signalcraft.config import config_from_dict
 from signalcraft.errors import ExitCode
 from signalcraft.separate import load_separator, model_file
 from signalcraft.training.separator import (
-    NotBetterError, TrainingDataError, checkpoint_path, load_training_data, si_sdr, train_separator,
+    NotBetterError, TrainingDataError, checkpoint_path, load_training_data, si_sdr, snr_loss, train_separator,
 )
 
 SR = 16000
@@ -130,6 +130,34 @@ def test_si_sdr_of_known_signals():
     assert float(si_sdr(3.0 * ref, ref)) > 80  # scale does not matter
     noisy = ref + 0.1 * noise
     assert float(si_sdr(noisy, ref)) == pytest.approx(20.0, abs=0.3)
+
+
+def test_snr_loss_is_the_negative_snr_floored_at_30_db():
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.standard_normal((1, 2, 1, 16000)))  # (batch, sources, channels, samples)
+    mix = ref.sum(1)
+    error = torch.from_numpy(rng.standard_normal((1, 2, 1, 16000)))
+    # 20 dB SNR on both sources: about -20 dB; the floor (30 dB below the source and the
+    # mixture, here 3 times the source's power) takes 1.1 dB off.
+    assert float(snr_loss(ref + 0.1 * error, ref, mix)) == pytest.approx(-18.9, abs=0.2)
+    better = float(snr_loss(ref + 0.01 * error, ref, mix))
+    assert -26 < better < -24
+    # A perfect estimate stops at the floor instead of going to -inf.
+    assert float(snr_loss(ref, ref, mix)) == pytest.approx(-25.2, abs=0.1)
+    # A silent source (the mixture is the other one): estimating silence is rewarded,
+    # leaking the other source into it is not.
+    silent = torch.cat([ref[:, :1], torch.zeros_like(ref[:, 1:])], 1)
+    leaky = torch.cat([ref[:, :1], 0.1 * ref[:, :1]], 1)
+    # (10 dB on that source, half of it in the mean over both)
+    assert float(snr_loss(silent, silent, ref[:, 0])) < float(snr_loss(leaky, silent, ref[:, 0])) - 5
+
+
+def test_training_with_the_snr_loss_runs_and_records_it(tmp_path):
+    data = write_data(tmp_path / "data")
+    result = train_separator(data, tiny_config(tmp_path, loss="snr"), progress=False, force=True)
+    assert result.steps == 2 and np.isfinite(result.best_si_sdr)
+    saved = torch.load(checkpoint_path(tiny_config(tmp_path)), weights_only=True)
+    assert saved["config"]["loss"] == "snr"
 
 
 def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):

@@ -31,6 +31,7 @@ class _Options:
 
     config_path: Optional[Path]
     quiet: bool
+    verbose: int = 0
 
 
 @contextlib.contextmanager
@@ -104,7 +105,7 @@ def cli(ctx: click.Context, config_path: Optional[Path], verbose: int, quiet: bo
     output folder (this run did nothing), 130 stopped by Ctrl-C, 143 by SIGTERM.
     """
     logs.setup_stderr(verbose, quiet)
-    ctx.obj = _Options(config_path, quiet)
+    ctx.obj = _Options(config_path, quiet, verbose)
 
 
 def _config(ctx: click.Context) -> Config:
@@ -361,7 +362,11 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     Then applies retention (output.keep_days, output.max_gb) to the segments it has
     finished with; if that fails the alerts still count (exit 3/4, else 1). One
     `detect` per output folder at a time: a second exits 5.
-    With -q nothing is printed unless a row is WARNING or CRITICAL.
+
+    Prints one row per machine (asset): its state in its newest segment, since when,
+    the microphones that flag it and its worst score against its critical level;
+    with -v also every (segment, microphone, machine) row, which --json and --csv
+    always give. With -q nothing is printed unless a machine is WARNING or CRITICAL.
 
     \b
     Exit codes: 0 all normal (or still calibrating), 3 WARNING found,
@@ -389,12 +394,16 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
             log.error("retention: %s", e)
             pruned = False
     rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
+    machines = report.machine_status(rows)
     if ctx.obj.quiet:
         rows = [r for r in rows if r.status in ("WARNING", "CRITICAL")]
     if rows or not ctx.obj.quiet:
-        click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table"), nl=False)
-    log.info("detect %s: %d new segments, %d WARNING or CRITICAL tensors, %d CRITICAL, %d corrupt tensors skipped",
-             output, result.segments, result.anomalies, result.critical, result.corrupt)
+        click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table", machines,
+                                      per_tensor=ctx.obj.verbose > 0), nl=False)
+    flagged = [m for m in report.machine_status(result.rows) if m.status != "NORMAL"]
+    log.info("detect %s: %d new segments, %d alerts (%d CRITICAL), %d corrupt tensors skipped%s", output,
+             result.segments, result.anomalies, result.critical, result.corrupt,
+             f"; {report.format_machines(flagged)}" if flagged else "")
     if result.critical:
         ctx.exit(ExitCode.CRITICAL)
     if result.anomalies:

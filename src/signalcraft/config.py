@@ -185,6 +185,9 @@ class TrainSeparatorConfig:
     segment_seconds: float = 4.0  # training excerpt length, s; also the chunk at inference
     batch_size: int = 8
     learning_rate: float = 1.0e-3  # the bundled model's; 3e-4 progressed about three times slower
+    # Training loss: l1 (waveform L1, as demucs) or snr (negative SNR of each source,
+    # soft-thresholded at 30 dB so silent sources and perfect ones stay bounded).
+    loss: Literal["l1", "snr"] = "l1"
     epochs: int = 100  # at most
     steps_per_epoch: int = 50
     patience: int = 5  # stop after this many epochs without a better validation SI-SDR

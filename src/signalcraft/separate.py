@@ -4,9 +4,11 @@ Models are in demucs' own packaged format (``NAME-<sha8>.th``, as ``train-separa
 writes them) and load through demucs' own loader with an explicit local ``repo``, which
 verifies the checksum in the file name. Nothing is ever downloaded.
 
-Each microphone channel is separated on its own (the models are mono). Like
-``demucs.separate``, a channel is scaled to unit standard deviation for the model and
-scaled back afterwards; models trained by signalcraft see the same scaling.
+A mono model separates each microphone channel on its own; an array model
+(``train_separator.array``) takes all microphones at once and returns every source at
+every microphone. Like ``demucs.separate``, the input is scaled to unit standard
+deviation for the model (each channel, or the array as a whole) and scaled back
+afterwards; models trained by signalcraft see the same scaling.
 """
 
 from __future__ import annotations

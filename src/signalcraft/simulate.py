@@ -279,6 +279,8 @@ class Scene:
         the distant background machine's position and speed. ``seed`` then draws one
         recording of that installation (drifts, noise, phases, events, fault severity).
         None: the same as ``seed`` (every seed another installation).
+    event_rate_hz : float
+        Knocks, clanks and forklift beeps in the background per second (Poisson).
     """
 
     machines: tuple[Machine, ...]
@@ -290,6 +292,7 @@ class Scene:
     seed: int = 0
     line_hz: float = DEFAULT_LINE_HZ
     unit: Optional[int] = None
+    event_rate_hz: float = EVENT_RATE_HZ
 
     def __post_init__(self):
         object.__setattr__(self, "machines", tuple(self.machines))
@@ -310,6 +313,8 @@ class Scene:
             raise ConfigError(f"unit {self.unit!r}: must be an integer >= 0, or none (the seed's own unit).")
         if self.reverb_rt60_s is not None and not (0 < self.reverb_rt60_s <= MAX_RT60_S):
             raise ConfigError(f"reverb RT60 {self.reverb_rt60_s}: must be in (0, {MAX_RT60_S:g}] s, or none.")
+        if not (math.isfinite(self.event_rate_hz) and 0 <= self.event_rate_hz <= 100):
+            raise ConfigError(f"event_rate_hz {self.event_rate_hz}: must be 0 to 100 background events per second.")
         if not (0 < self.line_hz <= 1000):
             raise ConfigError(f"line_hz {self.line_hz}: must be the mains frequency in Hz (50 or 60).")
         if self.snr_db is not None and not math.isfinite(self.snr_db):
@@ -383,7 +388,7 @@ def default_scene(
     faults : sequence of (machine name, Fault)
     **options
         Other ``Scene`` fields: seconds, sample_rate, snr_db, reverb_rt60_s, seed, line_hz,
-        unit.
+        unit, event_rate_hz.
     """
     if isinstance(machines, str):
         machines = (machines,)
@@ -823,7 +828,7 @@ def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
 
     # Knocks, clanks and forklift beeps at random places and times.
     r = _rng(seed, "background", "events")
-    count = int(r.poisson(EVENT_RATE_HZ * scene.seconds))
+    count = int(r.poisson(scene.event_rate_hz * scene.seconds))
     events = []
     for i in range(count):
         kind = str(r.choice(EVENT_KINDS, p=EVENT_PROBABILITY))

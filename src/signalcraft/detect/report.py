@@ -37,13 +37,72 @@ def stored_rows(config: Config, output_dir: Path, since_utc: str) -> list[Row]:
                     r["critical"], r["status"]) for r in store.scores(since_utc=since_utc)]
 
 
-def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
-    """``style``: table (for people), json or csv (for scripts)."""
+_RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineStatus:
+    """One machine (asset) over some scored rows: its state in its newest segment (the
+    worst over its microphones), since when, and where it sounds most wrong."""
+
+    source: str
+    status: str  # NORMAL, WARNING or CRITICAL
+    since: str  # start (UTC) of the first of the newest run of segments in this state, among the rows
+    folder: str  # newest scored segment
+    mics: tuple[int, ...]  # microphones at which it is WARNING or CRITICAL in that segment
+    mic: int  # microphone with the highest score relative to its critical level there
+    ratio: Optional[float]  # that score / its critical level
+    alerts: int  # WARNING or CRITICAL rows of this machine among the rows
+
+
+def machine_status(rows: Iterable[Row]) -> list[MachineStatus]:
+    """Per machine, in order of first appearance; calibrating rows are left out."""
+    by_source: dict[str, dict[str, list[Row]]] = {}
+    for r in rows:
+        if r.status in _RANK:
+            by_source.setdefault(r.source, {}).setdefault(r.start_time, []).append(r)
+    out = []
+    for source, segments in by_source.items():
+        times = sorted(segments)
+        state = {t: max(_RANK[r.status] for r in segments[t]) for t in times}
+        latest = segments[times[-1]]
+        worst = max(latest, key=lambda r: (_RANK[r.status], _ratio(r) or 0.0))
+        k = len(times) - 1
+        while k > 0 and state[times[k - 1]] == state[times[-1]]:
+            k -= 1
+        out.append(MachineStatus(
+            source, worst.status, times[k], worst.folder,
+            tuple(sorted(r.mic for r in latest if r.status != th.NORMAL)), worst.mic, _ratio(worst),
+            sum(r.status != th.NORMAL for rs in segments.values() for r in rs)))
+    return out
+
+
+def _ratio(r: Row) -> Optional[float]:
+    return r.score / r.critical if r.score is not None and r.critical else None
+
+
+def format_machines(machines: list[MachineStatus]) -> str:
+    """For the log: 'P-101 CRITICAL since 2026-12-01T08:11:28 (mics 0,1; worst at mic 1,
+    2.3x its critical level; 4 alerts)'."""
+    return "; ".join(
+        f"{m.source} {m.status} since {m.since[:19]}"
+        + (f" (mics {','.join(map(str, m.mics))}; worst at mic {m.mic}, {m.ratio:.2g}x its critical level; "
+           f"{m.alerts} alert{'s' * (m.alerts != 1)}) in {m.folder}" if m.ratio is not None else f" in {m.folder}")
+        for m in machines)
+
+
+def format_rows(rows: list[Row], result: DetectResult, style: str,
+                machines: Optional[list[MachineStatus]] = None, per_tensor: bool = False) -> str:
+    """``style``: table (for people), json or csv (for scripts). The table gives the
+    state of each machine (by default ``machine_status(rows)``), and with
+    ``per_tensor`` the rows too; JSON gives both, CSV the rows."""
+    machines = machine_status(rows) if machines is None else machines
     if style == "json":
         return json.dumps({
             "segments": result.segments, "corrupt_tensors": result.corrupt, "rejected_segments": result.rejected,
             "trained": result.trained,
             "calibration": {"collected": result.calibration[0], "needed": result.calibration[1]},
+            "machines": [dataclasses.asdict(m) for m in machines],
             "rows": [dataclasses.asdict(r) for r in rows],
         }, indent=2) + "\n"
     if style == "csv":
@@ -55,7 +114,7 @@ def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
         return out.getvalue()
     lines = []
     scored = [r for r in rows if r.status != CALIBRATING]
-    if scored:
+    if scored and per_tensor:
         lines.append(f"{'segment':<22} {'mic':>3}  {'source':<10} {'score':>10} {'warning':>10} {'critical':>10}  status")
         for r in scored:
             lines.append(f"{r.folder:<22} {r.mic:>3}  {r.source:<10} {_num(r.score)} {_num(r.warning)} "
@@ -65,7 +124,14 @@ def format_rows(rows: list[Row], result: DetectResult, style: str) -> str:
                      "itself once enough normal operation has been recorded")
     if result.trained:
         lines.append("detector trained and thresholds set")
-    lines.append(f"{result.segments} new segments, {result.anomalies} anomalies "
+    if machines:
+        width = max(7, *(len(m.source) for m in machines))
+        lines.append(f"{'machine':<{width}}  {'status':<8}  {'since (UTC)':<20}  {'newest segment':<22} "
+                     f"{'mics':<8} {'x critical':>10}  alerts")
+        for m in machines:
+            lines.append(f"{m.source:<{width}}  {m.status:<8}  {m.since[:19]:<20}  {m.folder:<22} "
+                         f"{','.join(map(str, m.mics)) or '-':<8} {_num(m.ratio)}  {m.alerts:>6}")
+    lines.append(f"{result.segments} new segments, {result.anomalies} alerts "
                  f"({result.critical} CRITICAL), {result.corrupt} corrupt tensors skipped"
                  + (f", {result.rejected} folders rejected (unusable manifest, see the log)" if result.rejected else ""))
     return "\n".join(lines) + "\n"
