@@ -112,24 +112,34 @@ def nmf_separate(mix: np.ndarray, dictionaries: dict[str, np.ndarray], sources: 
     return np.stack([istft(parts[s] / total * X, mix.size) for s in sources])
 
 
+def with_rest(mix: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """The sources and, when there is any, what else is in the mixture (the room)."""
+    rest = mix - sources.sum(0)
+    return np.concatenate([sources, rest[None]]) if np.mean(rest ** 2) > 1e-6 * np.mean(mix ** 2) else sources
+
+
 def ideal_ratio_mask(mix: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Oracle per microphone: (samples,), (n, samples) -> (n, samples)."""
+    """Oracle per microphone, from the true sources (and room): (samples,), (n, samples)
+    -> (n, samples)."""
     X = stft(mix)
-    power = np.stack([np.abs(stft(s)) ** 2 for s in sources])
-    return np.stack([istft(p / (power.sum(0) + 1e-12) * X, mix.size) for p in power])
+    power = np.stack([np.abs(stft(s)) ** 2 for s in with_rest(mix, sources)])
+    return np.stack([istft(p / (power.sum(0) + 1e-12) * X, mix.size) for p in power[:len(sources)]])
 
 
 def multichannel_wiener(mix: np.ndarray, images: np.ndarray) -> np.ndarray:
     """Oracle for the array: each source's image at every microphone by the
-    time-invariant multichannel Wiener filter built from the true images' spatial
-    covariance per frequency. (mics, samples), (n, mics, samples) -> (n, mics, samples)."""
+    time-invariant multichannel Wiener filter built from the true images' (and the
+    room's) spatial covariance per frequency. (mics, samples), (n, mics, samples) ->
+    (n, mics, samples)."""
+    n = len(images)
+    images = with_rest(mix, images)
     S = np.stack([[stft(c) for c in image] for image in images])  # (n, mics, freq, frames)
     X = stft_all(mix)
     R = np.einsum("jmft,jnft->jfmn", S, S.conj()) / S.shape[-1]
     Rx = R.sum(0) + 1e-9 * np.eye(mix.shape[0])
     W = np.einsum("jfmn,fnk->jfmk", R, np.linalg.inv(Rx))
     E = np.einsum("jfmn,nft->jmft", W, X)
-    return np.stack([[istft(E[j, m], mix.shape[-1]) for m in range(mix.shape[0])] for j in range(len(images))])
+    return np.stack([[istft(E[j, m], mix.shape[-1]) for m in range(mix.shape[0])] for j in range(n)])
 
 
 def stft_all(x: np.ndarray) -> np.ndarray:
