@@ -18,8 +18,9 @@ from signalcraft.errors import ExitCode
 from signalcraft.files import STAGING, remove_leftovers
 from signalcraft.segments import folder_name
 from signalcraft.segments.retention import GB, folder_bytes, prune
+from signalcraft.separate import save_model
 
-from conftest import invoke, make_segment
+from conftest import invoke, make_segment, tiny_demucs
 
 
 def make_segments(output: Path, days_ago: list[float], size: int = 10_000) -> list[str]:
@@ -230,6 +231,23 @@ def test_doctor_names_each_problem(healthy):
     quiet = invoke("--config", str(healthy), "-q", "doctor")
     assert quiet.returncode == ExitCode.FAILURE
     assert {name for name in lines(quiet.stdout)} == {"device", "noise clips"}  # only what is wrong
+
+
+def test_doctor_says_what_kind_of_separator_and_refuses_an_array_model_for_other_microphones(healthy, model_repo):
+    found = lines(invoke("--config", str(healthy), "doctor").stdout)
+    assert "(per microphone)" in found["separator"]
+    save_model(tiny_demucs(audio_channels=4), model_repo, "array4")
+    save_model(tiny_demucs(audio_channels=3), model_repo, "array3")
+    config = yaml.safe_load(healthy.read_text())  # capture.channels [1, 2, 3, 4]
+    for name, ok in (("array4", True), ("array3", False)):
+        config["separation"]["model"] = name
+        healthy.write_text(yaml.safe_dump(config))
+        line = lines(invoke("--config", str(healthy), "doctor").stdout)["separator"]
+        if ok:
+            assert line.startswith("OK") and "(array model for 4 microphones)" in line, line
+        else:
+            assert line.startswith("FAIL") and "array model for 3 microphones" in line and "capture.channels has 4" \
+                in line, line
 
 
 def test_doctor_reports_a_broken_config_and_stops(tmp_path):

@@ -143,7 +143,13 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
                 if ctx.config.separation.assets else "")
     if separator.info.name is None:
         return OK, f"no separation (separation.model: null): one source 'mix' per microphone{machines}"
-    return OK, f"{separator.info.file}: sources {', '.join(separator.info.sources)}{machines}"
+    mics = separator.info.audio_channels
+    if mics > 1 and mics != len(ctx.config.capture.channels):
+        return FAIL, (f"{separator.info.file}: an array model for {mics} microphones, but capture.channels has "
+                      f"{len(ctx.config.capture.channels)}. Record the microphones it was trained on, or train one "
+                      "for this array (train_separator.array).")
+    kind = f"array model for {mics} microphones" if mics > 1 else "per microphone"
+    return OK, f"{separator.info.file} ({kind}): sources {', '.join(separator.info.sources)}{machines}"
 
 
 def _check_detector(ctx: _Context) -> tuple[str, str]:
