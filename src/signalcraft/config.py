@@ -180,9 +180,9 @@ class TrainSeparatorConfig:
     array: bool = False
     # Demucs family: demucs (v2, waveform), hdemucs (hybrid), htdemucs (transformer).
     architecture: Literal["demucs", "hdemucs", "htdemucs"] = "demucs"
-    channels: int = 16  # width of the first layer; the size grows with its square
+    channels: int = 32  # width of the first layer; the size grows with its square
     depth: int = 4  # encoder/decoder layers
-    segment_seconds: float = 4.0  # training excerpt length, s; also the chunk at inference
+    segment_seconds: float = 1.0  # training excerpt length, s; also the chunk at inference
     batch_size: int = 8
     learning_rate: float = 1.0e-3  # the bundled model's; 3e-4 progressed about three times slower
     # Training loss: l1 (waveform L1, as demucs) or snr (negative SNR of each source,
