@@ -8,7 +8,8 @@
 #
 # Each simulates its training set (data/separator-training[-array], ignored by git), then
 # trains with the recipe in scripts/plant[_array]_separator.yaml: a fixed number of steps,
-# so a rebuild gives the same model.
+# so a rebuild gives the same model unless the time budget there (a guard for a slower
+# machine) stops it first.
 #
 #   bash scripts/build_demo_separator.sh [mono|array]   (default: both)
 set -euo pipefail

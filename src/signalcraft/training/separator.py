@@ -265,7 +265,7 @@ def build_model(config: TrainSeparatorConfig, sources: tuple[str, ...], sample_r
         from demucs.demucs import Demucs
 
         # At the capture's own rate: demucs' default doubles it inside the model, which
-        # triples the cost of a step on a CPU for sound that has nothing up there.
+        # makes a step 3.3 times dearer on a CPU and trained less far in the same time.
         return Demucs(resample=False, **common)
     if config.architecture == "hdemucs":
         from demucs.hdemucs import HDemucs
