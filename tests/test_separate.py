@@ -109,3 +109,18 @@ def test_device_settings_resolve_in_one_place():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train_separator.device: cuda requested but torch sees no CUDA"):
             torch_device("cuda", "train_separator.device")
+
+
+def test_a_model_saved_in_half_precision_is_half_the_file_and_separates_alike(tmp_path):
+    model = tiny_demucs()
+    full, half = save_model(model, tmp_path / "full", "m"), save_model(model, tmp_path / "half", "m", half=True)
+    weights = {path: torch.load(path, weights_only=False)["state"] for path in (full, half)}
+    assert {v.dtype for v in weights[half].values() if v.is_floating_point()} == {torch.float16}
+    nbytes = {path: sum(v.nbytes for v in state.values()) for path, state in weights.items()}
+    assert nbytes[half] == nbytes[full] / 2  # the weights; a tiny model's file is mostly pickle framing
+    assert half.stat().st_size < full.stat().st_size
+    audio = np.random.default_rng(0).standard_normal((2, SAMPLE_RATE)).astype(np.float32) * 0.1
+    a = load_separator(SeparationConfig(repo=tmp_path / "full", model="m"), SAMPLE_RATE)(audio)
+    b = load_separator(SeparationConfig(repo=tmp_path / "half", model="m"), SAMPLE_RATE)(audio)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max())

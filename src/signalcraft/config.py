@@ -188,6 +188,8 @@ class TrainSeparatorConfig:
     # Training loss: l1 (waveform L1, as demucs) or snr (negative SNR of each source,
     # soft-thresholded at 30 dB so silent sources and perfect ones stay bounded).
     loss: Literal["l1", "snr"] = "l1"
+    # Store the exported weights in half precision: half the file; it runs in float32.
+    export_half: bool = False
     epochs: int = 100  # at most
     steps_per_epoch: int = 50
     patience: int = 5  # stop after this many epochs without a better validation SI-SDR

@@ -236,10 +236,12 @@ def read_model(path: Path) -> torch.nn.Module:
                          f"{str(e)[:200]}). {retrain}") from None
 
 
-def save_model(model: torch.nn.Module, repo: Path, name: str) -> Path:
+def save_model(model: torch.nn.Module, repo: Path, name: str, half: bool = False) -> Path:
     """Save a demucs model in demucs' own packaged format as ``repo/NAME-<sha8>.th``,
     loadable by ``load_separator`` and by ``python -m demucs.separate --repo REPO -n NAME``.
-    Written atomically; older files of the same name are removed after."""
+    With ``half`` the weights are stored in half precision (demucs' own option: half the
+    file; the model loads and runs in float32). Written atomically; older files of the
+    same name are removed after."""
     import io
 
     from demucs.states import get_state
@@ -247,7 +249,7 @@ def save_model(model: torch.nn.Module, repo: Path, name: str) -> Path:
     from .files import atomic_write
 
     args, kwargs = model._init_args_kwargs  # recorded by demucs' @capture_init
-    package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=False)}
+    package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=half)}
     buf = io.BytesIO()
     torch.save(package, buf)
     data = buf.getvalue()

@@ -421,7 +421,7 @@ def train_separator(
         log.error("%s; exported anyway (--force)", message)
     best = copy.deepcopy(model).cpu()
     best.load_state_dict(state["best_state"])
-    path = save_model(best, config.separation.repo, c.name)
+    path = save_model(best, config.separation.repo, c.name, half=c.export_half)
     log.info("exported %s (validation SI-SDR %.2f dB, SI-SDRi %.2f dB); stopped: %s", path, state["best"],
              state["best_sdri"], reason)
     return TrainResult(path, data.sources, state["epoch"], state["step"], seconds, state["best"],
