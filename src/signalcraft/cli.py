@@ -400,7 +400,8 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     if rows or not ctx.obj.quiet:
         click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table", machines,
                                       per_tensor=ctx.obj.verbose > 0), nl=False)
-    flagged = [m for m in report.machine_status(result.rows) if m.status != "NORMAL"]
+    new = machines if since_utc is None else report.machine_status(result.rows)  # this run's segments
+    flagged = [m for m in new if m.status != "NORMAL"]
     log.info("detect %s: %d new segments, %d alerts (%d CRITICAL), %d corrupt tensors skipped%s", output,
              result.segments, result.anomalies, result.critical, result.corrupt,
              f"; {report.format_machines(flagged)}" if flagged else "")
