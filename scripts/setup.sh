@@ -3,7 +3,7 @@
 # test tools. Safe to run again: a second run only checks and returns in seconds.
 #
 #   bash scripts/setup.sh            # used by scripts/demo.sh
-#   bash scripts/setup.sh --test     # also faketime, for the test suite (scripts/test.sh)
+#   bash scripts/setup.sh --test     # also faketime and Chromium, for the test suite (scripts/test.sh)
 #   bash scripts/setup.sh --bench    # also JACK, for real-time paced benchmarks
 #   PYTHON=python3.12 bash scripts/setup.sh
 set -euo pipefail
@@ -41,10 +41,12 @@ apt_install() {
 }
 
 # 1. PortAudio, which sounddevice loads at import time; faketime for the tests that run
-#    with the clock moved ahead; JACK for the paced benchmarks.
+#    with the clock moved ahead and Chromium for the report's page; JACK for the paced
+#    benchmarks.
 apt_install libportaudio2 "ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2'"
 if [ "$testing" = 1 ]; then
     apt_install faketime "command -v faketime >/dev/null"
+    apt_install chromium "command -v chromium >/dev/null"  # the report page's rendering test
 fi
 if [ "$bench" = 1 ]; then
     apt_install jackd2 "command -v jackd >/dev/null"

@@ -192,3 +192,59 @@ def berlin_fall_back(monkeypatch) -> dt.datetime:
     yield step
     monkeypatch.undo()
     time.tzset()
+
+
+# A detect project: one pump at two microphones, no separation (source `mix`).
+CALIBRATION = 12
+SETTINGS = {
+    "capture": {"channels": [1, 2]},
+    "denoise": {"enabled": False},
+    "output": {"dir": "out"},
+    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt"},
+}
+
+
+UNIT = 3  # one installed pump, watched over time: every recording is of this unit
+
+
+def scene_file(folder: Path, seed: int, fault: str | None = None) -> Path:
+    """A 10 s two-microphone recording (``seed``) of the installed pump; ``fault`` from 0 s."""
+    import soundfile as sf
+
+    from signalcraft import simulate
+
+    faults = [("pump", simulate.Fault(fault))] if fault else []
+    rendering = simulate.render(simulate.default_scene(machines=("pump",), n_mics=2, faults=faults, seed=seed,
+                                                       unit=UNIT))
+    path = folder / f"scene-{seed}-{fault or 'normal'}.wav"
+    sf.write(path, rendering.mixture.T, 16000, subtype="FLOAT")
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory):
+    """A project whose detector calibrated itself on normal segments (one per session: a test
+    that changes it takes ``copy``): (folder, config, first detect result, second)."""
+    from signalcraft.config import config_from_dict
+    from signalcraft.detect.run import detect
+    from signalcraft.pipeline import process_files
+
+    root = tmp_path_factory.mktemp("detect")
+    (root / "config.yaml").write_text(yaml.safe_dump(SETTINGS))
+    config = config_from_dict(SETTINGS, root / "config.yaml")
+    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2)])
+    first = detect(config, root / "out")
+    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2, CALIBRATION)])
+    second = detect(config, root / "out")
+    return root, config, first, second
+
+
+@pytest.fixture
+def copy(calibrated, tmp_path):
+    """A copy of the calibrated project, for a test that changes it: (folder, config)."""
+    from signalcraft.config import config_from_dict
+
+    root, *_ = calibrated
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    return project, config_from_dict(SETTINGS, project / "config.yaml")

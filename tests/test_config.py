@@ -7,7 +7,7 @@ import yaml
 from signalcraft.config import ENV_VAR, Config, config_from_dict, load_config
 from signalcraft.errors import ConfigError, ExitCode
 
-from conftest import run_cli
+from conftest import invoke, run_cli
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -68,6 +68,44 @@ def test_bad_values_name_the_key(tmp_path, data, message):
         load_config(path)
     assert message in str(e.value)
     assert str(path) in str(e.value)
+
+
+def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
+    """Wrong keys, types and values in several sections: one line per problem, each
+    starting with the file and naming the key; a value that is wrong is not also blamed
+    for the checks that depend on it."""
+    path = write(tmp_path, yaml.safe_dump({  # in this order in the file, and in the message
+        "capture": {"sampel_rate": 8000, "segment_seconds": -1, "channels": [0, 1]},
+        "noise": {"clip_level": 2},
+        "detect": {"alert_k": 3, "calibration_segments": 2, "alerts": {"k": 9, "n": "five"},
+                   "levels": {"method": "magic"}},
+        "features": {"f_max": 20000},
+        "output": 3,
+    }, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).splitlines() == [f"{path}: {problem}" for problem in (
+        "capture.sampel_rate: unknown key. Known keys here: device, channels, sample_rate, segment_seconds, "
+        "sample_format, block_frames, queue_seconds, reconnect_attempts, reconnect_delay_s.",
+        "capture.segment_seconds: must be positive",
+        "capture.channels: are 1-based: the first channel is 1",
+        "noise.clip_level: must be in (0, 1]",
+        "detect.alert_k: this key is now detect.alerts.k; move it there (see config.yaml in the signalcraft source).",
+        "detect.alerts.n: expected an integer, got a string 'five'",
+        "detect.alerts.k: must be between 1 and n",
+        "detect.levels.method: must be one of 'gamma', 'sigma', 'percentile', got 'magic'",
+        "detect.calibration_segments: must be at least 5",
+        "output: expected a mapping of keys, got an integer",
+        "features.f_max: 20000 Hz is above half of capture.sample_rate (8000 Hz); lower it or set it to null.",
+    )]
+    # The command line prints them all and exits 2, as for one problem.
+    result = invoke("--config", str(path), "devices")
+    assert result.returncode == ExitCode.USAGE
+    assert all(f"{path}: {key}:" in result.stderr for key in ("capture.sampel_rate", "output", "features.f_max"))
+    # A bad sample rate is its problem, not the segment length's or the frequencies'.
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"capture": {"sample_rate": 0}, "features": {"f_min": 100}}))
+    assert str(e.value).splitlines() == [f"{path}: capture.sample_rate: must be a positive number of Hz"]
 
 
 def test_integers_are_accepted_as_numbers():

@@ -19,51 +19,7 @@ from signalcraft.errors import ExitCode
 from signalcraft.pipeline import process_files
 from signalcraft.segments import MANIFEST, list_segments
 
-from conftest import invoke
-
-CALIBRATION = 12
-SETTINGS = {
-    "capture": {"channels": [1, 2]},
-    "denoise": {"enabled": False},
-    "output": {"dir": "out"},
-    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt"},
-}
-
-
-UNIT = 3  # one installed pump, watched over time: every recording is of this unit
-
-
-def scene_file(folder: Path, seed: int, fault: str | None = None) -> Path:
-    """A 10 s two-microphone recording (``seed``) of the installed pump; ``fault`` from 0 s."""
-    faults = [("pump", simulate.Fault(fault))] if fault else []
-    rendering = simulate.render(simulate.default_scene(machines=("pump",), n_mics=2, faults=faults, seed=seed,
-                                                       unit=UNIT))
-    path = folder / f"scene-{seed}-{fault or 'normal'}.wav"
-    sf.write(path, rendering.mixture.T, 16000, subtype="FLOAT")
-    return path
-
-
-@pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    """A project whose detector calibrated itself on normal segments."""
-    root = tmp_path_factory.mktemp("detect")
-    (root / "config.yaml").write_text(yaml.safe_dump(SETTINGS))
-    config = config_from_dict(SETTINGS, root / "config.yaml")
-    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2)])
-    first = detect(config, root / "out")
-    process_files(config, [scene_file(root, seed) for seed in range(CALIBRATION - 2, CALIBRATION)])
-    second = detect(config, root / "out")
-    return root, config, first, second
-
-
-@pytest.fixture
-def copy(calibrated, tmp_path):
-    """A copy of the calibrated project, for a test that changes it: (folder, config)."""
-    root, *_ = calibrated
-    project = tmp_path / "p"
-    shutil.copytree(root, project)
-    return project, config_from_dict(SETTINGS, project / "config.yaml")
-
+from conftest import CALIBRATION, SETTINGS, invoke, scene_file
 
 def test_cold_start_calibrates_then_trains(calibrated):
     root, config, first, second = calibrated
@@ -78,8 +34,8 @@ def test_cold_start_calibrates_then_trains(calibrated):
         assert "fit: gamma on" in store.threshold_changes()[0]["reason"]
 
 
-def test_normal_segments_stay_normal_and_a_fault_ends_critical(calibrated):
-    root, config, *_ = calibrated
+def test_normal_segments_stay_normal_and_a_fault_ends_critical(copy):
+    root, config = copy
     process_files(config, [scene_file(root, seed) for seed in range(100, 104)])
     normal = detect(config, root / "out")
     assert normal.segments == 4 and {r.status for r in normal.rows} == {"NORMAL"}
@@ -97,8 +53,8 @@ def test_normal_segments_stay_normal_and_a_fault_ends_critical(calibrated):
         assert store.counts()["critical_alerts"] >= 1
 
 
-def test_a_second_run_scores_nothing_twice(calibrated):
-    root, config, *_ = calibrated
+def test_a_second_run_scores_nothing_twice(copy):
+    root, config = copy
     with Store(root / "out" / "signalcraft.sqlite") as store:
         before = store.counts()
     again = detect(config, root / "out")
@@ -107,8 +63,8 @@ def test_a_second_run_scores_nothing_twice(calibrated):
         assert store.counts() == before
 
 
-def test_corrupt_tensors_are_skipped_and_counted_and_incomplete_segments_wait(calibrated):
-    root, config, *_ = calibrated
+def test_corrupt_tensors_are_skipped_and_counted_and_incomplete_segments_wait(copy):
+    root, config = copy
     made, _ = process_files(config, [scene_file(root, 300), scene_file(root, 301)])
     (made[0] / "mic_1" / "mix.pt").write_bytes(b"not a tensor")
     manifest = made[1] / MANIFEST
@@ -185,14 +141,19 @@ def test_warning_exit_code(copy):
     assert "WARNING" in result.stdout
 
 
-def test_report_writes_pngs_and_a_summary(calibrated, tmp_path):
-    root, *_ = calibrated
+def test_report_writes_a_page_its_images_and_a_summary(copy, tmp_path):
+    root, config = copy
+    process_files(config, [scene_file(root, seed) for seed in (610, 611)])
+    detect(config, root / "out")
     result = invoke("--config", str(root / "config.yaml"), "report", str(root / "out"), "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["mic_0_mix.png", "mic_1_mix.png", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["images", "index.html", "summary.json"]
+    images = sorted((tmp_path / "r" / "images").iterdir())
+    assert [p.name for p in images] == ["00_mix_mels.png", "00_mix_timeline.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in images)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert {m["mic"] for m in summary["machines"]} == {0, 1}
-    assert (tmp_path / "r" / "mic_0_mix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [m["source"] for m in summary["machines"]] == ["mix"]
+    assert 'src="images/00_mix_timeline.png"' in (tmp_path / "r" / "index.html").read_text()
     assert len(result.stdout.splitlines()) < 25  # fits one screen
 
 

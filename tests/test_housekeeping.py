@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 
 from signalcraft import clock
@@ -16,7 +18,7 @@ from signalcraft.config import OutputConfig
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
 from signalcraft.files import STAGING, remove_leftovers
-from signalcraft.segments import folder_name
+from signalcraft.segments import folder_name, list_segments
 from signalcraft.segments.retention import GB, folder_bytes, prune
 from signalcraft.separate import save_model
 
@@ -204,8 +206,11 @@ def test_doctor_passes_a_healthy_setup(healthy):
     result = invoke("--config", str(healthy), "doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     found = lines(result.stdout)
-    assert list(found) == ["config", "portaudio", "device", "noise clips", "separator", "detector", "disk",
-                           "log file"]
+    assert list(found) == ["config", "portaudio", "device", "noise clips", "separator", "recorder", "detector",
+                           "alarms", "disk", "log file"]
+    # Nothing recorded or scored yet: nothing to check there, and nothing wrong.
+    assert found.pop("recorder").startswith("SKIP  recorder      no output folder")
+    assert found.pop("alarms").startswith("SKIP  alarms        no detection state yet")
     assert all(line.startswith("OK") for line in found.values()), result.stdout
     assert "'signalcraft_vmic', channels [1, 2, 3, 4] of " in found["device"]
     assert "4 clips in" in found["noise clips"] and "sources pump, fan" in found["separator"]
@@ -257,6 +262,123 @@ def test_doctor_reports_a_broken_config_and_stops(tmp_path):
     assert result.returncode == ExitCode.FAILURE
     assert result.stdout.startswith("FAIL  config") and "output.folder: unknown key" in result.stdout
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_doctor_prints_each_config_problem_as_its_own_fail_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("capture:\n  sample_rate: 0\n  channels: [1, 1]\noutput:\n  folder: out\n"
+                      "detect:\n  alerts: {k: 9, cusum_limit: off}\n")
+    result = invoke("--config", str(config), "doctor")
+    assert result.returncode == ExitCode.FAILURE
+    assert result.stdout.splitlines() == [f"FAIL  config        {config}: {problem}" for problem in (
+        "capture.sample_rate: must be a positive number of Hz",
+        "capture.channels: lists a channel twice",
+        "output.folder: unknown key. Known keys here: dir, keep_raw, keep_days, max_gb, min_free_gb.",
+        "detect.alerts.cusum_limit: expected a number, got a boolean False",
+        "detect.alerts.k: must be between 1 and n",
+    )]
+
+
+def test_doctor_warns_when_the_recorder_has_stopped(tmp_path):
+    """The newest segment is stale when it started longer ago than 3 segment lengths
+    and 15 minutes: `record` has stopped (cron restarts it within 10 minutes)."""
+    config = tmp_path / "config.yaml"
+    settings = {"capture": {"segment_seconds": 0.5}, "output": {"dir": "out"}, "log": {"file": "logs/sc.log"}}
+    config.write_text(yaml.safe_dump(settings))
+    output = tmp_path / "out"
+
+    def recorder() -> str:
+        return lines(invoke("--config", str(config), "doctor").stdout)["recorder"]
+
+    assert recorder().startswith(f"SKIP  recorder      no output folder {output} yet")
+    output.mkdir()
+    assert recorder() == (f"WARN  recorder      no segments yet in {output}: is `signalcraft --config {config} record "
+                          f"--repeat 0` running? Check its service or cron entry; its log is {tmp_path}/logs/sc.log")
+    now = clock.now()
+    make_segment(output, now - dt.timedelta(hours=2))
+    newest = make_segment(output, now - dt.timedelta(seconds=30)).name
+    with clock.frozen(now):
+        assert recorder() == (f"OK    recorder      newest segment {newest} in {output}, started 30 s ago "
+                              "(segments of 0.5 s)")
+    with clock.frozen(now + dt.timedelta(minutes=20)):
+        line = recorder()
+    assert line.startswith(f"WARN  recorder      newest segment {newest} in {output} started 20 min ago, more than "
+                           "15 min (the longer of 3 segments of 0.5 s and 15 min): the recorder has stopped."), line
+    assert f"`signalcraft --config {config} record --repeat 0`" in line and f"{tmp_path}/logs/sc.log" in line
+    # Three segments of 10 minutes are 30: twenty minutes without a new one is normal then.
+    settings["capture"]["segment_seconds"] = 600
+    config.write_text(yaml.safe_dump(settings))
+    with clock.frozen(now + dt.timedelta(minutes=20)):
+        assert recorder().startswith(f"OK    recorder      newest segment {newest} in {output}, started 20 min ago")
+
+
+def wav(path: Path, samples: np.ndarray, written: float) -> Path:
+    """A mono 16 kHz recording whose last sample was written at ``written`` (clock timestamp)."""
+    sf.write(path, samples.astype(np.float32), 16000, subtype="FLOAT")
+    os.utime(path, (written, written))
+    return path
+
+
+def test_doctor_names_the_machines_in_alarm(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "capture": {"channels": [1], "segment_seconds": 1.0}, "denoise": {"enabled": False},
+        "separation": {"assets": {"P-101": "mix"}}, "output": {"dir": "out"}, "log": {"file": None},
+        "detect": {"calibration_segments": 5, "model": "detector.pt", "alerts": {"k": 1, "n": 1}},
+    }))
+    output = tmp_path / "out"
+    cli = ("--config", str(config))
+
+    def alarms(*options: str) -> list[str]:
+        return [line for line in invoke(*cli, *options, "doctor").stdout.splitlines() if line[6:19].strip() == "alarms"]
+
+    assert alarms() == [f"SKIP  alarms        no detection state yet ({output / 'signalcraft.sqlite'}): `detect` has "
+                        f"not run on {output}"]
+    now = clock.timestamp()
+    rng = np.random.default_rng(0)
+    normal = wav(tmp_path / "normal.wav", 0.05 * rng.standard_normal(8 * 16000), now - 60)  # 8 segments
+    fault = wav(tmp_path / "fault.wav", 0.5 * np.sin(2 * np.pi * 1234 * np.arange(2 * 16000) / 16000), now)
+    for files, code in (([normal], ExitCode.OK), ([fault], ExitCode.CRITICAL)):
+        assert invoke(*cli, "process", *map(str, files)).returncode == 0
+        detected = invoke(*cli, "detect", str(output))
+        assert detected.returncode == code, detected.stdout + detected.stderr
+        if code == ExitCode.OK:  # calibrated on 5 segments, then 3 scored NORMAL
+            assert alarms() == [f"OK    alarms        no machine in alarm (P-101; newest scored segment "
+                                f"{list_segments(output)[-1].name})"]
+    segments = list_segments(output)
+    first_fault = segments[-2].start_time.isoformat()[:19]
+    expected = [f"WARN  alarms        P-101 CRITICAL since {first_fault} UTC (mics 0; newest segment "
+                f"{segments[-1].name}); `signalcraft --config {config} report {output}` draws its timeline"]
+    assert alarms() == expected
+    assert alarms("-q") == expected  # a WARN: printed for cron too
+    # Only the last day before the newest segment is read: a segment two days on, not
+    # scored yet, leaves nothing scored in that window.
+    later = segments[-1].start_time + dt.timedelta(days=2)
+    make_segment(output, later)
+    window = (later - dt.timedelta(days=1)).isoformat()[:19]
+    assert alarms() == [f"SKIP  alarms        no segment scored since {window} UTC (calibrating, or `detect` is not "
+                        "running)"]
+
+
+def test_doctor_hints_keep_the_config_and_ask_for_force_only_to_replace_clips(healthy):
+    noise = healthy.parent / "noise"
+    for clip in noise.glob("channel_*.pt"):
+        clip.unlink()
+    line = lines(invoke("--config", str(healthy), "doctor").stdout)["noise clips"]
+    assert line.endswith(f"Record them with the machines off: `signalcraft --config {healthy} calibrate-noise`"), line
+    # Without --config (./config.yaml found in the working folder) the hint has none.
+    line = lines(invoke("doctor", cwd=healthy.parent, env={"SIGNALCRAFT_CONFIG": None}).stdout)["noise clips"]
+    assert line.endswith("Record them with the machines off: `signalcraft calibrate-noise`"), line
+    assert invoke("--config", str(healthy), "calibrate-noise").returncode == 0
+    (noise / "channel_2.pt").unlink()  # the others are there: calibrate-noise replaces them only with --force
+    line = lines(invoke("--config", str(healthy), "doctor").stdout)["noise clips"]
+    assert line.startswith("FAIL") and "channel_2.pt missing" in line
+    assert line.endswith(f"`signalcraft --config {healthy} calibrate-noise --force`"), line
+    assert invoke("--config", str(healthy), "calibrate-noise", "--force").returncode == 0
+    (noise / "channel_3.pt").write_bytes(b"damaged")  # the library's own message gets the --config too
+    line = lines(invoke("--config", str(healthy), "doctor").stdout)["noise clips"]
+    assert line.startswith("FAIL") and "channel_3.pt: not a readable noise clip" in line
+    assert line.endswith(f"Record it again with `signalcraft --config {healthy} calibrate-noise --force`."), line
 
 
 def test_doctor_tries_the_log_file_rather_than_asking(healthy):

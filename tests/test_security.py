@@ -379,7 +379,7 @@ def test_report_to_a_read_only_filesystem_says_so(tmp_path):
     finally:
         subprocess.run(["umount", str(readonly)], check=True)
     assert result.returncode == ExitCode.FAILURE
-    assert "report: cannot write: the filesystem is read-only" in result.stderr
+    assert "report/images: cannot write: the filesystem is read-only" in result.stderr
     assert "internal error" not in result.stderr
 
 

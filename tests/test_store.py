@@ -48,7 +48,7 @@ def test_segments_and_scores_round_trip(path):
             ("c", 1, "fan", 0.4)]
         assert rows[-1] == {"segment_id": rows[-1]["segment_id"], "folder": "c", "start_time_utc": T2,
                             "phase": "scored", "mic": 1, "source": "fan", "score": 0.4, "warning": 1.0,
-                            "critical": 2.0, "status": "NORMAL"}
+                            "critical": 2.0, "status": "NORMAL", "acknowledged": 0}
         assert [r["folder"] for r in store.scores(mic=0, source="pump", since_utc=T1)] == ["b", "c"]
         assert [r["folder"] for r in store.scores(source="fan")] == ["a", "c"]
 
@@ -201,12 +201,17 @@ def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
     with sqlite3.connect(path) as db:  # as signalcraft with schema version 1 left it
         db.execute("DROP TABLE rejected")
         db.execute("DROP TABLE scorer_states")
+        db.execute("ALTER TABLE alerts DROP COLUMN ack_id")
+        for table in ("acks", "labels", "maintenance"):
+            db.execute(f"DROP TABLE {table}")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.close()
     with Store(path) as store:
         assert store.calibration_count() == 1 and store.rejected_folders() == {}
         store.set_scorer_state(0, "pump", {"counter": 3}, NOW)
         assert store.get_scorer_state(0, "pump") == {"counter": 3}
+        store.add_maintenance("pump", NOW, "bearing replaced")
+        assert [m["note"] for m in store.maintenance(pending=True)] == ["bearing replaced"]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()

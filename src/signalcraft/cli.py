@@ -395,15 +395,15 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
             pruned = False
     rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
     machines = report.machine_status(rows)
-    if ctx.obj.quiet:
-        rows = [r for r in rows if r.status in ("WARNING", "CRITICAL")]
+    if ctx.obj.quiet:  # acknowledged alarms are silent
+        rows = [r for r in rows if r.status in ("WARNING", "CRITICAL") and not r.acknowledged]
     if rows or not ctx.obj.quiet:
         click.echo(report.format_rows(rows, result, "json" if as_json else "csv" if as_csv else "table", machines,
                                       per_tensor=ctx.obj.verbose > 0), nl=False)
     new = machines if since_utc is None else report.machine_status(result.rows)  # this run's segments
     flagged = [m for m in new if m.status != "NORMAL"]
-    log.info("detect %s: %d new segments, %d alerts (%d CRITICAL), %d corrupt tensors skipped%s", output,
-             result.segments, result.anomalies, result.critical, result.corrupt,
+    log.info("detect %s: %d new segments, %d alerts (%d CRITICAL), %d acknowledged, %d corrupt tensors skipped%s",
+             output, result.segments, result.anomalies, result.critical, result.acknowledged, result.corrupt,
              f"; {report.format_machines(flagged)}" if flagged else "")
     if result.critical:
         ctx.exit(ExitCode.CRITICAL)
@@ -423,10 +423,12 @@ def _prune(config: Config, output: Path, dry_run: bool = False):
         return None
     state = state_path(config, output)
     done: set[str] = set()
+    evidence: set[str] = set()
     if state.exists():
         with Store(state) as store:
-            done = store.finished_folders()
-    return prune(output, config.output, done, dry_run=dry_run)
+            evidence = store.evidence_folders()
+            done = store.finished_folders() - evidence
+    return prune(output, config.output, done, evidence=evidence, dry_run=dry_run)
 
 
 @cli.command("train-detector")
@@ -444,9 +446,12 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
                    max_segments: int) -> None:
     """Train the detector on segments in OUTPUT, taken as normal, and set thresholds.
 
-    Use it to retrain after maintenance or a change of machines; make sure the
-    segments it trains on are of machines running normally (choose the period with
-    --since and --until). The previous detector is kept until the new one is saved.
+    Use it to retrain after a change of machines; make sure the segments it trains
+    on are of machines running normally (choose the period with --since and --until).
+    Segments labelled anomaly are left out, and so are segments that raised an alert
+    unless labelled normal (`signalcraft label`). After maintenance of one machine,
+    `signalcraft maintenance` recalibrates it alone. The previous detector is kept as
+    <model>.<time>.bak.
     Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
     """
     from .clock import parse_time
@@ -454,12 +459,12 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
     config = _config(ctx)
     window = [parse_time(t, option) if t is not None else None for t, option in ((since, "--since"), (until, "--until"))]
     with _output_lock(output, "train-detector"):
-        from .detect.run import state_path, train_on_segments
+        from .detect.run import state_path, train_on_segments, trainable
         from .detect.store import Store
         from .segments import list_segments
 
         with Store(state_path(config, output)) as store:
-            chosen = list_segments(output, since=window[0], until=window[1])
+            chosen = trainable(store, list_segments(output, since=window[0], until=window[1]))
             train_on_segments(config, output, store, chosen, max_segments=max_segments)
     _echo(ctx, str(config.detect.model))
 
@@ -473,7 +478,8 @@ def prune(ctx: click.Context, output: Path, dry_run: bool) -> None:
 
     `detect` does this after every run; use `prune` to apply new limits at once or
     to see what they would delete. Segments `detect` has not scored yet are never
-    deleted. Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
+    deleted, nor those with alerts not acknowledged (`ack`) or labelled (`label`),
+    nor those collected to recalibrate a machine after its maintenance. Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
     """
     config = _config(ctx)
     if config.output.keep_days is None and config.output.max_gb is None:
@@ -483,29 +489,109 @@ def prune(ctx: click.Context, output: Path, dry_run: bool) -> None:
     for name in result.deleted:
         _echo(ctx, f"{'would delete' if dry_run else 'deleted'} {output / name}")
     _echo(ctx, f"{len(result.deleted)} segments, {result.freed_bytes / 1e9:.2f} GB"
-               f"{' would be' if dry_run else ''} freed; {result.kept_unscored} kept because not scored yet")
+               f"{' would be' if dry_run else ''} freed; {result.kept_unscored} kept because not scored yet, "
+               f"{result.kept_evidence} because their alerts are not acknowledged")
 
 
 @cli.command()
 @click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the report [default: OUTPUT/report].")
+@click.option("--since", metavar="TIMESTAMP",
+              help="Only segments starting at or after TIMESTAMP: ISO 8601 (UTC unless it has an offset) or a "
+                   "segment folder's name (local time).")
 @click.pass_context
-def report(ctx: click.Context, output: Path, report_dir: Optional[Path]) -> None:
-    """Write PNG timelines and summary.json of the detection results in OUTPUT.
+def report(ctx: click.Context, output: Path, report_dir: Optional[Path], since: Optional[str]) -> None:
+    """Write the HTML report of the detection results in OUTPUT, and print its summary.
 
-    One PNG per microphone and machine: the score over time with the WARNING and
-    CRITICAL levels and the alerts, beside the log-mel image of the worst segment and
-    of a typical normal one. summary.json holds the current state per machine and
-    alert counts; a summary is printed.
+    index.html (open it in a browser; it needs only its images/ folder beside it): a
+    table with one row per machine (state, since when, microphones in alarm, worst
+    score against its CRITICAL level, alerts, acknowledgement, last maintenance), then
+    per machine its score timeline on clock time (calibration shaded, maintenance
+    marked, alerts as dots, hollow when acknowledged) and the log-mel images (Hz, dB)
+    of its worst segment and of a typical NORMAL one. summary.json holds the same
+    states for scripts. Reads the state while detect runs.
     """
+    from .clock import parse_time
     from .detect.report import summary_lines, write_report
 
     config = _config(ctx)
-    files = write_report(config, output, report_dir or output / "report")
-    for line in summary_lines(files[-1]):
-        click.echo(line)
-    click.echo(f"report: {files[-1].parent}")
+    since_utc = parse_time(since, "--since").isoformat() if since is not None else None
+    folder = report_dir or output / "report"
+    summary = write_report(config, output, folder, since_utc)
+    for line in summary_lines(summary):
+        _echo(ctx, line)
+    _echo(ctx, f"report: {folder / 'index.html'}")
+
+
+_OUTPUT_OPTION = click.option(
+    "--output", "-o", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Output folder whose detection state to change [default: output.dir].")
+_NOTE_OPTION = click.option("--note", "-m", default="", help="Why, for the record (shown in the report).")
+
+
+@cli.command()
+@click.argument("asset")
+@_OUTPUT_OPTION
+@_NOTE_OPTION
+@click.pass_context
+def ack(ctx: click.Context, asset: str, output: Optional[Path], note: str) -> None:
+    """Acknowledge the alarm of machine ASSET: silent until its state changes.
+
+    Its alerts so far, and those it raises while it stays in the same state, no longer
+    count for detect's exit code nor print under -q, and retention may delete their
+    segments. A change of state (worse, better, or back to NORMAL) ends the
+    acknowledgement. ASSET is a machine's name as detect prints it.
+    """
+    from .detect.operator import acknowledge
+
+    config = _config(ctx)
+    _echo(ctx, acknowledge(config, output or config.output.dir, asset, note))
+
+
+@cli.command()
+@click.argument("segment")
+@click.argument("value", metavar="normal|anomaly", type=click.Choice(["normal", "anomaly"]))
+@_OUTPUT_OPTION
+@_NOTE_OPTION
+@click.pass_context
+def label(ctx: click.Context, segment: str, value: str, output: Optional[Path], note: str) -> None:
+    """Label SEGMENT (a segment folder's name or path) as normal or anomaly.
+
+    normal: a false alarm; `train-detector` trains on it (segments with alerts are
+    otherwise left out). anomaly: a confirmed fault; it is never trained on, neither by
+    `train-detector` nor by a recalibration after maintenance. A labelled segment's
+    alerts are answered, so retention may delete it. A new label replaces the old.
+    """
+    from .detect.operator import label as label_segment
+
+    config = _config(ctx)
+    _echo(ctx, label_segment(config, output or config.output.dir, segment, value, note))
+
+
+@cli.command()
+@click.argument("asset")
+@click.option("--note", "-m", required=True, help="What was done (shown in the report).")
+@click.option("--at", metavar="TIMESTAMP",
+              help="When the machine was back in service [default: now]: ISO 8601 (UTC unless it has an "
+                   "offset) or a segment folder's name (local time).")
+@_OUTPUT_OPTION
+@click.pass_context
+def maintenance(ctx: click.Context, asset: str, note: str, at: Optional[str], output: Optional[Path]) -> None:
+    """Record maintenance of machine ASSET: detect recalibrates it afterwards.
+
+    Segments starting from --at are of the serviced machine: detect collects its next
+    detect.calibration_segments segments (CALIBRATING), refits its model on them alone
+    with new WARNING and CRITICAL levels, and then scores it again; the other machines
+    are not touched. Ends an acknowledgement of ASSET. The report marks it on the
+    timeline.
+    """
+    from .clock import parse_time
+    from .detect.operator import maintenance as record_maintenance
+
+    config = _config(ctx)
+    when = parse_time(at, "--at") if at is not None else None
+    _echo(ctx, record_maintenance(config, output or config.output.dir, asset, note, when))
 
 
 @cli.command()
@@ -513,15 +599,20 @@ def report(ctx: click.Context, output: Path, report_dir: Optional[Path]) -> None
               help="Output folder whose detection state to check [default: output.dir].")
 @click.pass_context
 def doctor(ctx: click.Context, output: Optional[Path]) -> None:
-    """Check that everything a cron run needs is in place, one line per check.
+    """Check that everything a cron run needs is in place and running, one line per check.
 
     \b
-    Checks: the config, PortAudio, the capture device and its channels, the noise
-    clips (present, readable, for these channels and rate), the separator model,
-    the detector and its state, free disk and retention, the log file.
+    Checks: the config (one FAIL line per problem in it), PortAudio, the capture
+    device and its channels, the noise clips (present, readable, for these channels
+    and rate), the separator model, the recorder (WARN when the newest segment
+    started longer ago than 3 segment lengths or 15 minutes, whichever is longer),
+    the detector and its state, the machines in alarm (a WARN line for each machine
+    WARNING or CRITICAL in its newest scored segment of the last day), free disk and
+    retention, the log file.
     OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: cannot
-    be checked without what a check above could not find. With -q only WARN and
-    FAIL lines are printed.
+    be checked without what a check above could not find, or nothing to check yet.
+    With -q only WARN and FAIL lines are printed. Suggested commands carry the
+    --config given here.
     Exit code: 0 if nothing FAILed, else 1.
     """
     from .doctor import FAIL, OK, SKIP, run_checks

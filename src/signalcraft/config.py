@@ -1,9 +1,10 @@
 """Configuration: frozen dataclasses per stage and one strict loader.
 
 Defaults live only in these dataclasses. ``load_config`` reads a YAML file, rejects
-unknown keys and wrong types with the key's path in the message, and resolves relative
-paths against the folder of the config file (so cron, which runs in another working
-directory, finds the same files).
+unknown keys, wrong types and values out of range with the key's path in the message
+(every problem of the file at once, one line each), and resolves relative paths against
+the folder of the config file (so cron, which runs in another working directory, finds
+the same files).
 
 Which file is read: ``--config FILE``, else ``$SIGNALCRAFT_CONFIG``, else
 ``./config.yaml`` if present, else the built-in defaults.
@@ -11,6 +12,7 @@ Which file is read: ``--config FILE``, else ``$SIGNALCRAFT_CONFIG``, else
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import os
@@ -27,17 +29,37 @@ ENV_VAR = "SIGNALCRAFT_CONFIG"
 DEFAULT_FILE = "config.yaml"
 
 
+class ConfigProblems(ConfigError):
+    """Every problem found in one config file: one line each in the message, each
+    starting with the file and the key (``problems`` holds the lines)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
 class _FieldError(ValueError):
-    """A value failed a check in a dataclass; the loader adds the key's path."""
+    """A value failed a check; the loader adds the key's path (``key`` is relative to
+    the dataclass in ``__post_init__``, the whole path in ``_convert``)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
 
 
+# While the loader builds a dataclass, the failed checks of its ``__post_init__`` are
+# collected here instead of raised, so that one run names every bad value of a section.
+_failed_checks: contextvars.ContextVar[Optional[list[_FieldError]]] = contextvars.ContextVar(
+    "signalcraft_failed_checks", default=None)
+
+
 def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
+    if ok:
+        return
+    failed = _failed_checks.get()
+    if failed is None:  # built in code, not by the loader: the first failed check raises
         raise _FieldError(key, message)
+    failed.append(_FieldError(key, message))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +97,7 @@ class CaptureConfig:
             _require(all(c >= 1 for c in self.channels), "channels", "are 1-based: the first channel is 1")
             _require(len(set(self.channels)) == len(self.channels), "channels", "lists a channel twice")
         _require(
-            round(self.segment_seconds * self.sample_rate) > 0,
+            self.sample_rate <= 0 or round(self.segment_seconds * self.sample_rate) > 0,  # else: the rate's problem
             "segment_seconds",
             "is shorter than one sample",
         )
@@ -404,8 +426,9 @@ class OutputConfig:
     keep_raw: bool = False  # also keep each segment's audio as audio.flac
     # Retention, applied by `detect` after scoring (and by `prune`): delete the oldest
     # segments older than keep_days and/or beyond max_gb in all. Segments not yet
-    # scored are never deleted. None: no limit.
-    keep_days: Optional[float] = None
+    # scored, and the evidence of alarms not yet acknowledged, are never deleted.
+    # None: no limit. 7 days of 4 microphones x 4 machines take about 220 GB.
+    keep_days: Optional[float] = 7.0
     max_gb: Optional[float] = None
     # `record` refuses to start, and stops, when the output disk has less free space.
     min_free_gb: float = 1.0
@@ -468,8 +491,10 @@ def load_config(path: Optional[Path] = None) -> Config:
     Raises
     ------
     ConfigError
-        The file is missing or unreadable, is not YAML, or has an unknown key, a value of
-        the wrong type or a value out of range. The message names the file and key.
+        The file is missing or unreadable, or is not YAML; the message names the file.
+    ConfigProblems
+        (a ConfigError) The file has unknown keys, values of the wrong type or values out
+        of range: all of them, one line each, naming the file and the key.
     """
     path = find_config_file(path)
     if path is None:
@@ -519,75 +544,114 @@ class _StrictLoader(yaml.SafeLoader):
 
 def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
     """Build a Config from plain data, as read from YAML. ``path`` is used in messages
-    and as the base for relative paths (the current directory if None)."""
-    where = str(path) if path is not None else "config"
-    config = _build(Config, data, "", where, exclude=("source",))
-    nyquist = config.capture.sample_rate / 2
-    if config.features.f_max is not None and config.features.f_max > nyquist:
-        raise ConfigError(f"{where}: features.f_max: {config.features.f_max:g} Hz is above half of "
-                          f"capture.sample_rate ({nyquist:g} Hz); lower it or set it to null.")
-    if config.features.f_min >= nyquist:
-        raise ConfigError(f"{where}: features.f_min: {config.features.f_min:g} Hz is not below half of "
-                          f"capture.sample_rate ({nyquist:g} Hz); lower it.")
+    and as the base for relative paths (the current directory if None).
+
+    Raises ConfigProblems naming every unknown key, wrong type and bad value at once."""
+    problems = _Problems(str(path) if path is not None else "config")
+    config = _build(Config, data, "", problems, exclude=("source",))
+    if config is not None:
+        nyquist = config.capture.sample_rate / 2
+        if "capture.sample_rate" in problems.keys:
+            pass  # a bad rate says nothing about the frequencies
+        elif config.features.f_max is not None and config.features.f_max > nyquist:
+            problems.add("features.f_max", f"{config.features.f_max:g} Hz is above half of capture.sample_rate "
+                         f"({nyquist:g} Hz); lower it or set it to null.")
+        elif config.features.f_min >= nyquist:
+            problems.add("features.f_min", f"{config.features.f_min:g} Hz is not below half of "
+                         f"capture.sample_rate ({nyquist:g} Hz); lower it.")
+    if problems.lines:
+        raise ConfigProblems(problems.lines)
     base = path.resolve().parent if path is not None else Path.cwd()
     return dataclasses.replace(_resolve_paths(config, base), source=path)
 
 
-def _build(cls: type, data: Any, prefix: str, where: str, exclude: tuple[str, ...] = ()):
+class _Problems:
+    """The problems found in one file, in the order found, one line each:
+    ``<file>: <key>: <what is wrong and what to do>``."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.lines: list[str] = []
+        self.keys: set[str] = set()
+
+    def add(self, key: str, message: str) -> None:
+        # One line per key: a later check of a value already found wrong adds nothing.
+        if key not in self.keys:
+            self.keys.add(key)
+            self.lines.append(f"{self.where}: {key}: {message}")
+
+
+def _build(cls: type, data: Any, prefix: str, problems: _Problems, exclude: tuple[str, ...] = ()):
+    """An instance of the dataclass ``cls`` from the mapping ``data``, or None if
+    ``data`` is not a mapping. Each problem is added to ``problems`` and checking goes
+    on: a key that fails keeps its default, so the checks of the other keys still run."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping of keys, got {_kind(data)}")
+        problems.add(prefix.rstrip(".") or "top level", f"expected a mapping of keys, got {_kind(data)}")
+        return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             if f"{prefix}{key}" in MOVED_KEYS:
-                raise ConfigError(f"{where}: {prefix}{key}: this key is now {MOVED_KEYS[prefix + key]}; "
-                                  "move it there (see config.yaml in the signalcraft source).")
-            raise ConfigError(
-                f"{where}: {prefix}{key}: unknown key. Known keys here: {', '.join(fields)}."
-            )
-        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", where)
+                problems.add(f"{prefix}{key}", f"this key is now {MOVED_KEYS[prefix + key]}; move it there (see "
+                             "config.yaml in the signalcraft source).")
+            else:
+                problems.add(f"{prefix}{key}", f"unknown key. Known keys here: {', '.join(fields)}.")
+            continue
+        try:
+            converted = _convert(hints[key], value, f"{prefix}{key}", problems)
+        except _FieldError as e:
+            problems.add(e.key, str(e))
+            continue
+        if converted is not None or value is None:  # None from _build: a section that is not a mapping
+            kwargs[key] = converted
+    failed: list[_FieldError] = []
+    token = _failed_checks.set(failed)
     try:
-        return cls(**kwargs)
-    except _FieldError as e:
-        raise ConfigError(f"{where}: {prefix}{e.key}: {e}") from None
+        instance = cls(**kwargs)
+    finally:
+        _failed_checks.reset(token)
+    for e in failed:
+        problems.add(f"{prefix}{e.key}", str(e))
+    return instance
 
 
-def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples,
-    strings to Paths, ints to floats)."""
+    strings to Paths, ints to floats). A wrong value raises _FieldError naming ``key``;
+    the problems inside a section are added to ``problems``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict) and key in MOVED_KEYS:
-            raise ConfigError(f"{where}: {key}: now a section; write {key}: {{{MOVED_KEYS[key].rsplit('.', 1)[1]}: "
-                              f"{value}}} (see config.yaml in the signalcraft source).")
-        return _build(tp, value, key + ".", where)
+            raise _FieldError(key, f"now a section; write {key}: {{{MOVED_KEYS[key].rsplit('.', 1)[1]}: {value}}} "
+                              "(see config.yaml in the signalcraft source).")
+        return _build(tp, value, key + ".", problems)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
-            return _convert(options[0], value, key, where)
+            return _convert(options[0], value, key, problems)
         for option in options:
             try:
-                return _convert(option, value, key, where)
-            except ConfigError:
+                return _convert(option, value, key, problems)
+            except _FieldError:
                 continue
-        raise _type_error(key, where, tp, value)
+        raise _type_error(key, tp, value)
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{where}: {key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        raise _FieldError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, list):
-            raise _type_error(key, where, tp, value)
-        return tuple(_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value))
+            raise _type_error(key, tp, value)
+        return tuple(_convert(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise _type_error(key, where, tp, value)
-        return {_convert(args[0], k, f"{key} (a name)", where): _convert(args[1], v, f"{key}.{k}", where)
+            raise _type_error(key, tp, value)
+        return {_convert(args[0], k, f"{key} (a name)", problems): _convert(args[1], v, f"{key}.{k}", problems)
                 for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -602,7 +666,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             except OverflowError:
                 number = math.inf
             if not math.isfinite(number):
-                raise ConfigError(f"{where}: {key}: must be a finite number, got {str(value)[:40]}")
+                raise _FieldError(key, f"must be a finite number, got {str(value)[:40]}")
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -610,11 +674,11 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     elif tp is Path:
         if isinstance(value, str) and value:
             return Path(value).expanduser()
-    raise _type_error(key, where, tp, value)
+    raise _type_error(key, tp, value)
 
 
-def _type_error(key: str, where: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"{where}: {key}: expected {_describe(tp)}, got {_kind(value)} {value!r}")
+def _type_error(key: str, tp: Any, value: Any) -> _FieldError:
+    return _FieldError(key, f"expected {_describe(tp)}, got {_kind(value)} {value!r}")
 
 
 def _describe(tp: Any) -> str:

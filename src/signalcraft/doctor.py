@@ -1,23 +1,45 @@
-"""`signalcraft doctor`: is this installation ready to run unattended?
+"""`signalcraft doctor`: is this installation ready to run unattended, and is it running?
 
-Each check returns one line: OK, WARN (works, but worth a look), FAIL (a run would
-fail) or SKIP (cannot be checked: it needs what an earlier check could not find, such
-as the device's channel count when capture.channels is null). The noise clips are
+Each check returns one line (a few return one per problem): OK, WARN (works, but worth
+a look), FAIL (a run would fail) or SKIP (cannot be checked: it needs what an earlier
+check could not find, such as the device's channel count when capture.channels is null,
+or what has not happened yet, such as a first segment). A config file with problems
+gives one FAIL line per problem and nothing else is checked. The noise clips are
 checked against capture.channels even when the device is missing, so both problems
 are named at once.
+
+Where a line suggests a command, it carries the ``--config`` that doctor was given, so
+it can be pasted as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
+import re
+import shlex
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
-from .config import Config, load_config
+from . import clock
+from .config import Config, ConfigProblems, load_config
 from .errors import SignalcraftError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+
+# The recorder is taken as stopped when its newest segment started longer ago than
+# STALE_SEGMENTS segment lengths, and at least STALE_FLOOR_S: the example crontab
+# restarts a stopped `record` within 10 minutes, so a shorter gap is not yet a problem.
+STALE_SEGMENTS = 3
+STALE_FLOOR_S = 15 * 60
+# Folder names are local time: when the clocks go back, the newest segment can have a
+# name up to an hour earlier than another's. Only folders named within this much of the
+# newest name are opened to find the newest segment (not months of them).
+NEWEST_NAME_SLACK = dt.timedelta(hours=3)
+# The alarms check reads the detection state of segments that started at most this long
+# before the newest segment.
+ALARM_WINDOW = dt.timedelta(days=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,38 +51,67 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{self.status:<4}  {self.name:<13} {self.detail}"
+        """The check as printed: one line, also for a detail of several (an error from
+        torch or YAML)."""
+        detail = re.sub(r"\s*\n\s*", " ", self.detail.strip())
+        return f"{self.status:<4}  {self.name:<13} {detail}"
 
 
 class _Context:
     """What the checks learn about the installation as they go."""
 
-    def __init__(self, config: Config, output: Path):
+    def __init__(self, config: Config, output: Path, config_path: Optional[Path]):
         self.config = config
         self.output = output
+        self.config_path = config_path  # as given with --config, for the commands suggested
         self.device = None  # capture.DeviceInfo once found
         self.channels: Optional[tuple[int, ...]] = None
+        self.newest = None  # segments.StoredSegment: the newest complete segment, once found
+
+    def command(self, *args: str) -> str:
+        """A command to suggest, quoted for the message: `signalcraft [--config FILE] ARGS`."""
+        return f"`{shlex.join(['signalcraft', *_config_option(self.config_path), *map(str, args)])}`"
+
+
+def _config_option(config_path: Optional[Path]) -> list[str]:
+    return ["--config", str(config_path)] if config_path is not None else []
+
+
+def _with_config(message: str, config_path: Optional[Path]) -> str:
+    """``message`` (an error raised by the library, which suggests commands as
+    `signalcraft ARGS`) with the --config that doctor was given in each command."""
+    if config_path is None:
+        return message
+    option = shlex.join(_config_option(config_path))
+    # A function, not a replacement string: a backslash in the path is no escape.
+    return re.sub(r"`signalcraft (?!--config)", lambda m: f"`signalcraft {option} ", message)
 
 
 def run_checks(config_path: Optional[Path], output: Optional[Path] = None) -> Iterator[Check]:
-    """Yield one Check per subject: config, PortAudio, device, noise clips, separator,
-    detector, disk, log file. With a broken config nothing else can be checked."""
+    """Yield a Check per subject: config, PortAudio, device, noise clips, separator,
+    recorder, detector, alarms (one per machine in alarm), disk, log file. With a broken
+    config nothing else can be checked: one FAIL per problem in it."""
     try:
         config = load_config(config_path)
+    except ConfigProblems as e:
+        for problem in e.problems:
+            yield Check("config", FAIL, problem)
+        return
     except SignalcraftError as e:
         yield Check("config", FAIL, str(e))
         return
     yield Check("config", OK, str(config.source.resolve()) if config.source else "built-in defaults (no config.yaml found)")
-    ctx = _Context(config, Path(output) if output is not None else config.output.dir)
+    ctx = _Context(config, Path(output) if output is not None else config.output.dir, config_path)
     for check in _CHECKS:
         name = check.__name__.removeprefix("_check_").replace("_", " ")
         try:
-            status, detail = check(ctx)
+            results = check(ctx)
         except SignalcraftError as e:
-            status, detail = FAIL, str(e)
+            results = FAIL, _with_config(str(e), config_path)
         except Exception as e:  # a check must never stop the others
-            status, detail = FAIL, f"{type(e).__name__}: {e}"
-        yield Check(name, status, detail)
+            results = FAIL, f"{type(e).__name__}: {e}"
+        for status, detail in [results] if isinstance(results, tuple) else results:
+            yield Check(name, status, detail)
 
 
 def _check_portaudio(ctx: _Context) -> tuple[str, str]:
@@ -124,11 +175,13 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
         elif ctx.device is not None and clip.device != ctx.device.name:
             other_device.append(f"{path.name} ({clip.device!r})")
     if problems:
-        return FAIL, (f"{ctx.config.noise.dir}: {'; '.join(problems)}. Record them with the machines off: "
-                      "`signalcraft calibrate-noise --force`")
+        # calibrate-noise records every channel, and replaces a clip already there only with --force.
+        existing = any(clip_path(ctx.config.noise.dir, channel).exists() for channel in channels)
+        calibrate = ctx.command("calibrate-noise", *(["--force"] if existing else []))
+        return FAIL, f"{ctx.config.noise.dir}: {'; '.join(problems)}. Record them with the machines off: {calibrate}"
     if other_device:
         return WARN, (f"recorded on another device: {', '.join(other_device)}; record them again on this one "
-                      "with `signalcraft calibrate-noise --force`")
+                      f"with {ctx.command('calibrate-noise', '--force')}")
     return OK, f"{len(channels)} clips in {ctx.config.noise.dir}"
 
 
@@ -152,6 +205,52 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
     return OK, f"{separator.info.file} ({kind}): sources {', '.join(separator.info.sources)}{machines}"
 
 
+def _check_recorder(ctx: _Context) -> tuple[str, str]:
+    """Is `record` producing segments? The age of the newest complete segment against
+    max(STALE_SEGMENTS segment lengths, STALE_FLOOR_S)."""
+    from .segments import candidate_names, list_segments
+
+    if not ctx.output.is_dir():
+        return SKIP, f"no output folder {ctx.output} yet: {ctx.command('record')} makes it with the first segment"
+    names = sorted(candidate_names(ctx.output))
+    if names:
+        # Names are fixed-width local times: text order is time order, but for the clocks going back.
+        cutoff = (dt.datetime.strptime(names[-1][:19], clock.FOLDER_TIME) - NEWEST_NAME_SLACK).strftime(
+            clock.FOLDER_TIME)
+        older = {name for name in names if name < cutoff}
+        # An unusable manifest is the detector check's to report.
+        segments = list_segments(ctx.output, skip=older, on_error=lambda folder, e: None)
+        ctx.newest = segments[-1] if segments else None
+    log_file = f"; its log is {ctx.config.log.file}" if ctx.config.log.file is not None else ""
+    if ctx.newest is None:
+        return WARN, (f"no segments yet in {ctx.output}: is {ctx.command('record', '--repeat', '0')} running? Check "
+                      f"its service or cron entry{log_file}")
+    segment_s = ctx.config.capture.segment_seconds
+    limit = max(STALE_SEGMENTS * segment_s, STALE_FLOOR_S)
+    age = (clock.now() - ctx.newest.start_time).total_seconds()
+    where = f"newest segment {ctx.newest.name} in {ctx.output}"
+    if age > limit:
+        return WARN, (f"{where} started {_duration(age)} ago, more than {_duration(limit)} (the longer of "
+                      f"{STALE_SEGMENTS} segments of {segment_s:g} s and {_duration(STALE_FLOOR_S)}): the recorder "
+                      f"has stopped. Is {ctx.command('record', '--repeat', '0')} running? Check its service or cron "
+                      f"entry{log_file}")
+    if age < -segment_s:
+        return WARN, (f"{where} starts {_duration(-age)} in the future: was the system clock set back? Segments "
+                      "are ordered by their start time")
+    return OK, f"{where}, started {_duration(max(age, 0))} ago (segments of {segment_s:g} s)"
+
+
+def _duration(seconds: float) -> str:
+    """'42 s', '12 min', '5.5 h', '3.2 days'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _check_detector(ctx: _Context) -> tuple[str, str]:
     from .detect.model import load_detector
     from .detect.run import state_path, still_rejected
@@ -164,8 +263,8 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
     if not state.exists():
         if detector is not None:
             return FAIL, (f"{c.model} is trained but {state} does not exist: `detect` refuses a detector without "
-                          f"its thresholds. Run `signalcraft train-detector {ctx.output}`, or move the detector away "
-                          "to calibrate from scratch")
+                          f"its thresholds. Run {ctx.command('train-detector', ctx.output)}, or move the detector "
+                          "away to calibrate from scratch")
         return OK, f"not started: the first `detect` on {ctx.output} starts calibrating"
     names = candidate_names(ctx.output)
     with Store(state, create=False) as store:
@@ -184,12 +283,42 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
         return WARN if bad else OK, f"calibrating {collected}/{c.calibration_segments}; {waiting} segments waiting " \
                                     f"for `detect`{note}"
     if not has_thresholds:
-        return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run `signalcraft train-detector "
-                      f"{ctx.output}`")
+        return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run "
+                      f"{ctx.command('train-detector', ctx.output)}")
     backlog = " (is detect running from cron?)" if waiting > 100 else ""
     return WARN if backlog or bad else OK, (f"{c.model.name} ({detector.kind}) trained for "
                                             f"{', '.join(detector.sources)}; {seen} segments seen, {waiting} "
                                             f"waiting for `detect`{backlog}{note}")
+
+
+def _check_alarms(ctx: _Context) -> Union[tuple[str, str], list[tuple[str, str]]]:
+    """The machines WARNING or CRITICAL in their newest scored segment: one WARN each.
+    Only the rows of segments from ALARM_WINDOW before the newest segment are read."""
+    from .detect import thresholds as th
+    from .detect.report import machine_status, stored_rows
+    from .detect.run import state_path
+
+    state = state_path(ctx.config, ctx.output)
+    if not state.exists():
+        return SKIP, f"no detection state yet ({state}): `detect` has not run on {ctx.output}"
+    newest = ctx.newest.start_time if ctx.newest is not None else clock.now()
+    since = (newest - ALARM_WINDOW).isoformat()
+    rows = stored_rows(ctx.config, ctx.output, since)
+    machines = machine_status(rows)
+    if not machines:
+        return SKIP, f"no segment scored since {since[:19]} UTC (calibrating, or `detect` is not running)"
+    alarms = [m for m in machines if m.status in (th.WARNING, th.CRITICAL)]
+    if not alarms:
+        return OK, (f"no machine in alarm ({', '.join(m.source for m in machines)}; newest scored segment "
+                    f"{rows[-1].folder})")
+    first: dict[str, str] = {}  # per machine, its first scored row in the window: a state since then may be older
+    for r in rows:
+        if r.status in (th.NORMAL, th.WARNING, th.CRITICAL):
+            first.setdefault(r.source, r.start_time)
+    report = ctx.command("report", ctx.output)
+    return [(WARN, f"{m.source} {m.status} since {m.since[:19]} UTC{' or earlier' * (m.since == first[m.source])} "
+                   f"(mics {','.join(map(str, m.mics))}; newest segment {m.folder}); {report} draws its timeline")
+            for m in alarms]
 
 
 def _check_disk(ctx: _Context) -> tuple[str, str]:
@@ -228,7 +357,8 @@ def _check_log_file(ctx: _Context) -> tuple[str, str]:
     return OK, str(path)
 
 
-_CHECKS: tuple[Callable[[_Context], tuple[str, str]], ...] = (
-    _check_portaudio, _check_device, _check_noise_clips, _check_separator, _check_detector, _check_disk,
-    _check_log_file,
+# Each check returns (status, detail), or a list of them for one line per finding.
+_CHECKS: tuple[Callable[[_Context], Union[tuple[str, str], list[tuple[str, str]]]], ...] = (
+    _check_portaudio, _check_device, _check_noise_clips, _check_separator, _check_recorder, _check_detector,
+    _check_alarms, _check_disk, _check_log_file,
 )

@@ -575,14 +575,16 @@ def load_detector(path: Path, features: Optional[dict] = None):
             f"{data.get('signalcraft_version', '?')}); this signalcraft {__version__} reads format {MODEL_FORMAT}. "
             f"Use the matching signalcraft, or {RETRAIN}."
         )
+    from .recalibrated import RecalibratedDetector
     from .scorers import SCORERS
 
+    kinds = {**SCORERS, RecalibratedDetector.kind: RecalibratedDetector}
     kind = data.get("kind")
-    if kind not in SCORERS:
+    if kind not in kinds:
         raise DetectorError(f"{path}: a detector of kind {kind!r}, which this signalcraft does not know "
                             f"(it knows {', '.join(SCORERS)}). Use the signalcraft that wrote it, or {RETRAIN}.")
     try:
-        detector = SCORERS[kind].from_data(data)
+        detector = kinds[kind].from_data(data)
     except DetectorError as e:
         raise DetectorError(f"{path}: {e}") from None
     except Exception as e:

@@ -14,6 +14,12 @@ database has not seen, oldest first, and handles each in one transaction:
   to slow drift from NORMAL scores only. A scorer that learns online (``online``)
   keeps a model per (mic, source) in the state and learns each NORMAL segment, in the
   same transaction as its score.
+- operators: an acknowledged machine (``signalcraft ack``) raises alerts that the
+  acknowledgement covers (they do not count for the exit code) until its state changes;
+  after ``signalcraft maintenance`` a machine's tensors are collected as CALIBRATING
+  until ``detect.calibration_segments`` of them are there, then it is refitted on them
+  alone (``recalibrated.with_source``) with new levels, and scored again. Each change of
+  a machine's state is logged with the segment.
 
 Segments come from the segment store (``signalcraft.segments``), oldest first. A
 corrupt or wrong-shape tensor is skipped, logged and counted; a folder without a
@@ -33,9 +39,10 @@ import numpy as np
 from .. import clock
 from ..config import Config
 from ..files import keep_backup, temp_path
-from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature
+from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector
+from .recalibrated import with_source
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
 from .store import Store
 
@@ -57,6 +64,7 @@ class Row:
     warning: Optional[float]
     critical: Optional[float]
     status: str  # NORMAL, WARNING, CRITICAL or CALIBRATING
+    acknowledged: bool = False  # an alert that an acknowledgement of its machine covers
 
 
 @dataclasses.dataclass
@@ -68,13 +76,22 @@ class DetectResult:
     trained: bool = False  # the detector was trained in this run
     rejected: int = 0  # folders named like segments whose manifest is unusable (passed by from now on)
 
+    recalibrated: list[str] = dataclasses.field(default_factory=list)  # machines refitted after maintenance
+
     @property
     def anomalies(self) -> int:
-        return sum(r.status in (th.WARNING, th.CRITICAL) for r in self.rows)
+        """WARNING or CRITICAL rows that no acknowledgement covers."""
+        return sum(r.status in (th.WARNING, th.CRITICAL) and not r.acknowledged for r in self.rows)
 
     @property
     def critical(self) -> int:
-        return sum(r.status == th.CRITICAL for r in self.rows)
+        """CRITICAL rows that no acknowledgement covers."""
+        return sum(r.status == th.CRITICAL and not r.acknowledged for r in self.rows)
+
+    @property
+    def acknowledged(self) -> int:
+        """WARNING or CRITICAL rows that an acknowledgement covers."""
+        return sum(r.acknowledged for r in self.rows)
 
 
 def state_path(config: Config, output_dir: Path) -> Path:
@@ -134,6 +151,8 @@ def detect(
                     _score(store, detector, segment, tensors, corrupt, c, result)
             on_segment()
             detector = _train_when_ready(config, output_dir, store, detector, result)
+            if detector is not None:
+                detector = _recalibrate_when_ready(config, output_dir, store, detector, result)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
 
@@ -167,7 +186,15 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
     start = segment.start_time.isoformat()
     at = clock.now_iso()
     seg = store.record_segment(segment.name, start, at, len(tensors), corrupt, phase="scored")
+    recalibrating = {m["source"]: m["at_utc"] for m in store.maintenance(pending=True)}
+    alerts: dict[str, list[tuple[int, str, float]]] = {}  # source -> (mic, status, score)
+    states: dict[str, list[tuple[int, str]]] = {}  # source -> (mic, status) scored in this segment
+    rows = []
     for (mic, source), tensor in sorted(tensors.items()):
+        if source in recalibrating and start >= recalibrating[source]:  # after its maintenance
+            store.add_score(seg, mic, source, None, None, None, CALIBRATING)
+            result.rows.append(Row(segment.name, start, mic, source, None, None, None, CALIBRATING))
+            continue
         saved = store.get_threshold(mic, source)
         if saved is None or source not in detector.sources:  # not there at calibration
             log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen during "
@@ -190,9 +217,37 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
         if decision.change:
             log.info("mic_%d/%s thresholds: %s", mic, source, decision.change)
         if decision.status != th.NORMAL:
-            store.add_alert(seg, mic, source, decision.status, score, at)
-        result.rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical,
-                               decision.status))
+            alerts.setdefault(source, []).append((mic, decision.status, score))
+        states.setdefault(source, []).append((mic, decision.status))
+        rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical, decision.status))
+    covered = {}
+    for source, by_mic in states.items():
+        status = max((s for _, s in by_mic), key=_RANK.__getitem__)
+        _log_change(store, source, status, by_mic, segment, seg)
+        ack = store.active_ack(source)
+        if ack is not None and ack["status"] != status:  # its state changed: the acknowledgement ends
+            store.end_ack(ack["id"], at, segment.name)
+            log.info("%s: the acknowledgement of %s ends: %s in %s", source, ack["status"], status, segment.name)
+            ack = None
+        covered[source] = ack["id"] if ack is not None else None
+        for mic, alert_status, score in alerts.get(source, []):
+            store.add_alert(seg, mic, source, alert_status, score, at, ack_id=covered[source])
+    result.rows.extend(dataclasses.replace(r, acknowledged=r.status != th.NORMAL and covered.get(r.source) is not None)
+                       for r in rows)
+
+
+_RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}
+
+
+def _log_change(store: Store, source: str, status: str, by_mic: list[tuple[int, str]], segment: StoredSegment,
+                segment_id: int) -> None:
+    """Log the machine's state when it differs from its state in its previous scored segment."""
+    before = store.machine_state(source, before_segment=segment_id)
+    if before == status:
+        return
+    mics = ",".join(str(m) for m, s in by_mic if s != th.NORMAL)
+    log.info("%s: %s -> %s in %s%s", source, before or "calibrated", status, segment.name,
+             f" (mics {mics})" if mics else "")
 
 
 def _online_score(store: Store, detector, segment: StoredSegment, mic: int, source: str, tensor
@@ -215,6 +270,17 @@ def train_from_calibration(config: Config, output_dir: Path, store: Store) -> De
     """Cold start: train on the calibration segments recorded in ``store``."""
     chosen = [s for s in list_segments(output_dir) if store.phase(s.name) == "calibration"]
     return train_on_segments(config, output_dir, store, chosen)
+
+
+def trainable(store: Store, segments: list[StoredSegment]) -> list[StoredSegment]:
+    """The segments among ``segments`` that may be trained on as normal: not labelled
+    anomaly, and without alerts unless labelled normal (a false alarm)."""
+    labels, alerted = store.labels(), store.alert_folders()
+    kept = [s for s in segments if labels.get(s.name, "normal" if s.name not in alerted else None) == "normal"]
+    if len(kept) < len(segments):
+        log.info("left out of training: %d segments labelled anomaly or with alerts not labelled normal",
+                 len(segments) - len(kept))
+    return kept
 
 
 def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: list[StoredSegment],
@@ -245,10 +311,27 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
              else "")
     out_of_fold = cross_fit(loaded, lambda tensors: fit_detector(tensors, features, c), kind.cross_fit_folds)
     detector = fit_detector(pooled(loaded), features, c)
+
+    def commit(at: str) -> None:
+        store.clear_scorer_states()  # online models start again from the new detector's
+        store.mark_calibration_done()
+        for m in store.maintenance(pending=True):  # the new detector was fitted on the period chosen
+            store.mark_recalibrated(m["source"], at)
+
+    _install(config, store, detector, out_of_fold, commit)
+    return detector
+
+
+def _install(config: Config, store: Store, detector, out_of_fold: dict[tuple[int, str], list[float]],
+             commit: Callable[[str], None]) -> None:
+    """Save ``detector`` and the levels fitted on ``out_of_fold`` scores; ``commit(at)``
+    records the rest of the change in the same transaction.
+
+    The detector and its thresholds change together: the new file is written beside the
+    old one, the thresholds are committed, and only then is the file renamed into place.
+    A failure before the rename leaves the previous detector with its own thresholds."""
+    c = config.detect
     at = clock.now_iso()
-    # The detector and its thresholds change together: the new file is written beside the
-    # old one, the thresholds are committed, and only then is the file renamed into place.
-    # A failure before the rename leaves the previous detector with its own thresholds.
     staged = temp_path(c.model)
     save_detector(detector, staged)
     try:
@@ -259,11 +342,48 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
                 store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
                 log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
                          state.critical)
-            store.clear_scorer_states()  # online models start again from the new detector's
-            store.mark_calibration_done()
+            commit(at)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
     os.replace(staged, c.model)
     log.info("detector saved to %s%s", c.model, f" (the previous one kept as {backup.name})" if backup else "")
+
+
+def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, detector,
+                            result: DetectResult):
+    """Refit each machine whose maintenance is pending once enough of its segments after
+    the maintenance are collected; returns the detector now in use."""
+    c = config.detect
+    for m in store.maintenance(pending=True):
+        source = m["source"]
+        labels = store.labels()
+        folders = [f for f in store.recalibration_folders(source, m["at_utc"]) if labels.get(f) != "anomaly"]
+        if len(folders) < c.calibration_segments:
+            continue
+        loaded = []
+        for folder in folders:
+            try:
+                tensors = open_segment(output_dir / folder).load_tensors()[0]
+            except (ManifestError, FileNotFoundError) as e:
+                log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
+                continue
+            if tensors := {key: t for key, t in tensors.items() if key[1] == source}:
+                loaded.append(tensors)
+        if len(loaded) < max(2, c.calibration_segments // 2):
+            log.warning("%s: only %d of %d segments after its maintenance are readable; collecting more",
+                        source, len(loaded), len(folders))
+            continue
+        log.info("recalibrating %s on %d segments after its maintenance of %s", source, len(loaded), m["at_utc"])
+        kind = SCORERS[c.scorer.kind]
+        fit = lambda tensors: fit_detector(tensors, detector.features, c)  # noqa: E731
+        out_of_fold = cross_fit(loaded, fit, kind.cross_fit_folds)
+        detector = with_source(detector, source, fit(pooled(loaded)))
+
+        def commit(at: str, source: str = source) -> None:
+            store.clear_scorer_states(source)
+            store.mark_recalibrated(source, at)
+
+        _install(config, store, detector, out_of_fold, commit)
+        result.recalibrated.append(source)
     return detector

@@ -2,8 +2,9 @@
 ``<output>/signalcraft.sqlite``).
 
 It holds the segments seen, every score with the levels it was judged against, the
-current thresholds per (microphone, source) with the history of their changes, and the
-alerts. Write one segment's records inside ``with store.transaction():``: a crash or an
+current thresholds per (microphone, source) with the history of their changes, the
+alerts, and what operators said: acknowledgements of a machine's alarm, labels of
+segments (a false alarm is normal, a confirmed fault an anomaly) and maintenance. Write one segment's records inside ``with store.transaction():``: a crash or an
 error then leaves the segment wholly absent (and scored again on the next run), never
 half-scored.
 
@@ -29,12 +30,40 @@ from typing import Any, Iterable, Iterator, Optional
 from .. import clock
 from ..errors import StorageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
 PHASES = ("calibration", "scored")
 STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
 ALERT_STATUSES = ("WARNING", "CRITICAL")
+LABELS = ("normal", "anomaly")
 
+# What operators say (schema version 4).
+_OPERATOR_TABLES = f"""
+CREATE TABLE IF NOT EXISTS acks (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,               -- the machine (asset)
+    status TEXT NOT NULL CHECK (status IN {ALERT_STATUSES}),  -- its state when acknowledged
+    folder TEXT NOT NULL,               -- its newest scored segment then
+    start_time_utc TEXT NOT NULL,       -- that segment's start
+    at_utc TEXT NOT NULL,
+    note TEXT NOT NULL,
+    ended_utc TEXT,                     -- when its machine's state changed, which ended it (NULL: in force)
+    ended_folder TEXT                   -- the segment in which it changed
+);
+CREATE TABLE IF NOT EXISTS labels (
+    folder TEXT PRIMARY KEY,            -- a segment folder, relative to the output folder
+    label TEXT NOT NULL CHECK (label IN {LABELS}),
+    at_utc TEXT NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS maintenance (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    at_utc TEXT NOT NULL,               -- segments starting from then are of the maintained machine
+    note TEXT NOT NULL,
+    recalibrated_utc TEXT               -- NULL until detect has recalibrated the machine on them
+);
+"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -85,7 +114,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     source TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN {ALERT_STATUSES}),
     score REAL NOT NULL,
-    at_utc TEXT NOT NULL
+    at_utc TEXT NOT NULL,
+    ack_id INTEGER REFERENCES acks (id)  -- the acknowledgement that covers it, NULL while none does
 );
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at_utc);
 CREATE TABLE IF NOT EXISTS rejected (
@@ -101,6 +131,7 @@ CREATE TABLE IF NOT EXISTS scorer_states (
     updated_at_utc TEXT NOT NULL,
     PRIMARY KEY (mic, source)
 );
+{_OPERATOR_TABLES}
 """
 # Statements that bring a state file of version k (the key) to version k + 1.
 _MIGRATIONS = {
@@ -108,6 +139,7 @@ _MIGRATIONS = {
                                  reason TEXT NOT NULL)""",
     2: """CREATE TABLE scorer_states (mic INTEGER NOT NULL, source TEXT NOT NULL, state_json TEXT NOT NULL,
                                       updated_at_utc TEXT NOT NULL, PRIMARY KEY (mic, source))""",
+    3: _OPERATOR_TABLES + ";ALTER TABLE alerts ADD COLUMN ack_id INTEGER REFERENCES acks (id)",
 }
 
 
@@ -188,7 +220,8 @@ class Store:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif version < SCHEMA_VERSION:
                 for k in range(version, SCHEMA_VERSION):
-                    self._db.execute(_MIGRATIONS[k])
+                    for statement in filter(str.strip, _MIGRATIONS[k].split(";")):
+                        self._db.execute(statement)
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -298,6 +331,15 @@ class Store:
         marks = ",".join("?" * len(phases))
         return {r[0] for r in self._execute(f"SELECT folder FROM segments WHERE phase IN ({marks})", phases)}
 
+    def evidence_folders(self) -> set[str]:
+        """Finished segments that retention keeps all the same: those with alerts no
+        acknowledgement covers and no label answers (the evidence of an alarm), and those
+        collected to recalibrate a machine after its maintenance, until it is."""
+        kept = self.unacknowledged_alert_folders()
+        for m in self.maintenance(pending=True):
+            kept |= set(self.recalibration_folders(m["source"], m["at_utc"]))
+        return kept
+
     def phase(self, folder: str) -> Optional[str]:
         """'calibration' or 'scored' for a recorded segment, None for an unknown one."""
         row = self._execute("SELECT phase FROM segments WHERE folder = ?", (folder,)).fetchone()
@@ -353,13 +395,14 @@ class Store:
         """Scores with their segment's folder, start time and phase, oldest first.
 
         Each row: segment_id, folder, start_time_utc, phase, mic, source, score, warning,
-        critical, status.
+        critical, status, acknowledged (1 for an alert an acknowledgement covers, else 0).
         """
         where, params = _filters(mic=mic, source=source, since=("s.start_time_utc", since_utc))
         rows = self._execute(
             "SELECT c.segment_id, s.folder, s.start_time_utc, s.phase, c.mic, c.source, c.score, c.warning, "
-            f"c.critical, c.status FROM scores c JOIN segments s ON s.id = c.segment_id {where} "
-            "ORDER BY s.start_time_utc, s.id, c.mic, c.source",
+            "c.critical, c.status, a.ack_id IS NOT NULL AS acknowledged FROM scores c "
+            "JOIN segments s ON s.id = c.segment_id LEFT JOIN alerts a ON a.segment_id = c.segment_id "
+            f"AND a.mic = c.mic AND a.source = c.source {where} ORDER BY s.start_time_utc, s.id, c.mic, c.source",
             params,
         )
         return [dict(r) for r in rows]
@@ -374,6 +417,25 @@ class Store:
             f"{where} AND s.phase = 'calibration'",
             params,
         ).fetchone()[0]
+
+    def sources(self) -> list[str]:
+        """The machines (sources) with at least one score row, sorted."""
+        return [r[0] for r in self._execute("SELECT DISTINCT source FROM scores ORDER BY source")]
+
+    def machine_state(self, source: str, before_segment: Optional[int] = None) -> Optional[str]:
+        """The state of machine ``source`` (the worst over its microphones) in its newest
+        scored segment, or in the newest before segment id ``before_segment``; None when
+        it has none."""
+        where, params = ("AND s.id != ?", (before_segment,)) if before_segment is not None else ("", ())
+        latest = self._execute(
+            "SELECT s.id FROM segments s JOIN scores c ON c.segment_id = s.id WHERE c.source = ? "
+            f"AND c.status IN ('NORMAL', 'WARNING', 'CRITICAL') {where} "
+            "ORDER BY s.start_time_utc DESC, s.id DESC LIMIT 1", (source, *params)).fetchone()
+        if latest is None:
+            return None
+        statuses = {r[0] for r in self._execute("SELECT status FROM scores WHERE segment_id = ? AND source = ?",
+                                                (latest[0], source))}
+        return next(s for s in ("CRITICAL", "WARNING", "NORMAL") if s in statuses)
 
     def mark_calibration_done(self, at_utc: Optional[str] = None) -> None:
         """Record that calibration ended and the detector was trained (at ``at_utc``,
@@ -436,9 +498,13 @@ class Store:
             (int(mic), source, json.dumps(state, allow_nan=False, sort_keys=True), at_utc),
         )
 
-    def clear_scorer_states(self) -> None:
-        """Forget every online model (a new detector starts from its own calibration)."""
-        self._execute("DELETE FROM scorer_states")
+    def clear_scorer_states(self, source: Optional[str] = None) -> None:
+        """Forget every online model, or those of ``source`` (a new detector starts from
+        its own calibration)."""
+        if source is None:
+            self._execute("DELETE FROM scorer_states")
+        else:
+            self._execute("DELETE FROM scorer_states WHERE source = ?", (source,))
 
     def threshold_changes(self, mic: Optional[int] = None, source: Optional[str] = None) -> list[dict[str, Any]]:
         """The history of threshold changes, oldest first. Each row: id, mic, source,
@@ -458,14 +524,112 @@ class Store:
 
     # Alerts
 
-    def add_alert(self, segment_id: int, mic: int, source: str, status: str, score: float, at_utc: str) -> None:
-        """Record a WARNING or CRITICAL score."""
+    def add_alert(self, segment_id: int, mic: int, source: str, status: str, score: float, at_utc: str,
+                  ack_id: Optional[int] = None) -> None:
+        """Record a WARNING or CRITICAL score; ``ack_id``: the acknowledgement in force
+        for its machine, which covers it."""
         if status not in ALERT_STATUSES:
             raise ValueError(f"alert status {status!r}: must be one of {', '.join(ALERT_STATUSES)}")
         self._execute(
-            "INSERT INTO alerts (segment_id, mic, source, status, score, at_utc) VALUES (?, ?, ?, ?, ?, ?)",
-            (segment_id, int(mic), source, status, float(score), at_utc),
+            "INSERT INTO alerts (segment_id, mic, source, status, score, at_utc, ack_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (segment_id, int(mic), source, status, float(score), at_utc, ack_id),
         )
+
+    def alert_folders(self) -> set[str]:
+        """Segments with at least one alert."""
+        return {r[0] for r in self._execute(
+            "SELECT DISTINCT s.folder FROM alerts a JOIN segments s ON s.id = a.segment_id")}
+
+    def unacknowledged_alert_folders(self) -> set[str]:
+        """Segments with an alert that no acknowledgement covers and no label answers:
+        the evidence that retention keeps."""
+        return {r[0] for r in self._execute(
+            "SELECT DISTINCT s.folder FROM alerts a JOIN segments s ON s.id = a.segment_id "
+            "WHERE a.ack_id IS NULL AND s.folder NOT IN (SELECT folder FROM labels)")}
+
+    # What operators say
+
+    def add_ack(self, source: str, status: str, folder: str, start_time_utc: str, at_utc: str, note: str = "") -> int:
+        """Acknowledge ``source`` in ``status`` (its state in its newest segment
+        ``folder``): its alerts so far, and those it raises while it stays in that state,
+        are covered. Returns the acknowledgement's id."""
+        if status not in ALERT_STATUSES:
+            raise ValueError(f"acknowledged status {status!r}: must be one of {', '.join(ALERT_STATUSES)}")
+        with self.transaction():
+            for row in self._execute("SELECT id FROM acks WHERE source = ? AND ended_utc IS NULL", (source,)):
+                self.end_ack(row[0], at_utc, folder)  # replaced by this one
+            ack_id = int(self._execute(
+                "INSERT INTO acks (source, status, folder, start_time_utc, at_utc, note) VALUES (?, ?, ?, ?, ?, ?)",
+                (source, status, folder, start_time_utc, at_utc, note)).lastrowid)
+            self._execute("UPDATE alerts SET ack_id = ? WHERE source = ? AND ack_id IS NULL", (ack_id, source))
+        return ack_id
+
+    def active_ack(self, source: str) -> Optional[dict[str, Any]]:
+        """The acknowledgement in force for ``source``, or None. Row: id, source, status,
+        folder, start_time_utc, at_utc, note."""
+        row = self._execute("SELECT id, source, status, folder, start_time_utc, at_utc, note FROM acks "
+                            "WHERE source = ? AND ended_utc IS NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
+        return None if row is None else dict(row)
+
+    def end_ack(self, ack_id: int, at_utc: str, folder: str) -> None:
+        """End an acknowledgement: its machine's state changed in ``folder``."""
+        self._execute("UPDATE acks SET ended_utc = ?, ended_folder = ? WHERE id = ?", (at_utc, folder, ack_id))
+
+    def acks(self) -> list[dict[str, Any]]:
+        """Every acknowledgement, oldest first (with ended_utc and ended_folder)."""
+        return [dict(r) for r in self._execute("SELECT * FROM acks ORDER BY id")]
+
+    def set_label(self, folder: str, label: str, at_utc: str, note: str = "") -> None:
+        """Label a recorded segment ``normal`` (a false alarm: calibration material) or
+        ``anomaly`` (a confirmed fault: never trained on). A new label replaces the old.
+
+        Raises
+        ------
+        ValueError
+            ``label`` is not one of LABELS.
+        StoreError
+            ``folder`` is not a segment this state has seen.
+        """
+        if label not in LABELS:
+            raise ValueError(f"label {label!r}: must be one of {', '.join(LABELS)}")
+        if self.phase(folder) is None:
+            raise StoreError(f"{self.path}: no segment {folder} has been scored here; give the name of a segment "
+                             "folder that `signalcraft detect` has seen (`detect --since ... -v` lists them).")
+        self._execute("INSERT OR REPLACE INTO labels (folder, label, at_utc, note) VALUES (?, ?, ?, ?)",
+                      (folder, label, at_utc, note))
+
+    def labels(self) -> dict[str, str]:
+        """Segment folder -> its label."""
+        return {r[0]: r[1] for r in self._execute("SELECT folder, label FROM labels")}
+
+    def add_maintenance(self, source: str, at_utc: str, note: str) -> int:
+        """Record maintenance of ``source`` at ``at_utc``: `detect` recalibrates the
+        machine on the segments that start from then. Ends an acknowledgement in force."""
+        with self.transaction():
+            ack = self.active_ack(source)
+            if ack is not None:
+                self.end_ack(ack["id"], at_utc, "")
+            return int(self._execute("INSERT INTO maintenance (source, at_utc, note) VALUES (?, ?, ?)",
+                                     (source, at_utc, note)).lastrowid)
+
+    def maintenance(self, pending: bool = False) -> list[dict[str, Any]]:
+        """Maintenance records, oldest first; ``pending``: only those whose machine has
+        not been recalibrated yet. Row: id, source, at_utc, note, recalibrated_utc."""
+        where = "WHERE recalibrated_utc IS NULL" if pending else ""
+        return [dict(r) for r in self._execute(f"SELECT * FROM maintenance {where} ORDER BY at_utc, id")]
+
+    def mark_recalibrated(self, source: str, at_utc: str) -> None:
+        """The pending maintenance of ``source`` is done with: the machine is recalibrated."""
+        self._execute("UPDATE maintenance SET recalibrated_utc = ? WHERE source = ? AND recalibrated_utc IS NULL",
+                      (at_utc, source))
+
+    def recalibration_folders(self, source: str, since_utc: str) -> list[str]:
+        """Segments starting at or after ``since_utc`` in which ``source`` was collected
+        for recalibration (rows CALIBRATING in a scored segment), oldest first."""
+        return [r[0] for r in self._execute(
+            "SELECT DISTINCT s.folder FROM scores c JOIN segments s ON s.id = c.segment_id "
+            "WHERE c.source = ? AND c.status = 'CALIBRATING' AND s.phase = 'scored' AND s.start_time_utc >= ? "
+            "ORDER BY s.start_time_utc, s.id", (source, since_utc))]
 
     def alerts(self, since_utc: Optional[str] = None) -> list[dict[str, Any]]:
         """Alerts at or after ``since_utc``, oldest first. Each row: id, segment_id,

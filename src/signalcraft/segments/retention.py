@@ -2,8 +2,9 @@
 
 Retention deletes the oldest complete segments beyond ``output.keep_days`` and/or
 ``output.max_gb``. It never deletes a segment that `detect` has not finished with
-(not yet scored, or calibration data of a detector not yet trained): those are kept
-even when that means staying above the limits, and the count is reported. A segment's
+(not yet scored, or calibration data of a detector not yet trained), nor one the caller
+names as evidence (an alarm not yet acknowledged): those are kept even when that means
+staying above the limits, and the counts are reported. A segment's
 age is its manifest's start time against ``clock.now()``. A segment is first renamed
 into ``.incomplete/`` and then deleted, so a reader never sees half a segment, and a
 run killed halfway leaves only staging that ``remove_leftovers`` clears.
@@ -37,6 +38,7 @@ class PruneResult:
     deleted: list[str] = dataclasses.field(default_factory=list)  # folder names, oldest first
     freed_bytes: int = 0
     kept_unscored: int = 0  # over a limit, but kept because detect has not finished with them
+    kept_evidence: int = 0  # over a limit, but kept as the evidence of an alarm (or a recalibration)
     total_bytes: int = 0  # size of the segments left (counted only when max_gb is set)
 
 
@@ -78,13 +80,16 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def prune(output_dir: Path, config: OutputConfig, done: Container[str], dry_run: bool = False) -> PruneResult:
+def prune(output_dir: Path, config: OutputConfig, done: Container[str], evidence: Container[str] = (),
+          dry_run: bool = False) -> PruneResult:
     """Apply ``config.keep_days`` and ``config.max_gb`` to the segments in ``output_dir``.
 
     Parameters
     ----------
     done : container of str
         Folder names detect has finished with; only these may be deleted.
+    evidence : container of str
+        Folder names kept as evidence (not in ``done``), counted apart.
     dry_run : bool
         Report what would be deleted, delete nothing.
     """
@@ -104,6 +109,9 @@ def prune(output_dir: Path, config: OutputConfig, done: Container[str], dry_run:
         too_big = config.max_gb is not None and total > config.max_gb * GB
         if not (too_old or too_big):
             continue  # nothing newer is older; space may still be over only if unscored ones block
+        if segment.name in evidence:
+            result.kept_evidence += 1
+            continue
         if segment.name not in done:
             result.kept_unscored += 1
             continue
@@ -122,6 +130,10 @@ def prune(output_dir: Path, config: OutputConfig, done: Container[str], dry_run:
     if result.kept_unscored:
         log.warning("retention: kept %d segments over output.keep_days/max_gb because `signalcraft detect` "
                     "has not scored them yet", result.kept_unscored)
+    if result.kept_evidence:
+        log.warning("retention: kept %d segments over output.keep_days/max_gb as evidence: alerts not acknowledged "
+                    "(`signalcraft ack ASSET` or `signalcraft label SEGMENT`) or a recalibration after maintenance",
+                    result.kept_evidence)
     return result
 
 
