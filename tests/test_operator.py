@@ -67,8 +67,11 @@ def test_ack_silences_a_machine_until_its_state_changes(copy):
     table = cli(project, "detect", str(project / "out"), "--since", "2000-01-01")
     assert "CRITICAL*" in table.stdout and "acknowledged" in table.stdout
 
-    add(project, config, range(610, 612))  # normal again: the acknowledgement ends
-    assert cli(project, "detect", str(project / "out")).returncode == 0
+    back = add(project, config, range(610, 612))  # normal again: the acknowledgement ends
+    normal = cli(project, "-v", "detect", str(project / "out"))
+    assert normal.returncode == 0
+    assert f"mix: CRITICAL -> NORMAL in {back[0]}" in normal.stderr  # the log records each change of state
+    assert f"the acknowledgement of CRITICAL ends: NORMAL in {back[0]}" in normal.stderr
     add(project, config, [704], "bearing")  # a new alarm is not silenced
     assert cli(project, "detect", str(project / "out")).returncode in (ExitCode.WARNING, ExitCode.CRITICAL)
     with Store(project / "out" / "signalcraft.sqlite") as store:

@@ -366,12 +366,14 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     Prints one row per machine (asset): its state in its newest segment, since when,
     the microphones that flag it and its worst score against its critical level;
     with -v also every (segment, microphone, machine) row, which --json and --csv
-    always give. With -q nothing is printed unless a machine is WARNING or CRITICAL.
+    always give. With -q nothing is printed unless a machine is WARNING or CRITICAL
+    and not acknowledged (`signalcraft ack`). After `signalcraft maintenance` a
+    machine is CALIBRATING until it is refitted on its new segments.
 
     \b
-    Exit codes: 0 all normal (or still calibrating), 3 WARNING found,
-    4 CRITICAL found, 5 another detect is running on OUTPUT, 1 failure,
-    2 bad usage or configuration.
+    Exit codes: 0 all normal (or still calibrating, or every alarm
+    acknowledged), 3 WARNING found, 4 CRITICAL found, 5 another detect is
+    running on OUTPUT, 1 failure, 2 bad usage or configuration.
     """
     from .clock import parse_time
     from .files import remove_leftovers

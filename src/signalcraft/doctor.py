@@ -316,8 +316,9 @@ def _check_alarms(ctx: _Context) -> Union[tuple[str, str], list[tuple[str, str]]
         if r.status in (th.NORMAL, th.WARNING, th.CRITICAL):
             first.setdefault(r.source, r.start_time)
     report = ctx.command("report", ctx.output)
-    return [(WARN, f"{m.source} {m.status} since {m.since[:19]} UTC{' or earlier' * (m.since == first[m.source])} "
-                   f"(mics {','.join(map(str, m.mics))}; newest segment {m.folder}); {report} draws its timeline")
+    return [(WARN, f"{m.source} {m.status}{' (acknowledged)' * m.acknowledged} since {m.since[:19]} UTC"
+                   f"{' or earlier' * (m.since == first[m.source])} (mics {','.join(map(str, m.mics))}; newest "
+                   f"segment {m.folder}); {report} draws its timeline")
             for m in alarms]
 
 

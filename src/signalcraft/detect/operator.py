@@ -44,10 +44,10 @@ def acknowledge(config: Config, output: Path, asset: str, note: str = "") -> str
     """Acknowledge ``asset``'s current WARNING or CRITICAL; returns what was done."""
     with Store(state_path(config, output), create=False) as store:
         _known_machine(store, asset)
-        status = store.machine_state(asset)
+        newest = store.newest_scored(asset)
+        status = newest["status"] if newest is not None else None
         if status is None or status == "NORMAL":
             raise OperatorError(f"{asset} is {status or 'not scored yet'}: there is no alarm to acknowledge.")
-        newest = store.scores(source=asset)[-1]
         store.add_ack(asset, status, newest["folder"], newest["start_time_utc"], clock.now_iso(), note)
     return (f"{asset} {status} acknowledged (newest segment {newest['folder']}): silent until its state "
             "changes")

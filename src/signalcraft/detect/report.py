@@ -186,7 +186,8 @@ def write_report(config: Config, output_dir: Path, report_dir: Path, since_utc: 
         raise storage_error(images, e) from None
     rows = [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"], r["critical"],
                 r["status"], bool(r["acknowledged"])) for r in stored]
-    machines = machine_status(rows)
+    # The machines in alarm first, the worst at the top.
+    machines = sorted(machine_status(rows), key=lambda m: (-_RANK[m.status], m.source))
     phases = {r["folder"]: r["phase"] for r in stored}
     sections = []
     for k, m in enumerate(machines):
@@ -284,8 +285,8 @@ def _plot_mels(path: Path, output_dir: Path, config: Config, rows: list[Row]) ->
             image, ax=ax, sr=features["sample_rate"], hop_length=features["hop_length"], x_axis="time",
             y_axis="mel", fmin=features["f_min"], fmax=features["f_max"], cmap="magma",
             vmin=config.features.floor_db, vmax=0)
-        ax.set(title=f"{title}: {row.folder}, mic {row.mic} ({row.status})", xlabel="time in the segment (s)")
-    fig.subplots_adjust(bottom=0.17)
+        ax.set(title=f"{title}: {row.status}\n{row.folder}, mic {row.mic}", xlabel="time in the segment (s)")
+    fig.subplots_adjust(bottom=0.17, top=0.84)
     if mesh is not None:
         fig.colorbar(mesh, ax=axes, format="%+.0f dB", label="level re full scale")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))

@@ -422,20 +422,25 @@ class Store:
         """The machines (sources) with at least one score row, sorted."""
         return [r[0] for r in self._execute("SELECT DISTINCT source FROM scores ORDER BY source")]
 
-    def machine_state(self, source: str, before_segment: Optional[int] = None) -> Optional[str]:
-        """The state of machine ``source`` (the worst over its microphones) in its newest
-        scored segment, or in the newest before segment id ``before_segment``; None when
-        it has none."""
+    def newest_scored(self, source: str, before_segment: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """Machine ``source``'s newest scored segment (or the newest other than segment id
+        ``before_segment``): id, folder, start_time_utc and status (the worst over its
+        microphones); None when it has none."""
         where, params = ("AND s.id != ?", (before_segment,)) if before_segment is not None else ("", ())
         latest = self._execute(
-            "SELECT s.id FROM segments s JOIN scores c ON c.segment_id = s.id WHERE c.source = ? "
-            f"AND c.status IN ('NORMAL', 'WARNING', 'CRITICAL') {where} "
+            "SELECT s.id, s.folder, s.start_time_utc FROM segments s JOIN scores c ON c.segment_id = s.id "
+            f"WHERE c.source = ? AND c.status IN ('NORMAL', 'WARNING', 'CRITICAL') {where} "
             "ORDER BY s.start_time_utc DESC, s.id DESC LIMIT 1", (source, *params)).fetchone()
         if latest is None:
             return None
         statuses = {r[0] for r in self._execute("SELECT status FROM scores WHERE segment_id = ? AND source = ?",
                                                 (latest[0], source))}
-        return next(s for s in ("CRITICAL", "WARNING", "NORMAL") if s in statuses)
+        return {**dict(latest), "status": next(s for s in ("CRITICAL", "WARNING", "NORMAL") if s in statuses)}
+
+    def machine_state(self, source: str, before_segment: Optional[int] = None) -> Optional[str]:
+        """The state of machine ``source`` in ``newest_scored``, or None."""
+        newest = self.newest_scored(source, before_segment)
+        return None if newest is None else newest["status"]
 
     def mark_calibration_done(self, at_utc: Optional[str] = None) -> None:
         """Record that calibration ended and the detector was trained (at ``at_utc``,
