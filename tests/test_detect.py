@@ -3,15 +3,12 @@ calibration, scoring, alerts, incremental runs, bad input and exit codes."""
 
 import datetime as dt
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 import yaml
 
-from signalcraft import clock, simulate
+from signalcraft import clock
 from signalcraft.config import config_from_dict
 from signalcraft.detect.run import CALIBRATING, detect
 from signalcraft.detect.store import Store

@@ -23,7 +23,7 @@ from ..config import Config
 from ..files import atomic_write, storage_error, write_json
 from ..segments import ManifestError, TensorError, open_segment
 from . import thresholds as th
-from .run import CALIBRATING, DetectResult, Row, state_path
+from .run import CALIBRATING, RANK as _RANK, DetectResult, Row, state_path
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,6 @@ def stored_rows(config: Config, output_dir: Path, since_utc: str) -> list[Row]:
     with Store(state_path(config, output_dir), create=False) as store:
         return [Row(r["folder"], r["start_time_utc"], r["mic"], r["source"], r["score"], r["warning"],
                     r["critical"], r["status"], bool(r["acknowledged"])) for r in store.scores(since_utc=since_utc)]
-
-
-_RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}
 
 
 @dataclasses.dataclass(frozen=True)

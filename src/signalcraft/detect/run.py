@@ -222,7 +222,7 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
         rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical, decision.status))
     covered = {}
     for source, by_mic in states.items():
-        status = max((s for _, s in by_mic), key=_RANK.__getitem__)
+        status = max((s for _, s in by_mic), key=RANK.__getitem__)
         _log_change(store, source, status, by_mic, segment, seg)
         ack = store.active_ack(source)
         if ack is not None and ack["status"] != status:  # its state changed: the acknowledgement ends
@@ -236,7 +236,7 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
                        for r in rows)
 
 
-_RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}
+RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}  # severity of a machine state
 
 
 def _log_change(store: Store, source: str, status: str, by_mic: list[tuple[int, str]], segment: StoredSegment,
@@ -375,9 +375,12 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
                         source, len(loaded), len(folders))
             continue
         log.info("recalibrating %s on %d segments after its maintenance of %s", source, len(loaded), m["at_utc"])
-        kind = SCORERS[c.scorer.kind]
-        fit = lambda tensors: fit_detector(tensors, detector.features, c)  # noqa: E731
-        out_of_fold = cross_fit(loaded, fit, kind.cross_fit_folds)
+        features = detector.features
+
+        def fit(tensors: dict, features: dict = features):
+            return fit_detector(tensors, features, c)
+
+        out_of_fold = cross_fit(loaded, fit, SCORERS[c.scorer.kind].cross_fit_folds)
         detector = with_source(detector, source, fit(pooled(loaded)))
 
         def commit(at: str, source: str = source) -> None:

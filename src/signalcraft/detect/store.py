@@ -4,8 +4,9 @@
 It holds the segments seen, every score with the levels it was judged against, the
 current thresholds per (microphone, source) with the history of their changes, the
 alerts, and what operators said: acknowledgements of a machine's alarm, labels of
-segments (a false alarm is normal, a confirmed fault an anomaly) and maintenance. Write one segment's records inside ``with store.transaction():``: a crash or an
-error then leaves the segment wholly absent (and scored again on the next run), never
+segments (a false alarm is normal, a confirmed fault an anomaly) and maintenance.
+Write one segment's records inside ``with store.transaction():``: a crash or an error
+then leaves the segment wholly absent (and scored again on the next run), never
 half-scored.
 
 The file is in WAL mode, so ``signalcraft`` commands that only read (a status page, an
