@@ -21,7 +21,7 @@ from signalcraft.detect.run import trainable
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
 from signalcraft.pipeline import process_files
-from signalcraft.segments import list_segments
+from signalcraft.segments import folder_name, list_segments
 
 from conftest import SETTINGS, invoke, scene_file
 
@@ -63,8 +63,8 @@ def test_ack_silences_a_machine_until_its_state_changes(copy):
     add(project, config, [703], "bearing")  # still CRITICAL: silent
     quiet = cli(project, "-q", "detect", str(project / "out"))
     assert quiet.returncode == 0 and quiet.stdout == "", quiet.stdout + quiet.stderr
-    code, out = detect_json(project)  # nothing new; the stored state says acknowledged
-    table = cli(project, "detect", str(project / "out"), "--since", "2000-01-01")
+    first = list_segments(project / "out")[0].start_time.isoformat()
+    table = cli(project, "detect", str(project / "out"), "--since", first)
     assert "CRITICAL*" in table.stdout and "acknowledged" in table.stdout
 
     back = add(project, config, range(610, 612))  # normal again: the acknowledgement ends
@@ -125,8 +125,9 @@ def test_labels_decide_what_train_detector_trains_on(copy):
         assert store.labels()[fault] == "anomaly"
     bad = cli(project, "label", "not-a-segment", "normal", "-o", str(project / "out"))
     assert bad.returncode == ExitCode.FAILURE and "not a segment folder's name" in bad.stderr
-    unknown = cli(project, "label", "2001-01-01_00-00-00", "normal", "-o", str(project / "out"))
-    assert unknown.returncode == ExitCode.FAILURE and "no segment 2001-01-01_00-00-00" in unknown.stderr
+    never = folder_name(list_segments(project / "out")[0].start_time - dt.timedelta(days=1))  # not recorded
+    unknown = cli(project, "label", never, "normal", "-o", str(project / "out"))
+    assert unknown.returncode == ExitCode.FAILURE and f"no segment {never}" in unknown.stderr
 
     trained = cli(project, "train-detector", str(project / "out"))
     assert trained.returncode == 0, trained.stderr

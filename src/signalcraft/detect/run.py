@@ -129,6 +129,7 @@ def detect(
             log.error("%s: not a usable segment, passed by until its manifest changes: %s", folder.name, error)
             result.rejected += 1
 
+        last_state: dict[str, Optional[str]] = {}  # machine -> its state in its newest scored segment
         # Enough may have been collected by a run that was stopped while training.
         detector = _train_when_ready(config, output_dir, store, detector, result)
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
@@ -148,7 +149,7 @@ def detect(
                 if detector is None:
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, detector, segment, tensors, corrupt, c, result)
+                    _score(store, detector, segment, tensors, corrupt, c, result, last_state)
             on_segment()
             detector = _train_when_ready(config, output_dir, store, detector, result)
             if detector is not None:
@@ -182,7 +183,9 @@ def _calibrate(store: Store, segment: StoredSegment, tensors, corrupt: int, resu
 
 
 def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, corrupt: int, c,
-           result: DetectResult) -> None:
+           result: DetectResult, last_state: dict[str, Optional[str]]) -> None:
+    """Score one segment; ``last_state``: machine -> its state before this segment,
+    filled from the store on first need and kept up to date here."""
     start = segment.start_time.isoformat()
     at = clock.now_iso()
     seg = store.record_segment(segment.name, start, at, len(tensors), corrupt, phase="scored")
@@ -223,7 +226,10 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
     covered = {}
     for source, by_mic in states.items():
         status = max((s for _, s in by_mic), key=RANK.__getitem__)
-        _log_change(store, source, status, by_mic, segment, seg)
+        if source not in last_state:  # once per machine and run, not per segment
+            last_state[source] = store.machine_state(source, before_segment=seg)
+        _log_change(source, last_state[source], status, by_mic, segment)
+        last_state[source] = status
         ack = store.active_ack(source)
         if ack is not None and ack["status"] != status:  # its state changed: the acknowledgement ends
             store.end_ack(ack["id"], at, segment.name)
@@ -239,10 +245,10 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
 RANK = {th.NORMAL: 0, th.WARNING: 1, th.CRITICAL: 2}  # severity of a machine state
 
 
-def _log_change(store: Store, source: str, status: str, by_mic: list[tuple[int, str]], segment: StoredSegment,
-                segment_id: int) -> None:
-    """Log the machine's state when it differs from its state in its previous scored segment."""
-    before = store.machine_state(source, before_segment=segment_id)
+def _log_change(source: str, before: Optional[str], status: str, by_mic: list[tuple[int, str]],
+                segment: StoredSegment) -> None:
+    """Log the machine's state when it differs from ``before``, its state in its previous
+    scored segment."""
     if before == status:
         return
     mics = ",".join(str(m) for m, s in by_mic if s != th.NORMAL)
