@@ -3,8 +3,8 @@
 # test tools. Safe to run again: a second run only checks and returns in seconds.
 #
 #   bash scripts/setup.sh            # used by scripts/demo.sh
-#   bash scripts/setup.sh --test     # also faketime and Chromium, for the test suite (scripts/test.sh)
-#   bash scripts/setup.sh --bench    # also JACK, for real-time paced benchmarks
+#   bash scripts/setup.sh --test     # also faketime, Chromium and Mosquitto, for the test suite (scripts/test.sh)
+#   bash scripts/setup.sh --bench    # also JACK and Mosquitto, for the paced and publishing benchmarks
 #   PYTHON=python3.12 bash scripts/setup.sh
 set -euo pipefail
 
@@ -41,15 +41,17 @@ apt_install() {
 }
 
 # 1. PortAudio, which sounddevice loads at import time; faketime for the tests that run
-#    with the clock moved ahead and Chromium for the report's page; JACK for the paced
-#    benchmarks.
+#    with the clock moved ahead, Chromium for the report's page and Mosquitto for the
+#    publisher's broker; JACK for the paced benchmarks.
 apt_install libportaudio2 "ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2'"
 if [ "$testing" = 1 ]; then
     apt_install faketime "command -v faketime >/dev/null"
     apt_install chromium "command -v chromium >/dev/null"  # the report page's rendering test
+    apt_install mosquitto "command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto"  # the MQTT tests' broker
 fi
 if [ "$bench" = 1 ]; then
     apt_install jackd2 "command -v jackd >/dev/null"
+    apt_install mosquitto "command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto"  # scripts/bench_publish.py
 fi
 extras="test"
 [ "$bench" = 1 ] && extras="test,bench"

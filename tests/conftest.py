@@ -240,6 +240,23 @@ def calibrated(tmp_path_factory):
     return root, config, first, second
 
 
+def add_recordings(project: Path, config, seeds, fault=None, ending: dt.datetime | None = None) -> list[str]:
+    """Process recordings (seeds) of the pump into the project's output; their folder
+    names. ``ending``: the first recording ends then (its file's time), the next 10 s
+    later, and so on; by default they end when written."""
+    from signalcraft.pipeline import process_files
+    from signalcraft.segments import list_segments
+
+    before = {s.name for s in list_segments(project / "out")}
+    files = [scene_file(project, seed, fault) for seed in seeds]
+    if ending is not None:
+        for k, path in enumerate(files):
+            t = (ending + dt.timedelta(seconds=10 * k)).timestamp()
+            os.utime(path, (t, t))
+    process_files(config, files)
+    return [s.name for s in list_segments(project / "out") if s.name not in before]
+
+
 @pytest.fixture
 def copy(calibrated, tmp_path):
     """A copy of the calibrated project, for a test that changes it: (folder, config)."""

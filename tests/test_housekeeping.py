@@ -207,10 +207,11 @@ def test_doctor_passes_a_healthy_setup(healthy):
     assert result.returncode == 0, result.stdout + result.stderr
     found = lines(result.stdout)
     assert list(found) == ["config", "portaudio", "device", "noise clips", "separator", "recorder", "detector",
-                           "alarms", "disk", "log file"]
+                           "alarms", "publish", "disk", "log file"]
     # Nothing recorded or scored yet: nothing to check there, and nothing wrong.
     assert found.pop("recorder").startswith("SKIP  recorder      no output folder")
     assert found.pop("alarms").startswith("SKIP  alarms        no detection state yet")
+    assert found.pop("publish").startswith("SKIP  publish       publishing off (publish.mqtt: null)")
     assert all(line.startswith("OK") for line in found.values()), result.stdout
     assert "'signalcraft_vmic', channels [1, 2, 3, 4] of " in found["device"]
     assert "4 clips in" in found["noise clips"] and "sources pump, fan" in found["separator"]

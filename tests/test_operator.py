@@ -20,24 +20,9 @@ from signalcraft.detect.recalibrated import RecalibratedDetector
 from signalcraft.detect.run import trainable
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
-from signalcraft.pipeline import process_files
 from signalcraft.segments import folder_name, list_segments
 
-from conftest import SETTINGS, invoke, scene_file
-
-
-def add(project: Path, config, seeds, fault=None, ending: dt.datetime | None = None) -> list[str]:
-    """Process recordings (seeds) of the pump into the project's output; their folder
-    names. ``ending``: the first recording ends then (its file's time), the next 10 s
-    later, and so on; by default they end when written."""
-    before = {s.name for s in list_segments(project / "out")}
-    files = [scene_file(project, seed, fault) for seed in seeds]
-    if ending is not None:
-        for k, path in enumerate(files):
-            t = (ending + dt.timedelta(seconds=10 * k)).timestamp()
-            os.utime(path, (t, t))
-    process_files(config, files)
-    return [s.name for s in list_segments(project / "out") if s.name not in before]
+from conftest import SETTINGS, add_recordings as add, invoke
 
 
 def cli(project: Path, *args: str):

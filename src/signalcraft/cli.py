@@ -20,7 +20,7 @@ import click
 
 from . import __version__, logs
 from .config import ENV_VAR, Config, load_config
-from .errors import ExitCode, Interrupted, SignalcraftError
+from .errors import ConfigError, ExitCode, Interrupted, SignalcraftError
 
 log = logging.getLogger("signalcraft")
 
@@ -360,8 +360,11 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     past detect.alerts.cusum_limit.
 
     Then applies retention (output.keep_days, output.max_gb) to the segments it has
-    finished with; if that fails the alerts still count (exit 3/4, else 1). One
-    `detect` per output folder at a time: a second exits 5.
+    finished with; if that fails the alerts still count (exit 3/4, else 1). With
+    publish.mqtt set, the results queued for the broker are sent last; a broker that
+    is down or refuses is a log line, never this command's exit code (the messages
+    wait; see `signalcraft publish`). One `detect` per output folder at a time: a
+    second exits 5.
 
     Prints one row per machine (asset): its state in its newest segment, since when,
     the microphones that flag it and its worst score against its critical level;
@@ -395,6 +398,7 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
         except SignalcraftError as e:
             log.error("retention: %s", e)
             pruned = False
+    _publish_after_detect(config, output)
     rows = result.rows if since_utc is None else report.stored_rows(config, output, since_utc)
     machines = report.machine_status(rows)
     if ctx.obj.quiet:  # acknowledged alarms are silent
@@ -413,6 +417,36 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
         ctx.exit(ExitCode.WARNING)
     if not pruned:
         ctx.exit(ExitCode.FAILURE)
+
+
+# While the oldest waiting message is younger than this, a broker out of reach is logged
+# at INFO (the log file, not cron's mail); later, and for a broker that refuses, louder.
+QUIET_OUTAGE_S = 3600
+
+
+def _publish_after_detect(config: Config, output: Path) -> None:
+    """Send the outbox after `detect`: a broker problem is a log line, never the exit code."""
+    if config.publish.mqtt is None:
+        return
+    from .locks import LockBusy
+    from .publish.mqtt import publish_waiting
+
+    try:
+        result = publish_waiting(config, output)
+    except LockBusy:
+        log.info("publish: another signalcraft is sending the outbox; its messages go with that run")
+        return
+    except SignalcraftError as e:
+        log.error("publish: %s", e)
+        return
+    if result.error is None:
+        log.info("published %d messages to %s:%d", result.sent, config.publish.mqtt.host, config.publish.mqtt.port)
+        return
+    level = logging.INFO
+    if result.refused or result.oldest_age_s > QUIET_OUTAGE_S:
+        level = logging.ERROR if result.refused else logging.WARNING
+    log.log(level, "publish: %s; %d messages wait in the outbox (sent %d)", result.error, result.waiting,
+            result.sent)
 
 
 def _prune(config: Config, output: Path, dry_run: bool = False):
@@ -594,6 +628,49 @@ def maintenance(ctx: click.Context, asset: str, note: str, at: Optional[str], ou
     config = _config(ctx)
     when = parse_time(at, "--at") if at is not None else None
     _echo(ctx, record_maintenance(config, output or config.output.dir, asset, note, when))
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder whose outbox to send [default: output.dir].")
+@click.option("--dry-run", "-n", is_flag=True,
+              help="Print the waiting messages (topic, then payload), oldest first; send nothing.")
+@click.pass_context
+def publish(ctx: click.Context, output: Optional[Path], dry_run: bool) -> None:
+    """Send the results waiting in the outbox to the MQTT broker (publish.mqtt).
+
+    `detect` queues each machine's scores, its changes of state, acknowledgements and
+    maintenance in the outbox of its state file, and sends them after each run; this
+    command sends what is still waiting (after the network or the broker was down),
+    with a heartbeat of the site, oldest first. A message is marked sent only when the
+    broker has acknowledged it. For a cron line of its own, e.g. every 5 minutes.
+    Topics and payloads: docs/fleet.md.
+
+    
+    Exit codes: 0 nothing left waiting, 1 messages still wait (the broker is
+    out of reach or refused: the message says why), 2 publishing is off
+    (publish.mqtt: null) or a bad configuration, 5 another publish or detect
+    is sending this outbox.
+    """
+    from .publish.mqtt import PublishError, publish_waiting, waiting_messages
+
+    config = _config(ctx)
+    output = output or config.output.dir
+    if config.publish.mqtt is None:
+        raise ConfigError(f"{config.source or 'built-in defaults'}: publish.mqtt is null, so nothing is published "
+                          "or queued. Set publish.mqtt (host, ...) as docs/fleet.md shows.")
+    if dry_run:
+        rows = waiting_messages(config, output)
+        prefix = config.publish.mqtt.topic_prefix
+        for row in rows:
+            click.echo(f"{prefix}/{row['topic']}{' (retained)' * bool(row['retain'])}\n  {row['payload']}")
+        _echo(ctx, f"{len(rows)} messages waiting; nothing sent (--dry-run)")
+        return
+    result = publish_waiting(config, output)
+    if result.error is not None:
+        raise PublishError(f"{result.error}; {result.waiting} messages wait in the outbox (sent {result.sent})")
+    _echo(ctx, f"sent {result.sent} messages to {config.publish.mqtt.host}:{config.publish.mqtt.port}; "
+               f"{result.waiting} waiting")
 
 
 @cli.command()

@@ -439,6 +439,73 @@ class OutputConfig:
         _require(self.min_free_gb >= 0, "min_free_gb", "must be 0 or more")
 
 
+# MQTT topic levels may not hold these: a wildcard or a level separator in a site's name
+# would publish into, or subscribe to, other sites' topics.
+_TOPIC_FORBIDDEN = ("+", "#", "/", "\0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MqttConfig:
+    """The plant's MQTT broker (`signalcraft publish`, and `detect` after each run)."""
+
+    host: str = ""
+    port: int = 1883  # 8883 is usual with TLS
+    tls: bool = False
+    ca_file: Optional[Path] = None  # with tls: the CA that signed the broker's certificate; null: the system's
+    username: Optional[str] = None
+    # The password is never written in this file: a file holding it (one line, readable
+    # by this user only) or the name of an environment variable.
+    password_file: Optional[Path] = None
+    password_env: Optional[str] = None
+    client_id: Optional[str] = None  # null: signalcraft-<site>
+    topic_prefix: str = "signalcraft"
+    qos: Literal[1, 2] = 1
+    keepalive_s: int = 60
+    # How long to wait for the broker to answer (connect, or acknowledge a message)
+    # before leaving the rest in the outbox for the next run, s.
+    timeout_s: float = 10.0
+
+    def __post_init__(self):
+        _require(bool(self.host.strip()), "host", "must name the broker (host name or address)")
+        _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
+        _require(self.ca_file is None or self.tls, "ca_file", "is used only with tls: true")
+        _require(self.password_file is None or self.password_env is None, "password_file",
+                 "and password_env: give one of them")
+        _require(self.username is not None or (self.password_file is None and self.password_env is None),
+                 "username", "is needed with a password")
+        _require(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in ("+", "#", "\0"))
+                 and not self.topic_prefix.startswith("/") and not self.topic_prefix.endswith("/"),
+                 "topic_prefix", "must be non-empty, without +, # or a leading or trailing /")
+        _require(5 <= self.keepalive_s <= 65535, "keepalive_s", "must be between 5 and 65535")
+        _require(self.timeout_s > 0, "timeout_s", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishConfig:
+    """Machine states to the plant's MQTT broker through a local outbox (docs/fleet.md)."""
+
+    # This pump room's name in topics and messages; null: this computer's host name.
+    site: Optional[str] = None
+    # Unsent messages older than this are dropped (counted in the log and by doctor),
+    # and sent ones are forgotten, days.
+    max_outbox_days: float = 7.0
+    mqtt: Optional[MqttConfig] = None  # null: publishing off (nothing is queued)
+
+    def __post_init__(self):
+        _require(self.site is None or (bool(self.site) and not any(c in self.site for c in _TOPIC_FORBIDDEN)),
+                 "site", "must be non-empty, without /, + or # (it is one level of the MQTT topics)")
+        _require(self.max_outbox_days > 0, "max_outbox_days", "must be positive")
+
+
+# Keys refused with a reason of their own.
+REFUSED_KEYS = {
+    "publish.mqtt.password": "a password is never kept in config.yaml (it is often world-readable and "
+                             "copied around); put it in a file readable only by this user and name it in "
+                             "publish.mqtt.password_file, or name an environment variable in "
+                             "publish.mqtt.password_env.",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
     """Where log messages go besides stderr."""
@@ -468,6 +535,7 @@ class Config:
     detect: DetectConfig = dataclasses.field(default_factory=DetectConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    publish: PublishConfig = dataclasses.field(default_factory=PublishConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.
     source: Optional[Path] = dataclasses.field(default=None, compare=False)
@@ -593,7 +661,9 @@ def _build(cls: type, data: Any, prefix: str, problems: _Problems, exclude: tupl
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            if f"{prefix}{key}" in MOVED_KEYS:
+            if f"{prefix}{key}" in REFUSED_KEYS:
+                problems.add(f"{prefix}{key}", REFUSED_KEYS[prefix + key])
+            elif f"{prefix}{key}" in MOVED_KEYS:
                 problems.add(f"{prefix}{key}", f"this key is now {MOVED_KEYS[prefix + key]}; move it there (see "
                              "config.yaml in the signalcraft source).")
             else:
@@ -641,7 +711,7 @@ def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
                 continue
         raise _type_error(key, tp, value)
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):  # true is not 1
             return value
         raise _FieldError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
     if origin is tuple:

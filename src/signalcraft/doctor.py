@@ -33,10 +33,6 @@ OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 # restarts a stopped `record` within 10 minutes, so a shorter gap is not yet a problem.
 STALE_SEGMENTS = 3
 STALE_FLOOR_S = 15 * 60
-# Folder names are local time: when the clocks go back, the newest segment can have a
-# name up to an hour earlier than another's. Only folders named within this much of the
-# newest name are opened to find the newest segment (not months of them).
-NEWEST_NAME_SLACK = dt.timedelta(hours=3)
 # The alarms check reads the detection state of segments that started at most this long
 # before the newest segment.
 ALARM_WINDOW = dt.timedelta(days=1)
@@ -208,25 +204,17 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
 def _check_recorder(ctx: _Context) -> tuple[str, str]:
     """Is `record` producing segments? The age of the newest complete segment against
     max(STALE_SEGMENTS segment lengths, STALE_FLOOR_S)."""
-    from .segments import candidate_names, list_segments
+    from .segments import newest_segment
 
     if not ctx.output.is_dir():
         return SKIP, f"no output folder {ctx.output} yet: {ctx.command('record')} makes it with the first segment"
-    names = sorted(candidate_names(ctx.output))
-    if names:
-        # Names are fixed-width local times: text order is time order, but for the clocks going back.
-        cutoff = (dt.datetime.strptime(names[-1][:19], clock.FOLDER_TIME) - NEWEST_NAME_SLACK).strftime(
-            clock.FOLDER_TIME)
-        older = {name for name in names if name < cutoff}
-        # An unusable manifest is the detector check's to report.
-        segments = list_segments(ctx.output, skip=older, on_error=lambda folder, e: None)
-        ctx.newest = segments[-1] if segments else None
+    ctx.newest = newest_segment(ctx.output)
     log_file = f"; its log is {ctx.config.log.file}" if ctx.config.log.file is not None else ""
     if ctx.newest is None:
         return WARN, (f"no segments yet in {ctx.output}: is {ctx.command('record', '--repeat', '0')} running? Check "
                       f"its service or cron entry{log_file}")
     segment_s = ctx.config.capture.segment_seconds
-    limit = max(STALE_SEGMENTS * segment_s, STALE_FLOOR_S)
+    limit = recorder_stale_after_s(ctx.config)
     age = (clock.now() - ctx.newest.start_time).total_seconds()
     where = f"newest segment {ctx.newest.name} in {ctx.output}"
     if age > limit:
@@ -238,6 +226,11 @@ def _check_recorder(ctx: _Context) -> tuple[str, str]:
         return WARN, (f"{where} starts {_duration(-age)} in the future: was the system clock set back? Segments "
                       "are ordered by their start time")
     return OK, f"{where}, started {_duration(max(age, 0))} ago (segments of {segment_s:g} s)"
+
+
+def recorder_stale_after_s(config: Config) -> float:
+    """How old the newest segment may be before the recorder counts as stopped, s."""
+    return max(STALE_SEGMENTS * config.capture.segment_seconds, STALE_FLOOR_S)
 
 
 def _duration(seconds: float) -> str:
@@ -358,8 +351,40 @@ def _check_log_file(ctx: _Context) -> tuple[str, str]:
     return OK, str(path)
 
 
+def _check_publish(ctx: _Context) -> tuple[str, str]:
+    """The broker (a connection is tried: a wrong password or TLS failure is a FAIL, a
+    broker out of reach a WARN) and the outbox: messages waiting, the oldest, the last
+    error."""
+    from .detect.run import state_path
+    from .detect.store import Store
+    from .publish.mqtt import PublishError, Sender
+
+    m = ctx.config.publish.mqtt
+    if m is None:
+        return SKIP, "publishing off (publish.mqtt: null)"
+    outbox, waiting, last = "no outbox yet", 0, ""
+    state = state_path(ctx.config, ctx.output)
+    if state.exists():
+        with Store(state, create=False) as store:
+            box = store.outbox_status()
+            error, error_utc = store.get_meta("publish_last_error"), store.get_meta("publish_last_error_utc")
+        waiting = box["waiting"]
+        oldest = f", the oldest from {box['oldest_utc'][:19]} UTC" if box["oldest_utc"] else ""
+        outbox = f"{waiting} messages waiting in the outbox{oldest}"
+        last = f"; the last attempt ({error_utc[:19]} UTC) failed: {error}" if error else ""
+    try:
+        with Sender(ctx.config, probe=True):
+            pass
+    except PublishError as e:
+        # Out of reach, the site works on and the outbox waits; refused, it never delivers.
+        return (FAIL if e.refused else WARN), f"{e} {outbox}"
+    send = f"; {ctx.command('publish', '--output', ctx.output)} sends them" if waiting else ""
+    return OK, (f"{m.host}:{m.port} accepts this site ({'TLS, ' if m.tls else ''}user {m.username or 'none'}); "
+                f"{outbox}{send}{last}")
+
+
 # Each check returns (status, detail), or a list of them for one line per finding.
 _CHECKS: tuple[Callable[[_Context], Union[tuple[str, str], list[tuple[str, str]]]], ...] = (
     _check_portaudio, _check_device, _check_noise_clips, _check_separator, _check_recorder, _check_detector,
-    _check_alarms, _check_disk, _check_log_file,
+    _check_alarms, _check_publish, _check_disk, _check_log_file,
 )

@@ -24,6 +24,7 @@ from typing import Optional
 from .. import clock
 from ..config import Config
 from ..errors import SignalcraftError
+from ..publish.messages import Outbox
 from ..segments.layout import is_segment_name
 from .run import state_path
 from .store import LABELS, Store
@@ -48,7 +49,10 @@ def acknowledge(config: Config, output: Path, asset: str, note: str = "") -> str
         status = newest["status"] if newest is not None else None
         if status is None or status == "NORMAL":
             raise OperatorError(f"{asset} is {status or 'not scored yet'}: there is no alarm to acknowledge.")
-        store.add_ack(asset, status, newest["folder"], newest["start_time_utc"], clock.now_iso(), note)
+        with store.transaction():
+            ack_id = store.add_ack(asset, status, newest["folder"], newest["start_time_utc"], clock.now_iso(), note)
+            if (outbox := Outbox.of(config)) is not None:
+                outbox.acknowledged(store, ack_id, asset, status, newest["folder"], note)
     return (f"{asset} {status} acknowledged (newest segment {newest['folder']}): silent until its state "
             "changes")
 
@@ -73,6 +77,9 @@ def maintenance(config: Config, output: Path, asset: str, note: str, at: Optiona
     at_utc = (at or clock.now()).isoformat()
     with Store(state_path(config, output), create=False) as store:
         _known_machine(store, asset)
-        store.add_maintenance(asset, at_utc, note)
+        with store.transaction():
+            maintenance_id = store.add_maintenance(asset, at_utc, note)
+            if (outbox := Outbox.of(config)) is not None:
+                outbox.maintenance(store, maintenance_id, asset, at_utc, note)
     return (f"maintenance of {asset} recorded at {at_utc[:19]} UTC: its next {config.detect.calibration_segments} "
             "segments recalibrate it")

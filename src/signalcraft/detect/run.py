@@ -39,6 +39,7 @@ import numpy as np
 from .. import clock
 from ..config import Config
 from ..files import keep_backup, temp_path
+from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
 from .model import Detector, DetectorError, load_detector, save_detector
@@ -130,6 +131,7 @@ def detect(
             result.rejected += 1
 
         last_state: dict[str, Optional[str]] = {}  # machine -> its state in its newest scored segment
+        outbox = Outbox.of(config)  # None: publishing off
         # Enough may have been collected by a run that was stopped while training.
         detector = _train_when_ready(config, output_dir, store, detector, result)
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
@@ -149,7 +151,7 @@ def detect(
                 if detector is None:
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, detector, segment, tensors, corrupt, c, result, last_state)
+                    _score(store, detector, segment, tensors, corrupt, c, result, last_state, outbox)
             on_segment()
             detector = _train_when_ready(config, output_dir, store, detector, result)
             if detector is not None:
@@ -183,9 +185,11 @@ def _calibrate(store: Store, segment: StoredSegment, tensors, corrupt: int, resu
 
 
 def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, corrupt: int, c,
-           result: DetectResult, last_state: dict[str, Optional[str]]) -> None:
+           result: DetectResult, last_state: dict[str, Optional[str]], outbox: Optional[Outbox] = None) -> None:
     """Score one segment; ``last_state``: machine -> its state before this segment,
-    filled from the store on first need and kept up to date here."""
+    filled from the store on first need and kept up to date here. With ``outbox``, each
+    machine's scores (and a change of its state) are queued for the broker in the same
+    transaction."""
     start = segment.start_time.isoformat()
     at = clock.now_iso()
     seg = store.record_segment(segment.name, start, at, len(tensors), corrupt, phase="scored")
@@ -229,7 +233,7 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
         if source not in last_state:  # once per machine and run, not per segment
             last_state[source] = store.machine_state(source, before_segment=seg)
         _log_change(source, last_state[source], status, by_mic, segment)
-        last_state[source] = status
+        previous, last_state[source] = last_state[source], status
         ack = store.active_ack(source)
         if ack is not None and ack["status"] != status:  # its state changed: the acknowledgement ends
             store.end_ack(ack["id"], at, segment.name)
@@ -238,6 +242,9 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
         covered[source] = ack["id"] if ack is not None else None
         for mic, alert_status, score in alerts.get(source, []):
             store.add_alert(seg, mic, source, alert_status, score, at, ack_id=covered[source])
+        if outbox is not None:
+            outbox.scored(store, source, segment.name, start, status, previous,
+                          [r for r in rows if r.source == source], acknowledged=covered[source] is not None)
     result.rows.extend(dataclasses.replace(r, acknowledged=r.status != th.NORMAL and covered.get(r.source) is not None)
                        for r in rows)
 

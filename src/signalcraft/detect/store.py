@@ -3,8 +3,10 @@
 
 It holds the segments seen, every score with the levels it was judged against, the
 current thresholds per (microphone, source) with the history of their changes, the
-alerts, and what operators said: acknowledgements of a machine's alarm, labels of
-segments (a false alarm is normal, a confirmed fault an anomaly) and maintenance.
+alerts, what operators said (acknowledgements of a machine's alarm, labels of segments:
+a false alarm is normal, a confirmed fault an anomaly; maintenance), and the outbox of
+messages for the plant's MQTT broker (``signalcraft.publish``), each queued in the
+transaction of the result it describes.
 Write one segment's records inside ``with store.transaction():``: a crash or an error
 then leaves the segment wholly absent (and scored again on the next run), never
 half-scored.
@@ -31,7 +33,7 @@ from typing import Any, Iterable, Iterator, Optional
 from .. import clock
 from ..errors import StorageError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
 PHASES = ("calibration", "scored")
 STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
@@ -64,6 +66,19 @@ CREATE TABLE IF NOT EXISTS maintenance (
     note TEXT NOT NULL,
     recalibrated_utc TEXT               -- NULL until detect has recalibrated the machine on them
 );
+"""
+# Messages for the plant's broker (schema version 5), sent oldest first.
+_OUTBOX_TABLE = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,             -- the order of sending
+    message_id TEXT NOT NULL UNIQUE,    -- stable for the event: a resent message is recognised
+    topic TEXT NOT NULL,                -- after publish.mqtt.topic_prefix: <site>/<asset>/state, ...
+    payload TEXT NOT NULL,              -- JSON
+    retain INTEGER NOT NULL,
+    created_utc TEXT NOT NULL,
+    sent_utc TEXT                       -- when the broker acknowledged it (NULL: waiting)
+);
+CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox (sent_utc, id)
 """
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -132,7 +147,8 @@ CREATE TABLE IF NOT EXISTS scorer_states (
     updated_at_utc TEXT NOT NULL,
     PRIMARY KEY (mic, source)
 );
-{_OPERATOR_TABLES}
+{_OPERATOR_TABLES};
+{_OUTBOX_TABLE}
 """
 # Statements that bring a state file of version k (the key) to version k + 1.
 _MIGRATIONS = {
@@ -141,6 +157,7 @@ _MIGRATIONS = {
     2: """CREATE TABLE scorer_states (mic INTEGER NOT NULL, source TEXT NOT NULL, state_json TEXT NOT NULL,
                                       updated_at_utc TEXT NOT NULL, PRIMARY KEY (mic, source))""",
     3: _OPERATOR_TABLES + ";ALTER TABLE alerts ADD COLUMN ack_id INTEGER REFERENCES acks (id)",
+    4: _OUTBOX_TABLE,
 }
 
 
@@ -647,6 +664,55 @@ class Store:
             params,
         )
         return [dict(r) for r in rows]
+
+    # The outbox
+
+    def queue_message(self, message_id: str, topic: str, payload: str, retain: bool, created_utc: str,
+                      supersede: bool = False) -> None:
+        """Queue a message; one whose ``message_id`` is queued already is the same event
+        and is not queued twice. ``supersede``: waiting messages of the same topic are
+        dropped first (a heartbeat makes the older ones pointless)."""
+        if supersede:
+            self._execute("DELETE FROM outbox WHERE topic = ? AND sent_utc IS NULL", (topic,))
+        self._execute("INSERT OR IGNORE INTO outbox (message_id, topic, payload, retain, created_utc) "
+                      "VALUES (?, ?, ?, ?, ?)", (message_id, topic, payload, int(bool(retain)), created_utc))
+
+    def waiting_messages(self, limit: Optional[int] = None, after_id: int = 0) -> list[dict[str, Any]]:
+        """Messages not yet acknowledged by the broker, oldest first: id, message_id,
+        topic, payload, retain, created_utc."""
+        rows = self._execute(
+            "SELECT id, message_id, topic, payload, retain, created_utc FROM outbox "
+            "WHERE sent_utc IS NULL AND id > ? ORDER BY id LIMIT ?", (after_id, -1 if limit is None else limit))
+        return [dict(r) for r in rows]
+
+    def mark_sent(self, ids: Iterable[int], at_utc: str) -> None:
+        ids = list(ids)
+        for k in range(0, len(ids), 500):
+            chunk = ids[k:k + 500]
+            self._execute(f"UPDATE outbox SET sent_utc = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                          (at_utc, *chunk))
+
+    def outbox_status(self) -> dict[str, Any]:
+        """waiting (count), oldest_utc (the oldest waiting message's time, or None), sent
+        (count still remembered)."""
+        row = self._execute("SELECT COUNT(*), MIN(created_utc), (SELECT COUNT(*) FROM outbox WHERE sent_utc IS "
+                            "NOT NULL) FROM outbox WHERE sent_utc IS NULL").fetchone()
+        return {"waiting": int(row[0]), "oldest_utc": row[1], "sent": int(row[2])}
+
+    def prune_outbox(self, before_utc: str) -> int:
+        """Forget messages queued before ``before_utc``; returns how many of them had
+        never been sent (dropped)."""
+        dropped = self._execute("SELECT COUNT(*) FROM outbox WHERE created_utc < ? AND sent_utc IS NULL",
+                                (before_utc,)).fetchone()[0]
+        self._execute("DELETE FROM outbox WHERE created_utc < ?", (before_utc,))
+        return int(dropped)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
     def counts(self) -> dict[str, int]:
         """Totals: segments (and of them calibration), scores, alerts, corrupt files,

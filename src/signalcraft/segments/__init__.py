@@ -11,11 +11,12 @@ Every command that reads or writes segments goes through this package.
 
 from .layout import AUDIO, MANIFEST, candidate_names, folder_name, tensor_file
 from .manifest import FORMAT, Level, Manifest, ManifestError, manifest_signature, read_manifest
-from .reader import StoredSegment, TensorError, is_complete, list_segments, open_segment, read_tensor
+from .reader import (StoredSegment, TensorError, is_complete, list_segments, newest_segment, open_segment,
+                     read_tensor)
 from .writer import SegmentWriter
 
 __all__ = [
     "AUDIO", "FORMAT", "MANIFEST", "Level", "Manifest", "ManifestError", "SegmentWriter", "StoredSegment",
     "TensorError", "candidate_names", "folder_name", "is_complete", "list_segments", "manifest_signature",
-    "open_segment", "read_manifest", "read_tensor", "tensor_file",
+    "newest_segment", "open_segment", "read_manifest", "read_tensor", "tensor_file",
 ]

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Container, Optional
 
+from ..clock import FOLDER_TIME
 from ..files import read_regular
 from .layout import MANIFEST, candidate_names, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
@@ -146,3 +147,22 @@ def list_segments(
         if (since is None or segment.start_time >= since) and (until is None or segment.start_time < until):
             found.append(segment)
     return sorted(found, key=lambda s: (s.start_time, s.name))
+
+
+# Folder names are local time: when the clocks go back, the newest segment can have a
+# name up to an hour earlier than another's. Only folders named within this much of the
+# newest name are opened to find the newest segment (not months of them).
+NEWEST_NAME_SLACK = dt.timedelta(hours=3)
+
+
+def newest_segment(output_dir: Path) -> Optional[StoredSegment]:
+    """The complete segment that started last under ``output_dir`` (None: none yet),
+    opening only the folders named within ``NEWEST_NAME_SLACK`` of the newest name. An
+    unusable manifest is passed by silently (the detector reports those)."""
+    names = sorted(candidate_names(output_dir))
+    if not names:
+        return None
+    # Names are fixed-width local times: text order is time order, but for the clocks going back.
+    cutoff = (dt.datetime.strptime(names[-1][:19], FOLDER_TIME) - NEWEST_NAME_SLACK).strftime(FOLDER_TIME)
+    segments = list_segments(output_dir, skip={n for n in names if n < cutoff}, on_error=lambda folder, e: None)
+    return segments[-1] if segments else None
