@@ -4,6 +4,7 @@ SIGKILL between sending and marking, a wrong password, TLS with a certificate ma
 here, and the outbox's bound."""
 
 import datetime as dt
+import json
 import os
 import signal
 import sqlite3
@@ -238,12 +239,14 @@ def test_the_outbox_is_bounded_and_a_repeated_event_is_queued_once(copy, broker)
     old = clock.now() - dt.timedelta(days=config.publish.max_outbox_days + 1)
     with clock.frozen(old):
         fill_outbox(project, config, 5)
+    queued = len(outbox_rows(project))  # 5 scores, and the machine's state once
+    assert queued == 6
     fill_outbox(project, config, 5)  # the same events again: the same message ids
-    assert len(outbox_rows(project)) == 5
+    assert len(outbox_rows(project)) == queued
     with clock.frozen(old):
         fill_outbox(project, config, 8)  # 3 more
     result = publish_waiting(config, project / "out", heartbeat=False)
-    assert result.dropped == 8 and result.waiting == 0 and result.error is None  # nothing left to send
+    assert result.dropped == queued + 3 and result.waiting == 0 and result.error is None  # nothing left to send
 
 
 def test_passwords_never_come_from_config_yaml(tmp_path, monkeypatch):
@@ -279,3 +282,21 @@ def test_publish_says_when_publishing_is_off(copy):
     assert result.returncode == ExitCode.USAGE and "publish.mqtt is null" in result.stderr
     with Store(project / "out" / "signalcraft.sqlite") as store:
         assert store.outbox_status()["waiting"] == 0  # detect queued nothing while publishing was off
+
+
+def test_a_machine_is_announced_with_its_state_and_since_when_once_publishing_is_turned_on(tmp_path):
+    config = config_from_dict({"publish": {"site": SITE, "mqtt": {"host": "b"}}})
+    outbox = Outbox(config)
+    start = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    with Store(tmp_path / "state.sqlite") as store, store.transaction():
+        for k, status in enumerate(["NORMAL", "WARNING", "WARNING", "NORMAL", "NORMAL", "NORMAL"]):
+            at = (start + dt.timedelta(seconds=10 * k)).isoformat()
+            seg = store.record_segment(f"seg{k}", at, at, 1, 0, phase="scored")
+            store.add_score(seg, 0, "pump", 1.0, 2.0, 3.0, status)
+        rows = [Row("seg5", at, 0, "pump", 1.0, 2.0, 3.0, "NORMAL")]
+        outbox.scored(store, "pump", "seg5", at, "NORMAL", "NORMAL", rows, acknowledged=False)
+        outbox.scored(store, "pump", "seg5", at, "NORMAL", "NORMAL", rows, acknowledged=False)  # once is enough
+        messages = [json.loads(m["payload"]) for m in store.waiting_messages()]
+    assert [m["type"] for m in messages] == ["score", "state"]
+    assert messages[1]["since_utc"] == (start + dt.timedelta(seconds=30)).isoformat()  # the NORMAL run from seg3
+    assert messages[1]["state"] == messages[1]["previous"] == "NORMAL"

@@ -455,6 +455,18 @@ class Store:
                                                 (latest[0], source))}
         return {**dict(latest), "status": next(s for s in ("CRITICAL", "WARNING", "NORMAL") if s in statuses)}
 
+    def state_since(self, source: str) -> Optional[str]:
+        """The start of the first of machine ``source``'s newest run of scored segments in
+        one state (the worst over its microphones): since when it is in its state now."""
+        row = self._execute(
+            "WITH per AS (SELECT s.start_time_utc AS t, MAX(CASE c.status WHEN 'CRITICAL' THEN 2 "
+            "WHEN 'WARNING' THEN 1 ELSE 0 END) AS r FROM scores c JOIN segments s ON s.id = c.segment_id "
+            "WHERE c.source = ? AND c.status IN ('NORMAL', 'WARNING', 'CRITICAL') GROUP BY s.id), "
+            "newest AS (SELECT r FROM per ORDER BY t DESC LIMIT 1) "
+            "SELECT MIN(t) FROM per WHERE t > COALESCE((SELECT MAX(t) FROM per WHERE r != (SELECT r FROM newest)), '')",
+            (source,)).fetchone()
+        return row[0] if row is not None else None
+
     def machine_state(self, source: str, before_segment: Optional[int] = None) -> Optional[str]:
         """The state of machine ``source`` in ``newest_scored``, or None."""
         newest = self.newest_scored(source, before_segment)

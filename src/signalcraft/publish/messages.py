@@ -3,7 +3,7 @@
 Topics, under ``publish.mqtt.topic_prefix`` (default ``signalcraft``):
 
 - ``<prefix>/<site>/<asset>/state`` (retained): the machine's state when it changes
-  (and when it is first scored): NORMAL, WARNING or CRITICAL, since when, the score
+  (and the first time one is queued for it): NORMAL, WARNING or CRITICAL, since when, the score
   against the levels per microphone.
 - ``<prefix>/<site>/<asset>/score``: every scored segment of the machine.
 - ``<prefix>/<site>/<asset>/ack`` and ``.../maintenance``: an operator acknowledged the
@@ -40,6 +40,7 @@ from ..config import Config
 SCHEMA = 1
 # Message ids are uuid5(NAMESPACE, "<site>/<asset>/<type>/<event>").
 NAMESPACE = uuid.UUID("6f0b7a52-3c1e-5b8e-9a53-2d6c1f0e8a41")
+ANNOUNCED_KEY = "publish_announced"  # meta key: the machines whose state has been queued once
 _LEVEL_FORBIDDEN = str.maketrans({"+": "_", "#": "_", "/": "_", "\0": "_"})
 
 
@@ -103,18 +104,24 @@ class Outbox:
 
     def scored(self, store, asset: str, segment: str, start_utc: str, state: str, previous: Optional[str],
                rows: Iterable[ScoredRow], acknowledged: bool) -> None:
-        """One machine's scores in one segment; a ``state`` message too when its state
-        differs from ``previous`` (its state in its previous scored segment)."""
+        """One machine's scores in one segment (already recorded in ``store``); a
+        ``state`` message too when its state differs from ``previous`` (its state in its
+        previous scored segment), or when none was ever queued for it (publishing was
+        turned on later: ``since_utc`` is then when its present state began)."""
         mics = [{"mic": r.mic, "score": _finite(r.score), "warning": _finite(r.warning),
                  "critical": _finite(r.critical), "status": r.status} for r in rows]
         ratios = [m["score"] / m["critical"] for m in mics if m["score"] is not None and m["critical"]]
         body = {"segment": segment, "start_utc": start_utc, "state": state,
                 "worst_ratio": max(ratios) if ratios else None, "mics": mics}
         self._queue(store, "score", asset, start_utc, body)
-        if state != previous:
+        announced = json.loads(store.get_meta(ANNOUNCED_KEY) or "[]")
+        if state != previous or asset not in announced:
+            since = start_utc if state != previous else store.state_since(asset) or start_utc
             self._queue(store, "state", asset, f"{start_utc}/{state}", {
-                **body, "previous": previous, "since_utc": start_utc, "acknowledged": acknowledged,
+                **body, "previous": previous, "since_utc": since, "acknowledged": acknowledged,
                 "flagging_mics": [m["mic"] for m in mics if m["status"] != "NORMAL"]}, retain=True)
+            if asset not in announced:
+                store.set_meta(ANNOUNCED_KEY, json.dumps(sorted([*announced, asset])))
 
     def acknowledged(self, store, ack_id: int, asset: str, status: str, segment: str, note: str) -> None:
         self._queue(store, "ack", asset, f"{ack_id}/{clock.now_iso()}",
