@@ -52,7 +52,7 @@ from signalcraft.config import DetectConfig, ScorerConfig, config_from_dict
 from signalcraft.detect import thresholds as th
 from signalcraft.detect.model import save_detector
 from signalcraft.detect.scorers import SCORERS, cross_fit, fit_detector, pooled
-from signalcraft.pipeline import Chain
+from signalcraft.chain import Chain
 
 SR = 16000  # Hz
 FAULTS = {"pump": ("imbalance", "bearing", "looseness", "cavitation"), "fan": ("imbalance", "bearing", "looseness"),

@@ -5,7 +5,7 @@ Both use the same 4-source Demucs model (the separator's default architecture:
 Demucs v2, 16 channels, depth 4; random weights, which do not change the cost), the
 same audio and the same noise clips, and both write their tensors to disk.
 
-- signalcraft: `pipeline.Chain` as `record` runs it: torch spectral gating per channel,
+- signalcraft: `chain.Chain` as `record` runs it: torch spectral gating per channel,
   one batched `apply_model` over all channels, one torchaudio log-mel over all
   (channel, source) pairs, atomic export.
 - prototype: for each channel in turn: `noisereduce.reduce_noise` (numpy, stationary,
@@ -35,7 +35,7 @@ from benchlib import ROOT, write_section
 from signalcraft.capture import Segment
 from signalcraft.config import config_from_dict
 from signalcraft.noise import NoiseClip, save_clip
-from signalcraft.pipeline import Chain
+from signalcraft.chain import Chain
 from signalcraft.separate import save_model
 
 SR = 16000  # Hz

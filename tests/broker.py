@@ -50,7 +50,7 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 class Broker:
     """``start()``, ``stop()``, ``start()`` again on the same port."""
 
-    def __init__(self, folder: Path, tls: dict[str, Path] | None = None):
+    def __init__(self, folder: Path, tls: dict[str, Path] | None = None, acl: str | None = None):
         self.folder = folder
         self.port = free_port()
         self.tls = tls
@@ -67,6 +67,9 @@ class Broker:
                  "persistence false", "log_dest stderr", "max_queued_messages 100000", "max_inflight_messages 100"]
         if tls:
             lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}"]
+        if acl is not None:  # e.g. "user pump-room\ntopic readwrite signalcraft/room-1/#"
+            (folder / "acl").write_text(acl + "\n")
+            lines.append(f"acl_file {folder / 'acl'}")
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -228,7 +228,7 @@ def calibrated(tmp_path_factory):
     that changes it takes ``copy``): (folder, config, first detect result, second)."""
     from signalcraft.config import config_from_dict
     from signalcraft.detect.run import detect
-    from signalcraft.pipeline import process_files
+    from signalcraft.record import process_files
 
     root = tmp_path_factory.mktemp("detect")
     (root / "config.yaml").write_text(yaml.safe_dump(SETTINGS))
@@ -244,7 +244,7 @@ def add_recordings(project: Path, config, seeds, fault=None, ending: dt.datetime
     """Process recordings (seeds) of the pump into the project's output; their folder
     names. ``ending``: the first recording ends then (its file's time), the next 10 s
     later, and so on; by default they end when written."""
-    from signalcraft.pipeline import process_files
+    from signalcraft.record import process_files
     from signalcraft.segments import list_segments
 
     before = {s.name for s in list_segments(project / "out")}

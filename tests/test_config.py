@@ -85,7 +85,7 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value).splitlines() == [f"{path}: {problem}" for problem in (
-        "capture.sampel_rate: unknown key. Known keys here: device, channels, sample_rate, segment_seconds, "
+        "capture.sampel_rate: unknown key. Known keys here: device, channels, reference_channels, sample_rate, segment_seconds, "
         "sample_format, block_frames, queue_seconds, reconnect_attempts, reconnect_delay_s.",
         "capture.segment_seconds: must be positive",
         "capture.channels: are 1-based: the first channel is 1",

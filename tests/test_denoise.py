@@ -3,7 +3,7 @@ import pytest
 from scipy.signal import lfilter
 
 from signalcraft.config import DenoiseConfig
-from signalcraft.denoise import Denoiser
+from signalcraft.dsp.gate import Denoiser
 from signalcraft.errors import NoiseClipError
 
 SR = 16000  # Hz

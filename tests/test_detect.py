@@ -13,7 +13,7 @@ from signalcraft.config import config_from_dict
 from signalcraft.detect.run import CALIBRATING, detect
 from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
-from signalcraft.pipeline import process_files
+from signalcraft.record import process_files
 from signalcraft.segments import MANIFEST, list_segments
 
 from conftest import CALIBRATION, SETTINGS, invoke, scene_file

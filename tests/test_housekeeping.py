@@ -379,7 +379,8 @@ def test_doctor_hints_keep_the_config_and_ask_for_force_only_to_replace_clips(he
     (noise / "channel_3.pt").write_bytes(b"damaged")  # the library's own message gets the --config too
     line = lines(invoke("--config", str(healthy), "doctor").stdout)["noise clips"]
     assert line.startswith("FAIL") and "channel_3.pt: not a readable noise clip" in line
-    assert line.endswith(f"Record it again with `signalcraft --config {healthy} calibrate-noise --force`."), line
+    assert f"Record it again with `signalcraft --config {healthy} calibrate-noise --force`." in line
+    assert line.endswith(f"Record them with the machines off: `signalcraft --config {healthy} calibrate-noise --force`")
 
 
 def test_doctor_tries_the_log_file_rather_than_asking(healthy):

@@ -11,7 +11,8 @@ import soundfile as sf
 import torch
 import yaml
 
-from signalcraft import pipeline
+from signalcraft import record as recording
+from signalcraft.chain import chain_factory
 from signalcraft.capture import Segment
 from signalcraft.config import config_from_dict
 from signalcraft.errors import ExitCode
@@ -22,7 +23,7 @@ from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, invoke
 MANIFEST_KEYS = {
     "format", "signalcraft_version", "start_time_utc", "start_time_local", "duration_s", "sample_rate",
     "device", "channels", "start_frame", "overflows", "dropped_frames", "dropped_segments", "reconnects", "levels",
-    "denoise", "separator", "features", "tensors", "files",
+    "denoise", "separator", "features", "tensors", "reference", "files",
 }
 
 
@@ -103,7 +104,7 @@ def test_process_continues_past_a_bad_file_and_exits_1(project, tmp_path):
 def test_missing_noise_clip_fails_before_capture(vmic, project):
     result = invoke("--config", str(project), "record")
     assert result.returncode == ExitCode.FAILURE
-    assert "channel_1.pt: noise clip not found" in result.stderr and "calibrate-noise" in result.stderr
+    assert "channel_1.pt missing" in result.stderr and "`signalcraft calibrate-noise`" in result.stderr
     assert not (project.parent / "out").exists()
 
 
@@ -114,7 +115,7 @@ def test_a_noise_clip_at_another_rate_names_both(vmic, project):
     project.write_text(yaml.safe_dump(config))
     result = invoke("--config", str(project), "record")
     assert result.returncode == ExitCode.FAILURE
-    assert "recorded at 16000 Hz, but the audio is 8000 Hz" in result.stderr
+    assert "recorded at 16000 Hz, the audio is 8000 Hz" in result.stderr
 
 
 def test_a_slow_worker_drops_segments_with_a_warning_and_counts_them(vmic, project, monkeypatch, caplog):
@@ -127,7 +128,7 @@ def test_a_slow_worker_drops_segments_with_a_warning_and_counts_them(vmic, proje
     release = threading.Event()
     seen: list[tuple[int, int]] = []
 
-    def slow_factory(channels):
+    def slow_factory(channels, references=()):
         def process(segment: Segment, dropped: int):
             release.wait(timeout=30)  # hold the worker until capture has run ahead
             seen.append((segment.start_frame, dropped, segment.dropped_frames))
@@ -135,7 +136,7 @@ def test_a_slow_worker_drops_segments_with_a_warning_and_counts_them(vmic, proje
         return process
 
     threading.Timer(1.0, release.set).start()
-    pipeline.record(config, 6, slow_factory)
+    recording.record(config, 6, slow_factory)
     assert len(seen) == 6  # --repeat counts processed segments
     drops = [d for _, d, _ in seen]
     assert sum(drops) > 0
@@ -192,7 +193,7 @@ def test_an_error_after_export_stops_record_instead_of_hanging(vmic, project):
 
     outcome: list = []
     worker = threading.Thread(target=lambda: outcome.append(
-        pytest.raises(BrokenPipeError, pipeline.record, config, 3, pipeline.chain_factory(config),
+        pytest.raises(BrokenPipeError, recording.record, config, 3, chain_factory(config),
                       on_exported=broken_pipe)))
     worker.start()
     worker.join(timeout=60)

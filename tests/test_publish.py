@@ -300,3 +300,18 @@ def test_a_machine_is_announced_with_its_state_and_since_when_once_publishing_is
     assert [m["type"] for m in messages] == ["score", "state"]
     assert messages[1]["since_utc"] == (start + dt.timedelta(seconds=30)).isoformat()  # the NORMAL run from seg3
     assert messages[1]["state"] == messages[1]["previous"] == "NORMAL"
+
+
+def test_a_message_the_broker_refuses_stays_in_the_outbox(copy, tmp_path):
+    project, _ = copy
+    # This site's user may publish only under another site's topics.
+    broker = Broker(tmp_path / "acl-broker", acl="user pump-room\ntopic readwrite signalcraft/other-room/#").start()
+    try:
+        config = configure(project, broker)
+        fill_outbox(project, config, 3)
+        result = cli(project, "publish")
+        assert result.returncode == ExitCode.FAILURE
+        assert f"refused to take signalcraft/{SITE}/mix/" in result.stderr and "ACL" in result.stderr
+        assert all(sent is None for *_, sent in outbox_rows(project))  # nothing marked sent: nothing lost
+    finally:
+        broker.stop()

@@ -27,7 +27,7 @@ from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode, StorageError
 from signalcraft.locks import LockBusy, RunLock, device_lock_path
 from signalcraft.noise import NoiseClip, save_clip
-from signalcraft.pipeline import process_files
+from signalcraft.record import process_files
 from signalcraft.segments import MANIFEST, list_segments
 from signalcraft.separate import ModelError, load_separator
 

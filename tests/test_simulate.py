@@ -360,3 +360,202 @@ def test_cli_bad_options_exit_2_and_say_what_was_wrong(tmp_path, args, named):
     assert result.exit_code == ExitCode.USAGE
     assert named in result.output
     assert not (tmp_path / "x" / "mixture.wav").exists()
+
+
+# --- Intermittent noise and reference microphones -------------------------------------
+SHORT = 4.0  # s, clips of the intermittent-noise tests
+FLICKER = dict(mean_on_s=1.0, mean_off_s=1.0)  # spells short enough for a few in a short clip
+
+
+def power(x: np.ndarray) -> float:
+    return float(np.mean(np.asarray(x, dtype=np.float64) ** 2))
+
+
+def noisy(intermittent=True, references=1, seconds=SHORT, **options):
+    """The default layout with the intermittent source (True: its defaults; a dict:
+    IntermittentNoise settings at the default place) and reference microphones."""
+    if isinstance(intermittent, dict):
+        place = sim.default_scene(intermittent=True).intermittent.position
+        intermittent = sim.IntermittentNoise(place, **intermittent)
+    return sim.default_scene(intermittent=intermittent, references=references,
+                             **{"seconds": seconds, **options})
+
+
+def test_a_scene_without_intermittent_noise_or_references_renders_as_before():
+    """The values are those of the simulator before intermittent noise and references
+    existed (same scene, same seed): their streams left everything else as it was."""
+    spec = dict(seconds=3.0, seed=7, faults=[("pump", sim.Fault("bearing", 1.0, 2.0))], reverb_rt60_s=0.5)
+    r = sim.render(sim.default_scene(**spec))
+    explicit = sim.render(sim.default_scene(intermittent=None, references=0, **spec))
+    assert r.mixture.tobytes() == explicit.mixture.tobytes()
+    assert r.mixture.shape == (4, 48000)
+    np.testing.assert_allclose(np.sqrt(np.mean(r.mixture.astype(np.float64) ** 2, axis=1)),
+                               [0.028795436933229904, 0.031584854852613885, 0.029633824683747444,
+                                0.035004341565701515], rtol=1e-5)
+    np.testing.assert_allclose(r.mixture[:, 30000], [-0.05835776776075363, -0.004177199210971594,
+                                                     -0.042851511389017105, -0.005373822525143623], rtol=1e-4)
+    assert r.intermittent.shape == r.mixture.shape and not np.any(r.intermittent)
+    assert r.reference.shape == r.reference_intermittent.shape == (0, 48000)
+    assert r.labels["intermittent"] is None and r.labels["references"] == []
+    assert r.labels["channels"] == {"mics": [1, 2, 3, 4], "references": []}
+
+    one = sim.render(sim.default_scene(("pump",), n_mics=1, seconds=2.0, seed=1, unit=11, snr_db=-6))
+    np.testing.assert_allclose(one.mixture[0, [100, 1000, 20000, 31999]],
+                               [-0.03523462265729904, 0.01810816489160061, -0.06401568651199341,
+                                -0.043469104915857315], rtol=1e-4)
+
+
+def test_mixture_is_stems_background_and_intermittent_and_the_snr_ignores_the_intermittent_source():
+    r = sim.render(noisy(references=2, reverb_rt60_s=0.5, seed=2, snr_db=3.0))
+    n = round(SHORT * SR)
+    assert r.mixture.shape == r.background.shape == r.intermittent.shape == (4, n)
+    assert r.reference.shape == r.reference_intermittent.shape == (2, n)
+    assert all(a.dtype == np.float32 for a in (r.mixture, r.intermittent, r.reference, r.reference_intermittent))
+    np.testing.assert_allclose(r.mixture, sum(r.stems.values()) + r.background + r.intermittent, atol=1e-6)
+    assert power(r.intermittent) > 0 and r.labels["level_gain_db"] == 0
+    machines = sum(r.stems.values())[0]
+    assert 10 * np.log10(power(machines) / power(r.background[0])) == pytest.approx(3.0, abs=0.1)
+    labels = r.labels
+    assert labels["format"] == 2 and labels["channels"] == {"mics": [1, 2, 3, 4], "references": [5, 6]}
+    assert len(labels["references"]) == 2
+    info = labels["intermittent"]
+    assert info["position"] == [6.0, 0.0, 1.0] and info["level_db"] == sim.INTERMITTENT_LEVEL_DB
+    assert info["reference_distance_m"] == pytest.approx([sim.REFERENCE_MIC_OFFSET_M] * 2)
+    assert 4.0 <= min(info["distance_m"]) <= 6.0
+    assert {"on_s", "off_s", "level_drift_db", "tone_drift", "tilt_drift_db", "tone_hz"} <= set(info)
+    json.dumps(labels)
+
+
+def test_the_intermittent_source_is_silent_when_off_and_heard_when_on():
+    r = sim.render(noisy(FLICKER, seconds=6.0, seed=0))
+    info = r.labels["intermittent"]
+    spells = [(True, s) for s in info["on_s"]] + [(False, s) for s in info["off_s"]]
+    # They tile the clip.
+    edges = sorted(x for _, s in spells for x in s)
+    assert edges[0] == 0.0 and edges[-1] == 6.0
+    assert sum(b - a for _, (a, b) in spells) == pytest.approx(6.0)
+    for heard, delay, distance in ((r.intermittent[0], info["delay_s"][0], info["distance_m"][0]),
+                                   (r.reference_intermittent[0], info["reference_delay_s"][0],
+                                    info["reference_distance_m"][0])):
+        # Free field: at full level the source is rms_at_1m / distance there, +-3 dB drift.
+        expected_db = 20 * np.log10(info["rms_at_1m"] / distance)
+        on, off = [], []
+        for state, (a, b) in spells:
+            i0, i1 = round((a + delay + 0.06) * SR), round((b + delay - 0.06) * SR)
+            if i1 - i0 >= 0.2 * SR:
+                (on if state else off).append(10 * np.log10(power(heard[i0:i1]) + 1e-30))
+        assert len(on) >= 2 and len(off) >= 2
+        assert all(abs(level - expected_db) < 4.0 for level in on), (on, expected_db)
+        assert max(off) < min(on) - 40.0
+
+
+def test_spells_are_exponential_or_uniform_and_do_not_move_with_reverb_or_clip_length():
+    def on_s(**options):
+        return sim.render(noisy({"durations": "uniform", **FLICKER}, references=0, machines=(), n_mics=1,
+                                snr_db=None, seed=5, **options)).labels["intermittent"]["on_s"]
+
+    long = on_s(seconds=6.0)
+    inner = [b - a for a, b in long[1:-1]]
+    assert inner and all(0.5 <= d <= 1.5 for d in inner)
+    assert on_s(seconds=6.0, reverb_rt60_s=0.5) == long
+    short = on_s(seconds=3.0)
+    assert short == [[a, min(b, 3.0)] for a, b in long if a < 3.0]
+
+
+def test_the_reference_mic_hears_the_intermittent_source_far_louder_than_the_machine_mics_do():
+    r = sim.render(noisy(FLICKER, snr_db=None, seed=1))
+    room = sim.render(sim.default_scene((), seconds=SHORT, references=1, snr_db=None, seed=1))
+    machines_at_reference = r.reference[0] - r.reference_intermittent[0] - room.reference[0]
+    at_reference = 10 * np.log10(power(r.reference_intermittent[0]) / power(machines_at_reference))
+    machines = sum(r.stems.values())
+    at_mics = [10 * np.log10(power(r.intermittent[m]) / power(machines[m])) for m in range(4)]
+    assert at_reference > max(at_mics) + 15.0, (at_reference, at_mics)
+
+
+def test_twins_with_and_without_the_intermittent_source_differ_by_exactly_its_image():
+    spec = dict(seed=4, reverb_rt60_s=0.6, faults=[("pump", sim.Fault("imbalance", 1.0, 3.0))])
+    on, off = sim.render(noisy(**spec)), sim.render(noisy(False, **spec))
+    assert on.labels["level_gain_db"] == off.labels["level_gain_db"] == 0
+    assert {k: v.tobytes() for k, v in on.stems.items()} == {k: v.tobytes() for k, v in off.stems.items()}
+    assert on.background.tobytes() == off.background.tobytes()
+    np.testing.assert_allclose(on.mixture - off.mixture, on.intermittent, atol=1e-6)
+    np.testing.assert_allclose(on.reference - off.reference, on.reference_intermittent, atol=1e-6)
+    assert not np.any(off.intermittent) and off.labels["intermittent"] is None
+    assert power(off.reference) > 0  # the machines and the room at the reference mic
+    # The reference microphones change nothing at the machine microphones.
+    bare = sim.render(noisy(False, references=0, **spec))
+    assert bare.mixture.tobytes() == off.mixture.tobytes()
+
+
+def test_the_intermittent_source_and_references_are_checked():
+    place = (6.0, 0.0, 1.0)
+    for field, value in [("level_db", 60.0), ("mean_on_s", 0.0), ("mean_off_s", math.inf),
+                         ("durations", "poisson"), ("level_drift_db", -1.0), ("tone_hz", 5.0),
+                         ("tone_drift", 0.5), ("tilt_drift_db", math.nan)]:
+        with pytest.raises(ConfigError, match=f"intermittent noise: {field}"):
+            sim.IntermittentNoise(place, **{field: value})
+    with pytest.raises(ConfigError, match="intermittent noise: position"):
+        sim.IntermittentNoise((1.0, 2.0))
+    with pytest.raises(ConfigError, match="reference mic 0: position"):
+        sim.Scene((), ((0.0, 0.0, 1.0),), 1.0, snr_db=None, references=((1.0, "x", 2.0),))
+    with pytest.raises(ConfigError, match="references"):
+        sim.default_scene(references=-1)
+    with pytest.raises(ConfigError, match="intermittent noise source is 200 m from mic 0"):
+        sim.Scene((), ((0.0, 0.0, 0.0),), 1.0, snr_db=None, intermittent=sim.IntermittentNoise((200.0, 0.0, 0.0)))
+
+
+def test_write_rendering_puts_the_references_last_in_the_mixture_and_says_which_columns(tmp_path):
+    r = sim.render(noisy(references=2, seconds=2.0, seed=3, n_mics=3))
+    out = sim.write_rendering(r, tmp_path / "scene")
+    mixture, sr = sf.read(out / "mixture.wav", dtype="float32", always_2d=True)
+    assert mixture.shape == (2 * SR, 5)
+    np.testing.assert_array_equal(mixture.T[:3], r.mixture)
+    np.testing.assert_array_equal(mixture.T[3:], r.reference)
+    stems = {p.stem: sf.read(p, dtype="float32", always_2d=True)[0].T for p in (out / "stems").glob("*.wav")}
+    assert set(stems) == {"pump", "fan", "_background", "_intermittent"}
+    np.testing.assert_array_equal(stems["_intermittent"], r.intermittent)
+    np.testing.assert_allclose(mixture.T[:3], sum(stems.values()), atol=1e-6)
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["channels"] == {"mics": [1, 2, 3], "references": [4, 5]}
+    assert labels["files"]["stems"]["_intermittent"] == "stems/_intermittent.wav"
+    assert [p.name for p in sim.rendering_files(out, r)][-2:] == ["_intermittent.wav", "labels.json"]
+
+
+def test_cli_writes_the_intermittent_source_and_a_reference_mic(tmp_path):
+    out = tmp_path / "scene"
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(out), "--seconds", "2", "--mics", "2",
+                                      "--intermittent", "--references", "1"])
+    assert result.exit_code == 0, result.output
+    assert str(out / "stems" / "_intermittent.wav") in result.stdout
+    assert sf.info(out / "mixture.wav").channels == 3
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["channels"] == {"mics": [1, 2], "references": [3]}
+    assert labels["intermittent"]["reference_distance_m"] == pytest.approx([sim.REFERENCE_MIC_OFFSET_M])
+    assert "--intermittent" in CliRunner().invoke(cli, ["simulate", "--help"]).output
+    refused = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x"), "--training-set",
+                                       "--intermittent"])
+    assert refused.exit_code == ExitCode.USAGE and "--intermittent" in refused.output
+
+
+def test_the_intermittent_sources_tone_wanders_and_its_tilt_drifts_unless_told_not_to():
+    def windows(**settings):
+        """Per 1 s: its tone's frequency / tone_hz, and its rumble over its hiss, dB."""
+        noise = sim.IntermittentNoise((3.0, 0.0, 1.5), mean_on_s=3600.0, level_drift_db=0.0, **settings)
+        r = sim.render(sim.Scene((), ((0.0, 0.0, 1.5),), SECONDS, snr_db=None, seed=2, intermittent=noise))
+        info = r.labels["intermittent"]
+        assert info["on_s"] == [[0.0, SECONDS]]
+        f0, x, f = info["tone_hz"], r.intermittent[0].astype(np.float64), np.fft.rfftfreq(SR, 1 / SR)
+        tones, tilts = [], []
+        for k in range(int(SECONDS)):
+            p = np.abs(np.fft.rfft(x[k * SR:(k + 1) * SR] * np.hanning(SR))) ** 2
+            near = (f > 0.8 * f0) & (f < 1.2 * f0)
+            tones.append(f[near][np.argmax(p[near])] / f0)
+            rumble = (f >= 40) & (f < 300) & ~near & ~((f > 1.6 * f0) & (f < 2.4 * f0))
+            tilts.append(10 * np.log10(p[rumble].sum() / p[(f >= 1500) & (f < 4000)].sum()))
+        return np.array(tones), np.array(tilts)
+
+    tones, tilts = windows()
+    assert np.all(np.abs(tones - 1) < 0.15) and np.ptp(tones) > 0.02
+    assert np.ptp(tilts) > 3.0
+    tones, tilts = windows(tone_drift=0.0, tilt_drift_db=0.0)
+    assert np.ptp(tones) < 0.01 and np.ptp(tilts) < 1.5

@@ -255,7 +255,7 @@ def test_an_array_model_trains_on_the_array_and_exports_every_source_at_every_mi
     config.write_text(yaml.safe_dump(settings))
     refused = invoke("--config", str(config), "process", str(wider / "mixture.wav"))
     assert refused.returncode == ExitCode.FAILURE
-    assert "trained on an array of 2 microphones, but 3 channels are recorded" in refused.stderr
+    assert "trained on an array of 2 microphones, but 3 microphone channels are recorded" in refused.stderr
 
 
 def test_array_training_data_must_have_one_width(tmp_path):

@@ -20,7 +20,8 @@ import sounddevice
 import torch
 import yaml
 
-from signalcraft import pipeline
+from signalcraft import record as recording
+from signalcraft.chain import chain_factory
 from signalcraft.config import load_config
 from signalcraft.errors import DeviceError, ExitCode
 from signalcraft.files import STAGING
@@ -293,7 +294,7 @@ def flaky(monkeypatch, raw_project):
 def test_a_device_lost_mid_run_is_reopened_and_recording_goes_on(vmic, flaky, caplog):
     config = load_config(flaky)
     # 20 blocks of 1024 frames: two 0.5 s segments complete before the loss.
-    exported = pipeline.record(config, 4, pipeline.chain_factory(config))
+    exported = recording.record(config, 4, chain_factory(config))
     assert len(exported) == 4 == len(published(config.output.dir))
     manifests = [json.loads((f / MANIFEST).read_text()) for f in exported]
     assert [m["reconnects"] for m in manifests] == [0, 0, 1, 0]
@@ -309,7 +310,7 @@ def test_a_device_that_stays_away_ends_the_run_with_completed_segments_intact(vm
     config = load_config(flaky)
     began = time.monotonic()
     with pytest.raises(DeviceError, match="Device unavailable.*Gave up after 2 attempts to reopen it"):
-        pipeline.record(config, 0, pipeline.chain_factory(config))
+        recording.record(config, 0, chain_factory(config))
     assert time.monotonic() - began < 30
     assert len(published(config.output.dir)) == 2
     assert_only_whole_segments(config.output.dir)
@@ -321,7 +322,7 @@ def test_a_device_missing_at_the_start_fails_at_once_without_retrying(vmic, flak
     monkeypatch.setattr(FlakyDevice, "refusals", 99)
     config = load_config(flaky)
     with pytest.raises(DeviceError, match="cannot open 'signalcraft_vmic' for capture"):
-        pipeline.record(config, 1, pipeline.chain_factory(config), stop=threading.Event())
+        recording.record(config, 1, chain_factory(config), stop=threading.Event())
     assert FlakyDevice.opened == 2
 
 
@@ -329,7 +330,7 @@ def test_no_reconnect_attempts_means_the_first_loss_ends_the_run(vmic, flaky):
     edit(flaky, capture={"reconnect_attempts": 0})
     config = load_config(flaky)
     with pytest.raises(DeviceError, match="stopped delivering audio") as e:
-        pipeline.record(config, 0, pipeline.chain_factory(config))
+        recording.record(config, 0, chain_factory(config))
     assert "Gave up" not in str(e.value) and FlakyDevice.opened == 1
     assert len(published(config.output.dir)) == 2
 
@@ -341,5 +342,5 @@ def test_a_stop_during_the_reconnect_wait_ends_cleanly(vmic, flaky, monkeypatch)
     stop = threading.Event()
     threading.Timer(2.0, stop.set).start()  # Ctrl-C while it waits to reopen
     began = time.monotonic()
-    exported = pipeline.record(config, 0, pipeline.chain_factory(config), stop=stop)
+    exported = recording.record(config, 0, chain_factory(config), stop=stop)
     assert time.monotonic() - began < 15 and len(exported) == 2 and FlakyDevice.opened == 1

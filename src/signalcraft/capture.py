@@ -160,14 +160,15 @@ def _describe(devices: Sequence[DeviceInfo]) -> str:
     return "; ".join(f"[{d.index}] {d.name!r} ({d.max_input_channels} ch)" for d in devices)
 
 
-def resolve_channels(channels: Optional[Sequence[int]], available: int, device: str) -> tuple[int, ...]:
+def resolve_channels(channels: Optional[Sequence[int]], available: int, device: str,
+                     key: str = "capture.channels") -> tuple[int, ...]:
     """1-based channels to record: ``channels`` checked against the device, or all of them."""
     if channels is None:
         return tuple(range(1, available + 1))
     too_high = [c for c in channels if c > available]
     if too_high:
         raise ConfigError(
-            f"capture.channels: channel {too_high[0]} does not exist on {device!r}, which has "
+            f"{key}: channel {too_high[0]} does not exist on {device!r}, which has "
             f"{available} input channels (numbered from 1)."
         )
     return tuple(channels)
@@ -208,10 +209,22 @@ class DeviceCapture:
         self.segment_frames = segment_frames or config.segment_frames
         self.stop = stop or threading.Event()
         self.device = resolve_device(config.device)
-        self.channels = resolve_channels(config.channels, self.device.max_input_channels, self.device.name)
+        self.reference_channels = resolve_channels(tuple(config.reference_channels) or None,
+                                                   self.device.max_input_channels, self.device.name,
+                                                   "capture.reference_channels") if config.reference_channels else ()
+        if config.channels is None:  # every input but the references
+            self.channels = tuple(c for c in range(1, self.device.max_input_channels + 1)
+                                  if c not in self.reference_channels)
+            if not self.channels:
+                raise ConfigError(f"{self.device.name!r}: every input channel is a reference channel "
+                                  "(capture.reference_channels); no microphone left to record.")
+        else:
+            self.channels = resolve_channels(config.channels, self.device.max_input_channels, self.device.name)
+        # The rows of every segment: the microphones, then the references.
+        self.rows = self.channels + self.reference_channels
         # PortAudio opens channels 1..n; the configured ones are picked from those.
-        self._open_channels = max(self.channels)
-        self._pick = np.array(self.channels) - 1
+        self._open_channels = max(self.rows)
+        self._pick = np.array(self.rows) - 1
         block_count = max(2, math.ceil(config.queue_seconds * config.sample_rate / config.block_frames))
         self._blocks: queue.Queue = queue.Queue(maxsize=block_count)
         self._lost_frames = 0  # frames lost since the last queued block; callback thread only
@@ -246,7 +259,9 @@ class DeviceCapture:
         self.started_at = clock.now()
         log.info(
             "capturing from [%d] %r: channels %s at %d Hz, %d-frame segments",
-            self.device.index, self.device.name, list(self.channels), c.sample_rate, self.segment_frames,
+            self.device.index, self.device.name, f"{list(self.channels)}" + (
+                f" and reference channels {list(self.reference_channels)}" if self.reference_channels else ""),
+            c.sample_rate, self.segment_frames,
         )
         return self
 
@@ -326,7 +341,7 @@ class DeviceCapture:
                 start_time=self.started_at + dt.timedelta(seconds=start / sr),
                 start_frame=start,
                 device=self.device.name,
-                channels=self.channels,
+                channels=self.rows,
                 overflows=overflows,
                 dropped_frames=dropped,
             )

@@ -207,12 +207,12 @@ def record(ctx: click.Context, repeat: int) -> None:
     - a device that fails mid-run is reopened capture.reconnect_attempts times with
       growing waits before giving up (exit 1); completed segments are always kept.
     """
-    from . import pipeline
+    from . import chain, record as recording
 
     config = _config(ctx)
     with _device_lock(config, "record"), _stop_on_signals() as stop:
-        pipeline.record(
-            config, repeat, pipeline.chain_factory(config), stop=stop,
+        recording.record(
+            config, repeat, chain.chain_factory(config), stop=stop,
             on_exported=lambda path: _echo(ctx, str(path)),
         )
 
@@ -235,17 +235,17 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
     unless --force. A bad file is reported and the others still run; the exit code is
     then 1.
     """
-    from . import pipeline
+    from . import record as recording
 
     config = _config(ctx)
     if out is not None:
         config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=out.resolve()))
     paths = list(files)
     show = sys.stderr.isatty()
-    bar = click.progressbar(length=pipeline.count_segments(config, paths), label="segments",
+    bar = click.progressbar(length=recording.count_segments(config, paths), label="segments",
                             file=sys.stderr) if show else contextlib.nullcontext()
     with _stop_on_signals() as stop, bar:
-        exported, failed = pipeline.process_files(
+        exported, failed = recording.process_files(
             config, paths, stop=stop,
             on_exported=lambda path: None if show else _echo(ctx, str(path)),
             on_segment=(lambda: bar.update(1)) if show else (lambda: None),
@@ -281,6 +281,14 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
 @click.option("--sample-rate", type=click.IntRange(min=8000), help="Hz. [default: 16000]")
 @click.option("--line-hz", type=click.Choice(["50", "60"]),
               help="Mains frequency; motors hum at twice it. [default: 50]")
+@click.option("--intermittent", is_flag=True,
+              help="Add a noise source that switches on and off by itself (a ventilation fan or "
+                   "compressor: drifting tone and broadband noise, +3 dB over a machine at 1 m), 4.5 m "
+                   "beyond the end of the microphone line and machine row; not counted in --snr.")
+@click.option("--references", type=click.IntRange(min=0), metavar="N",
+              help="Reference microphones 0.5 m from the intermittent source (where it would stand "
+                   "without --intermittent), recorded as the last N columns of mixture.wav "
+                   "(capture.reference_channels). [default: 0]")
 @click.option("--training-set", is_flag=True, help="Write separator training data to OUT instead of a scene.")
 @click.option("--clips", type=click.IntRange(min=1),
               help="With --training-set: clips per machine type. [default: 20]")
@@ -288,9 +296,11 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
     """Write synthetic machines, faults and rooms as heard by a microphone array.
 
     \b
-    One scene: OUT/mixture.wav (one channel per mic), OUT/stems/<machine>.wav and
-    stems/_background.wav (each alone at the mics; they sum to the mixture) and
-    OUT/labels.json (positions, speeds, fault times, SNR). WAV files are 32-bit float.
+    One scene: OUT/mixture.wav (one channel per mic, then one per reference mic),
+    OUT/stems/<machine>.wav, stems/_background.wav and stems/_intermittent.wav (each
+    alone at the mics; they sum to the mic channels of the mixture) and OUT/labels.json
+    (positions, speeds, fault times, SNR, the intermittent source's on/off times, which
+    columns are mics and which references). WAV files are 32-bit float.
     With --training-set: OUT/<type>/*.wav (one machine alone, mono) and OUT/_noise/*.wav,
     the layout `train-separator` reads. Prints the paths written.
 
@@ -298,6 +308,7 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
     Examples:
       signalcraft simulate --out demo --fault pump:bearing@4-10
       signalcraft simulate --out room --machines pump,pump,motor --snr -6 --reverb 0.8
+      signalcraft simulate --out fan --intermittent --references 1
       signalcraft simulate --out data --training-set --clips 50 --seed 1
     """
     from . import simulate as sim
@@ -646,9 +657,10 @@ def publish(ctx: click.Context, output: Optional[Path], dry_run: bool) -> None:
     broker has acknowledged it. For a cron line of its own, e.g. every 5 minutes.
     Topics and payloads: docs/fleet.md.
 
-    
+    \b
     Exit codes: 0 nothing left waiting, 1 messages still wait (the broker is
-    out of reach or refused: the message says why), 2 publishing is off
+    out of reach or refused: the message says why; with -q a broker out of
+    reach for less than an hour is only logged), 2 publishing is off
     (publish.mqtt: null) or a bad configuration, 5 another publish or detect
     is sending this outbox.
     """
@@ -668,7 +680,11 @@ def publish(ctx: click.Context, output: Optional[Path], dry_run: bool) -> None:
         return
     result = publish_waiting(config, output)
     if result.error is not None:
-        raise PublishError(f"{result.error}; {result.waiting} messages wait in the outbox (sent {result.sent})")
+        message = f"{result.error}; {result.waiting} messages wait in the outbox (sent {result.sent})"
+        if ctx.obj.quiet and not result.refused and result.oldest_age_s <= QUIET_OUTAGE_S:
+            log.info("%s", message)  # a short outage: the log file has it, cron's mail does not
+            ctx.exit(ExitCode.FAILURE)
+        raise PublishError(message)
     _echo(ctx, f"sent {result.sent} messages to {config.publish.mqtt.host}:{config.publish.mqtt.port}; "
                f"{result.waiting} waiting")
 
@@ -686,8 +702,9 @@ def doctor(ctx: click.Context, output: Optional[Path]) -> None:
     and rate), the separator model, the recorder (WARN when the newest segment
     started longer ago than 3 segment lengths or 15 minutes, whichever is longer),
     the detector and its state, the machines in alarm (a WARN line for each machine
-    WARNING or CRITICAL in its newest scored segment of the last day), free disk and
-    retention, the log file.
+    WARNING or CRITICAL in its newest scored segment of the last day), the MQTT broker
+    and the outbox (with publish.mqtt: FAIL when the broker refuses this site, WARN
+    when it is out of reach), free disk and retention, the log file.
     OK: fine. WARN: works, but worth a look. FAIL: a run would fail. SKIP: cannot
     be checked without what a check above could not find, or nothing to check yet.
     With -q only WARN and FAIL lines are printed. Suggested commands carry the

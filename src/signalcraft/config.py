@@ -69,8 +69,13 @@ class CaptureConfig:
     # Input device: an index from `signalcraft devices`, or a case-insensitive
     # substring of its name. None: the system's default input device.
     device: Optional[Union[int, str]] = None
-    # Device channels to record, 1-based. None: every input channel of the device.
+    # Device channels to record, 1-based. None: every input channel of the device
+    # (but the reference channels).
     channels: Optional[tuple[int, ...]] = None
+    # Reference microphones, 1-based device channels: placed near a noise source that
+    # comes and goes, away from the machines. Recorded and fed to the canceller
+    # (`reference` section), never exported as mic_N nor scored.
+    reference_channels: tuple[int, ...] = ()
     sample_rate: int = 16000  # Hz; the device must accept it
     segment_seconds: float = 10.0  # length of one exported segment, s
     # Sample format asked of the device. Ask for its native format: a converted
@@ -96,6 +101,13 @@ class CaptureConfig:
             _require(len(self.channels) > 0, "channels", "must list at least one channel, or be null")
             _require(all(c >= 1 for c in self.channels), "channels", "are 1-based: the first channel is 1")
             _require(len(set(self.channels)) == len(self.channels), "channels", "lists a channel twice")
+            both = sorted(set(self.channels) & set(self.reference_channels))
+            _require(not both, "reference_channels", f"channel {both[0] if both else ''} is also in capture.channels; "
+                     "a reference microphone is not a machine microphone")
+        _require(all(c >= 1 for c in self.reference_channels), "reference_channels",
+                 "are 1-based: the first channel is 1")
+        _require(len(set(self.reference_channels)) == len(self.reference_channels), "reference_channels",
+                 "lists a channel twice")
         _require(
             self.sample_rate <= 0 or round(self.segment_seconds * self.sample_rate) > 0,  # else: the rate's problem
             "segment_seconds",
@@ -148,6 +160,40 @@ class DenoiseConfig:
         _require(0 <= self.prop_decrease <= 1, "prop_decrease", "must be in [0, 1]")
         _require(self.n_fft >= 16, "n_fft", "must be at least 16")
         _require(self.n_std_thresh > 0, "n_std_thresh", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """The reference canceller (``dsp.canceller``): on when capture.reference_channels
+    lists reference microphones."""
+
+    # nlms: normalised LMS (the default); rls: frequency-domain RLS (converges faster on
+    # noise of an uneven spectrum and with several references).
+    method: Literal["nlms", "rls"] = "nlms"
+    # Filter length per (microphone, reference), samples: the longest delay from a
+    # reference to a machine microphone plus the room's echo worth cancelling (1024 at
+    # 16 kHz: 64 ms, about 20 m of path difference). A power of two is fastest.
+    taps: int = 1024
+    # Block of the frequency-domain filter, samples: taps is a multiple of it. Smaller
+    # follows per-sample NLMS more closely and adapts more often, at more cost.
+    block: int = 128
+    step_size: float = 0.5  # in (0, 2) for nlms, (0, 1] for rls; larger adapts faster, leaves more residual
+    forgetting: float = 0.98  # rls: weight of the past power estimate per block of `taps` samples
+    regularisation: float = 1e-8  # power floor of the references, full scale squared (-80 dB)
+    # Reset the filter (and pass the segment through) when over a segment a microphone's
+    # output is this much louder than its input, dB.
+    divergence_db: float = 3.0
+
+    def __post_init__(self):
+        _require(16 <= self.taps <= 65536, "taps", "must be between 16 and 65536")
+        _require(8 <= self.block <= self.taps and self.taps % self.block == 0, "block",
+                 "must be at least 8 and divide taps")
+        limit = 2.0 if self.method == "nlms" else 1.0
+        _require(0 < self.step_size < limit or (self.method == "rls" and self.step_size == 1.0), "step_size",
+                 f"must be in (0, {limit:g}{']' if self.method == 'rls' else ')'} for {self.method}")
+        _require(0 < self.forgetting < 1, "forgetting", "must be in (0, 1)")
+        _require(self.regularisation > 0, "regularisation", "must be positive")
+        _require(self.divergence_db > 0, "divergence_db", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,8 +532,8 @@ class PublishConfig:
 
     # This pump room's name in topics and messages; null: this computer's host name.
     site: Optional[str] = None
-    # Unsent messages older than this are dropped (counted in the log and by doctor),
-    # and sent ones are forgotten, days.
+    # Unsent messages older than this are dropped (logged), days. Sent ones are
+    # forgotten after a day (or this, if shorter).
     max_outbox_days: float = 7.0
     mqtt: Optional[MqttConfig] = None  # null: publishing off (nothing is queued)
 
@@ -528,6 +574,7 @@ class Config:
 
     capture: CaptureConfig = dataclasses.field(default_factory=CaptureConfig)
     noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     denoise: DenoiseConfig = dataclasses.field(default_factory=DenoiseConfig)
     separation: SeparationConfig = dataclasses.field(default_factory=SeparationConfig)
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)

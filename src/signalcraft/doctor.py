@@ -123,9 +123,17 @@ def _check_device(ctx: _Context) -> tuple[str, str]:
 
     c = ctx.config.capture
     device = resolve_device(c.device)
-    ctx.channels = resolve_channels(c.channels, device.max_input_channels, device.name)
+    references = resolve_channels(c.reference_channels, device.max_input_channels, device.name,
+                                  "capture.reference_channels") if c.reference_channels else ()
+    if c.channels is None:
+        ctx.channels = tuple(k for k in range(1, device.max_input_channels + 1) if k not in references)
+    else:
+        ctx.channels = resolve_channels(c.channels, device.max_input_channels, device.name)
     ctx.device = device
     where = f"[{device.index}] {device.name!r}, channels {list(ctx.channels)} of {device.max_input_channels}"
+    if references:
+        where += (f", reference channels {list(references)} (the canceller: {ctx.config.reference.method}, "
+                  f"{ctx.config.reference.taps} taps)")
     running = holder(device_lock_path(device.name))  # looked at, not taken: a starting record must not fail
     if running is not None:  # recording now: it cannot be opened twice, and that is fine
         return OK, f"{where}; in use by `signalcraft {running.get('command', '?')}` (pid {running['pid']})"
@@ -138,7 +146,7 @@ def _check_device(ctx: _Context) -> tuple[str, str]:
     import sounddevice as sd
 
     try:
-        sd.check_input_settings(device=device.index, channels=max(ctx.channels), samplerate=c.sample_rate,
+        sd.check_input_settings(device=device.index, channels=max(ctx.channels + references), samplerate=c.sample_rate,
                                 dtype=c.sample_format)
     except sd.PortAudioError as e:
         return FAIL, (f"{where}: refuses {c.sample_rate} Hz {c.sample_format} ({e}); set capture.sample_rate "
@@ -147,7 +155,8 @@ def _check_device(ctx: _Context) -> tuple[str, str]:
 
 
 def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
-    from .noise import clip_path, load_clip
+    from .noise import clip_path
+    from .resources import check_noise_clips
 
     d = ctx.config.denoise
     if not d.enabled:
@@ -157,34 +166,26 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
     channels = ctx.channels or ctx.config.capture.channels
     if channels is None:
         return SKIP, "capture.channels is null (all inputs): which clips are needed is known once the device is found"
-    problems, other_device = [], []
-    for channel in channels:
-        path = clip_path(ctx.config.noise.dir, channel)
-        if not path.is_file():
-            problems.append(f"{path.name} missing")
-            continue
-        clip = load_clip(path)  # a damaged clip raises NoiseClipError naming it
-        if clip.channel != channel:
-            problems.append(f"{path.name} holds channel {clip.channel}")
-        elif clip.sample_rate != ctx.config.capture.sample_rate:
-            problems.append(f"{path.name} is at {clip.sample_rate} Hz, capture at {ctx.config.capture.sample_rate} Hz")
-        elif ctx.device is not None and clip.device != ctx.device.name:
-            other_device.append(f"{path.name} ({clip.device!r})")
-    if problems:
+    checked = check_noise_clips(ctx.config, channels, ctx.config.capture.sample_rate,
+                                ctx.device.name if ctx.device is not None else None)
+    if checked.problems:
         # calibrate-noise records every channel, and replaces a clip already there only with --force.
         existing = any(clip_path(ctx.config.noise.dir, channel).exists() for channel in channels)
         calibrate = ctx.command("calibrate-noise", *(["--force"] if existing else []))
-        return FAIL, f"{ctx.config.noise.dir}: {'; '.join(problems)}. Record them with the machines off: {calibrate}"
-    if other_device:
-        return WARN, (f"recorded on another device: {', '.join(other_device)}; record them again on this one "
+        problems = _with_config("; ".join(checked.problems), ctx.config_path)
+        return FAIL, f"{ctx.config.noise.dir}: {problems}. Record them with the machines off: {calibrate}"
+    if checked.other_device:
+        return WARN, (f"recorded on another device: {', '.join(checked.other_device)}; record them again on this one "
                       f"with {ctx.command('calibrate-noise', '--force')}")
-    return OK, f"{len(channels)} clips in {ctx.config.noise.dir}"
+    references = ctx.config.capture.reference_channels
+    return OK, f"{len(channels)} clips in {ctx.config.noise.dir}" + (
+        f" (reference channels {list(references)} need none)" if references else "")
 
 
 def _check_separator(ctx: _Context) -> tuple[str, str]:
     from .separate import load_separator
 
-    from .pipeline import exported_sources
+    from .chain import exported_sources
 
     separator = load_separator(ctx.config.separation, ctx.config.capture.sample_rate)
     exported = exported_sources(ctx.config, separator.info.sources)  # a wrong asset map fails here

@@ -217,8 +217,14 @@ def calibrate(
         raise NoiseClipError(
             "noise recording rejected, nothing saved:\n" + "\n".join(f"  channel {c}: {p}" for c, p in problems)
         )
+    # Every recorded channel is checked (a dead reference microphone cancels nothing), but
+    # only the machine microphones are gated, so only theirs are saved.
     clips = [NoiseClip(segment.audio[row], segment.sample_rate, channel, segment.device, segment.start_time)
-             for row, channel in enumerate(segment.channels)]
+             for row, channel in enumerate(segment.channels) if channel in capture.channels]
+    for row, channel in enumerate(segment.channels):
+        if channel in capture.reference_channels:
+            log.info("reference channel %d: %.1f dBFS RMS (checked; references need no noise clip)", channel,
+                     levels(segment.audio[row], config.noise.clip_level).rms_dbfs)
     paths = save_clips(clips, config.noise.dir)
     return [(path, levels(clip.audio, config.noise.clip_level)) for path, clip in zip(paths, clips)]
 

@@ -28,13 +28,28 @@ Physics, kept simple but grounded:
   with a slowly varying level, a distant unrelated machine (low tones and low-passed
   noise, 12-25 m away) and occasional knocks, clanks and forklift reversing beeps at
   random places around mic 0, all propagated like the machines.
+- An intermittent noise source (``IntermittentNoise``, optional): a ventilation fan or
+  a compressor next door that switches on and off by itself (random spells, exponential
+  or uniform durations, 50 ms fades like the faults'). While on, its level walks slowly
+  within a few dB; it has a blade-pass/motor tone (90-250 Hz) with two harmonics whose
+  frequency wanders by a few percent, and broadband noise whose spectral tilt (the
+  balance of a 40-600 Hz rumble and a 0.4-5 kHz hiss) walks slowly; its rare peaks above
+  3x its RMS are bent to stay under 4x. A noise clip recorded with it off cannot
+  describe it; a reference microphone next to it (``Scene.references``) can. It reaches
+  every microphone and every reference microphone like a machine (delay, 1/r, reverb).
+- Reference microphones (``Scene.references``) record what the machine microphones
+  do at their own places: the machines, the background (with their own diffuse noise)
+  and the intermittent source. They are meant to stand next to the intermittent source,
+  far from the machines, for a reference noise canceller to subtract from every machine
+  microphone what it can predict from them.
 
 Units and recordings: a scene's ``seed`` draws everything, so each seed is another
 installation with other machines. ``unit`` separates the two: it seeds what stays the
 same between recordings of one installation (each machine's design and operating
-point, the room's reverberation, the distant machine's place and speed), and ``seed``
-then draws only one recording of it: the speed and load walks, the phases and noise of
-every sound, the background's level walk and events, the faults' severity. Recordings
+point, the room's reverberation, the distant machine's place and speed, the intermittent
+source's tone), and ``seed`` then draws only one recording of it: the speed and load
+walks, the phases and noise of every sound, the background's level walk and events, the
+faults' severity, the intermittent source's spells and drifts. Recordings
 of one unit (same ``unit``, other seeds) are what a detector calibrated on one installed
 machine sees over time. ``unit=None`` is ``unit=seed``: the audio of a seed is the same
 with and without it.
@@ -43,17 +58,31 @@ Levels are fixed, never normalised per clip, so a fault that makes a machine lou
 makes the recording louder: a healthy machine has an RMS of ``MACHINE_RMS`` (-30.5 dBFS)
 at 1 m at ``gain_db = 0``, and the background is scaled once so that the power of the
 machines *running normally* over that of the background at microphone 0 is ``snr_db``
-(so a faulty twin of a scene shares its background exactly). Only if a mixture would
-peak above ``PEAK_LIMIT`` is the whole scene (stems and background alike) turned down,
-and labels.json records by how much.
+(so a faulty twin of a scene shares its background exactly; the intermittent source
+does not count in it). The intermittent source's level is stated the same way, relative
+to ``MACHINE_RMS`` at 1 m. Only if a mixture or a reference microphone would peak above
+``PEAK_LIMIT`` is the whole scene (stems, background, intermittent source and
+references alike) turned down, and labels.json records by how much.
+
+Everything new draws from its own streams: a scene without an intermittent source and
+without reference microphones renders exactly as it did before they existed, and a
+scene with the intermittent source differs from its twin without it (same seed) only by
+the intermittent source (``Rendering.intermittent``), as long as neither was turned down.
 
 Files (``write_rendering``), all WAV 32-bit float (soundfile subtype FLOAT, full scale
 1.0, lossless for the float32 arrays)::
 
-    OUT/mixture.wav            (frames, mics): what the microphones record
-    OUT/stems/<machine>.wav    (frames, mics): each machine alone as it arrives at the mics
-    OUT/stems/_background.wav  (frames, mics): the room alone
-    OUT/labels.json            written last; mixture == sum of stems + background
+    OUT/mixture.wav              (frames, mics + references): what the microphones
+                                 record, the reference microphones' columns last
+    OUT/stems/<machine>.wav      (frames, mics): each machine alone as it arrives at the mics
+    OUT/stems/_background.wav    (frames, mics): the room alone
+    OUT/stems/_intermittent.wav  (frames, mics): the intermittent source alone (if any)
+    OUT/labels.json              written last; the machine microphones' columns of the
+                                 mixture == sum of stems + background (+ intermittent)
+
+labels.json ``channels`` names the 1-based columns of mixture.wav: ``mics`` (the
+machine microphones, for ``capture.channels``) and ``references`` (for
+``capture.reference_channels``).
 
 Separator training data (``write_training_set``), for ``train-separator DATA_DIR``::
 
@@ -127,6 +156,7 @@ MACHINE_RMS = 0.03  # healthy machine at 1 m, gain_db 0 (-30.5 dBFS); full scale
 BACKGROUND_RMS = 0.006  # diffuse room noise per mic at its nominal level (snr_db None)
 DISTANT_MACHINE_RMS = 0.07  # the unrelated distant machine, at 1 m from it
 PEAK_LIMIT = 0.5  # mixtures are turned down (whole scene, recorded) only above this peak
+LABELS_FORMAT = 2  # labels.json; 2: mixture.wav may end in reference columns ("channels")
 MAX_ABS_GAIN_DB = 40.0  # |Machine.gain_db| beyond this is a typo, not a machine
 
 # --- Propagation -----------------------------------------------------------------------
@@ -164,6 +194,34 @@ EVENT_RATE_HZ = 0.2  # knocks, clanks and beeps per second (Poisson)
 EVENT_KINDS = ("knock", "clank", "beep")
 EVENT_PROBABILITY = (0.4, 0.35, 0.25)
 EVENT_PEAK = {"knock": 0.3, "clank": 0.2, "beep": 0.12}  # at 1 m, full scale = 1.0
+
+# --- Intermittent noise source and reference microphones ------------------------------
+INTERMITTENT = "_intermittent"  # its stem name (stems/_intermittent.wav) and stream key
+INTERMITTENT_LEVEL_DB = 3.0  # dB re MACHINE_RMS at 1 m: louder than a machine, a real nuisance
+INTERMITTENT_MEAN_ON_S = 4.0  # s, mean length of a spell on
+INTERMITTENT_MEAN_OFF_S = 3.0  # s, mean length of a spell off
+INTERMITTENT_DURATIONS = ("exponential", "uniform")  # how spell lengths are drawn
+INTERMITTENT_MIN_SPELL_S = 2 * FAULT_RAMP_S  # s, shortest spell: a fade in and a fade out
+MAX_INTERMITTENT_SPELL_S = 3600.0  # s, a mean spell longer than this is a typo
+INTERMITTENT_LEVEL_DRIFT_DB = 3.0  # dB, its level walks within +- this (std a third of it)
+INTERMITTENT_LEVEL_TAU_S = 3.0  # s
+INTERMITTENT_TONE_HZ = (90.0, 250.0)  # blade-pass/motor tone drawn from this range (the unit), Hz
+INTERMITTENT_TONE_DRIFT = 0.03  # std of the tone frequency's wander, fraction
+INTERMITTENT_TONE_TAU_S = 3.0  # s
+INTERMITTENT_TONES = ((1, 0.6), (2, 0.3), (3, 0.15))  # harmonic order, amplitude (unit-RMS source)
+INTERMITTENT_TILT_DB = 6.0  # dB, mean balance of its rumble over its hiss
+INTERMITTENT_TILT_DRIFT_DB = 6.0  # dB, std of the walk of that balance (the spectral tilt)
+INTERMITTENT_TILT_TAU_S = 5.0  # s
+INTERMITTENT_RUMBLE_HZ = (40.0, 600.0)  # Hz, the low band of its broadband noise
+INTERMITTENT_HISS_HZ = (400.0, 5000.0)  # Hz, the high band
+# Its (unit-RMS) waveform is bent above KNEE x its RMS and never passes CREST x it: the
+# rare 4-5 sigma noise peak would otherwise turn down the whole scene (the reference
+# microphones stand 0.5 m from it); fewer than 0.3 % of its samples are touched.
+INTERMITTENT_KNEE = 3.0
+INTERMITTENT_CREST = 4.0
+INTERMITTENT_OFFSET_M = 4.5  # default layout: this far along x beyond the last mic or machine, m
+INTERMITTENT_HEIGHT_M = 1.0  # m
+REFERENCE_MIC_OFFSET_M = 0.5  # default layout: reference microphones this far from the source, m
 
 
 # ======================================================================================
@@ -247,6 +305,80 @@ class Machine:
 
 
 @dataclasses.dataclass(frozen=True)
+class IntermittentNoise:
+    """A noise source that comes and goes by itself: a ventilation fan, a compressor
+    next door, a neighbouring line starting up. Not a machine being monitored.
+
+    It switches on and off in spells of random length (times at the source, like a
+    fault's; 50 ms fades in and out inside each spell). While on, its level walks slowly,
+    its tone's frequency wanders and the tilt of its broadband noise drifts, so that no
+    noise clip recorded with it off, nor one recorded at another time, describes it.
+
+    Parameters
+    ----------
+    position : (x, y, z)
+        m.
+    level_db : float
+        Its RMS at 1 m while on, relative to ``MACHINE_RMS`` (a healthy machine at 1 m), dB.
+    mean_on_s, mean_off_s : float
+        Mean length of a spell on and of a spell off, s (at least 0.2 s). Whether it is on
+        at the start is drawn with probability mean_on / (mean_on + mean_off).
+    durations : str
+        ``"exponential"``: spell lengths of 0.1 s plus an exponential draw (mean as
+        given); ``"uniform"``: uniform in 0.5-1.5 x the mean.
+    level_drift_db : float
+        How far its level wanders from ``level_db``, dB: a slow random walk that stays
+        within +-level_drift_db (its standard deviation is a third of that); 0: steady.
+    tone_hz : float or None
+        Its blade-pass or motor tone, Hz (with the 2nd and 3rd harmonics). None: drawn
+        from the unit in ``INTERMITTENT_TONE_HZ``.
+    tone_drift : float
+        Standard deviation of the tone frequency's slow wander, as a fraction (0.03: 3 %).
+    tilt_drift_db : float
+        Standard deviation of the slow walk of its spectral tilt (the balance of its
+        40-600 Hz rumble over its 0.4-5 kHz hiss, ``INTERMITTENT_TILT_DB`` on average), dB.
+    """
+
+    position: tuple[float, float, float]
+    level_db: float = INTERMITTENT_LEVEL_DB
+    mean_on_s: float = INTERMITTENT_MEAN_ON_S
+    mean_off_s: float = INTERMITTENT_MEAN_OFF_S
+    durations: str = "exponential"
+    level_drift_db: float = INTERMITTENT_LEVEL_DRIFT_DB
+    tone_hz: Optional[float] = None
+    tone_drift: float = INTERMITTENT_TONE_DRIFT
+    tilt_drift_db: float = INTERMITTENT_TILT_DRIFT_DB
+
+    def __post_init__(self):
+        object.__setattr__(self, "position", _point(self.position, "intermittent noise: position"))
+
+        def number(value, what, ok, need):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"intermittent noise: {what} {getattr(self, what)!r}: {need}.")
+            object.__setattr__(self, what, value)
+
+        number(self.level_db, "level_db", lambda v: abs(v) <= MAX_ABS_GAIN_DB,
+               f"must be within +-{MAX_ABS_GAIN_DB:g} dB of a machine's level")
+        for what in ("mean_on_s", "mean_off_s"):
+            number(getattr(self, what), what,
+                   lambda v: 2 * INTERMITTENT_MIN_SPELL_S <= v <= MAX_INTERMITTENT_SPELL_S,
+                   f"must be {2 * INTERMITTENT_MIN_SPELL_S:g} to {MAX_INTERMITTENT_SPELL_S:g} s")
+        if self.durations not in INTERMITTENT_DURATIONS:
+            raise ConfigError(f"intermittent noise: durations {self.durations!r}: use "
+                              f"{' or '.join(INTERMITTENT_DURATIONS)}.")
+        number(self.level_drift_db, "level_drift_db", lambda v: 0 <= v <= 10, "must be 0 to 10 dB")
+        if self.tone_hz is not None:
+            number(self.tone_hz, "tone_hz", lambda v: 20 <= v <= 1000, "must be 20 to 1000 Hz, or none (drawn)")
+        number(self.tone_drift, "tone_drift", lambda v: 0 <= v <= 0.1,
+               "must be 0 to 0.1 (a fraction of the tone frequency)")
+        number(self.tilt_drift_db, "tilt_drift_db", lambda v: 0 <= v <= 20, "must be 0 to 20 dB")
+
+
+@dataclasses.dataclass(frozen=True)
 class Scene:
     """Machines and microphones in one room, and how to render them.
 
@@ -281,6 +413,14 @@ class Scene:
         None: the same as ``seed`` (every seed another installation).
     event_rate_hz : float
         Knocks, clanks and forklift beeps in the background per second (Poisson).
+    intermittent : IntermittentNoise or None
+        A noise source that comes and goes, heard at every microphone and reference
+        microphone; it does not count in ``snr_db``. Its streams are its own: the machines
+        and the background are the same with and without it.
+    references : tuple of (x, y, z)
+        Reference microphone positions, m (usually next to the intermittent source). They
+        record what a machine microphone would at their place, with their own diffuse
+        noise; their streams are their own, so they change nothing at the microphones.
     """
 
     machines: tuple[Machine, ...]
@@ -293,11 +433,24 @@ class Scene:
     line_hz: float = DEFAULT_LINE_HZ
     unit: Optional[int] = None
     event_rate_hz: float = EVENT_RATE_HZ
+    intermittent: Optional[IntermittentNoise] = None
+    references: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "machines", tuple(self.machines))
         mics = tuple(_point(m, f"mic {i}: position") for i, m in enumerate(self.mics))
         object.__setattr__(self, "mics", mics)
+        refs = tuple(_point(m, f"reference mic {i}: position") for i, m in enumerate(self.references))
+        object.__setattr__(self, "references", refs)
+        if self.intermittent is not None and not isinstance(self.intermittent, IntermittentNoise):
+            raise ConfigError(f"intermittent {self.intermittent!r}: must be an IntermittentNoise, or none.")
+        for i, ref in enumerate(refs):
+            # The distant background machine stands up to 25 m from mic 0 and must reach
+            # every reference microphone within the pre-roll too.
+            d = _distance(ref, mics[0]) if mics else 0.0
+            if d > MAX_DISTANCE_M - 25.0:
+                raise ConfigError(f"reference mic {i} is {d:.0f} m from mic 0; at most "
+                                  f"{MAX_DISTANCE_M - 25.0:g} m is simulated.")
         if not self.mics:
             raise ConfigError("mics: a scene needs at least one microphone.")
         if not (math.isfinite(self.seconds) and self.seconds > 0):
@@ -338,6 +491,18 @@ class Scene:
                 if d > MAX_DISTANCE_M:
                     raise ConfigError(f"machine {machine.name!r} is {d:.0f} m from mic {i}; "
                                       f"at most {MAX_DISTANCE_M:g} m is simulated.")
+            for i, mic in enumerate(self.references):
+                d = _distance(machine.position, mic)
+                if d > MAX_DISTANCE_M:
+                    raise ConfigError(f"machine {machine.name!r} is {d:.0f} m from reference mic {i}; "
+                                      f"at most {MAX_DISTANCE_M:g} m is simulated.")
+        if self.intermittent is not None:
+            for what, mic in [*((f"mic {i}", m) for i, m in enumerate(self.mics)),
+                              *((f"reference mic {i}", m) for i, m in enumerate(self.references))]:
+                d = _distance(self.intermittent.position, mic)
+                if d > MAX_DISTANCE_M:
+                    raise ConfigError(f"the intermittent noise source is {d:.0f} m from {what}; "
+                                      f"at most {MAX_DISTANCE_M:g} m is simulated.")
 
     @property
     def samples(self) -> int:
@@ -352,15 +517,33 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Rendering:
-    """A rendered scene. Every array is float32, shape = (mics, samples), full scale 1.0.
+    """A rendered scene. Every array is float32, full scale 1.0; shape = (mics, samples)
+    but for the two reference arrays, shape = (references, samples).
 
-    ``mixture`` equals the sum of ``stems`` plus ``background`` to float32 precision.
+    ``mixture`` equals the sum of ``stems`` plus ``background`` plus ``intermittent`` to
+    float32 precision. ``reference`` is what the reference microphones record (the
+    machines, the background and the intermittent source at their places);
+    ``reference_intermittent`` is its intermittent part. Without an intermittent source,
+    ``intermittent`` and ``reference_intermittent`` are zeros; without reference
+    microphones, both reference arrays have shape (0, samples).
     """
 
     mixture: np.ndarray
     stems: dict[str, np.ndarray]  # machine name -> that machine alone at the mics
     background: np.ndarray  # the room alone
     labels: dict  # JSON-serialisable description, written as labels.json
+    intermittent: Optional[np.ndarray] = None  # the intermittent source alone at the mics
+    reference: Optional[np.ndarray] = None  # what the reference microphones record
+    reference_intermittent: Optional[np.ndarray] = None  # the intermittent source alone there
+
+    def __post_init__(self):
+        samples = self.mixture.shape[-1]
+        if self.intermittent is None:
+            object.__setattr__(self, "intermittent", np.zeros_like(self.mixture))
+        if self.reference is None:
+            object.__setattr__(self, "reference", np.zeros((0, samples), np.float32))
+        if self.reference_intermittent is None:
+            object.__setattr__(self, "reference_intermittent", np.zeros_like(self.reference))
 
     @property
     def sample_rate(self) -> int:
@@ -371,6 +554,8 @@ def default_scene(
     machines: Sequence[str] = DEFAULT_MACHINES,
     n_mics: int = DEFAULT_MICS,
     faults: Sequence[tuple[str, Fault]] = (),
+    intermittent: Union[None, bool, IntermittentNoise] = None,
+    references: int = 0,
     **options: Any,
 ) -> Scene:
     """A plant-room layout: microphones on a line, machines in front of and behind it.
@@ -380,12 +565,26 @@ def default_scene(
     ``MACHINE_SIDE_M`` on either side of the line, at ``MACHINE_HEIGHT_M``. With the
     defaults, the pump is nearest mics 0-1 and the fan nearest mics 2-3.
 
+    The intermittent source (``intermittent``) stands off the +x end of the layout, on
+    the microphone line (y = 0), ``INTERMITTENT_OFFSET_M`` beyond the last microphone or
+    machine, whichever is further out, at ``INTERMITTENT_HEIGHT_M``: with the defaults
+    at (6.0, 0, 1.0), 4.5 m from mic 3 and 5.2 m from the nearest machine, further from
+    the machines than any microphone is. Reference microphone k stands
+    ``REFERENCE_MIC_OFFSET_M`` from it at its height, at an angle of 180 + 360 k / count
+    degrees from +x (the first one on the side facing the array).
+
     Parameters
     ----------
     machines : sequence of str
         Machine types; each is named after its type, repeats as ``<type>_2``, ``<type>_3``...
     n_mics : int
     faults : sequence of (machine name, Fault)
+    intermittent : None, True or IntermittentNoise
+        None or False: no intermittent source. True: ``IntermittentNoise`` with its
+        defaults at the place above; an ``IntermittentNoise``: that one, where it says.
+    references : int
+        Reference microphones around the intermittent source (or, without one, around
+        where it would stand).
     **options
         Other ``Scene`` fields: seconds, sample_rate, snr_db, reverb_rt60_s, seed, line_hz,
         unit, event_rate_hz.
@@ -394,6 +593,8 @@ def default_scene(
         machines = (machines,)
     if not isinstance(n_mics, (int, np.integer)) or n_mics < 1:
         raise ConfigError(f"mics {n_mics!r}: need at least one microphone.")
+    if isinstance(references, bool) or not isinstance(references, (int, np.integer)) or references < 0:
+        raise ConfigError(f"references {references!r}: must be a number of reference microphones, 0 or more.")
     mics = tuple(((i - (n_mics - 1) / 2) * MIC_SPACING_M, 0.0, MIC_HEIGHT_M) for i in range(n_mics))
     names = machine_names(machines)
     by_name: dict[str, list[Fault]] = {name: [] for name in names}
@@ -412,6 +613,22 @@ def default_scene(
         )
         for j, (kind, name) in enumerate(zip(machines, names))
     )
+    end = max([m[0] for m in mics] + [m.position[0] for m in placed])
+    spot = (end + INTERMITTENT_OFFSET_M, 0.0, INTERMITTENT_HEIGHT_M)
+    if intermittent is True:
+        intermittent = IntermittentNoise(spot)
+    elif intermittent is False:
+        intermittent = None
+    if intermittent is not None and not isinstance(intermittent, IntermittentNoise):
+        raise ConfigError(f"intermittent {intermittent!r}: must be an IntermittentNoise, true or none.")
+    centre = spot if intermittent is None else intermittent.position
+    refs = tuple(
+        (centre[0] + REFERENCE_MIC_OFFSET_M * math.cos(math.pi + 2 * math.pi * k / references),
+         centre[1] + REFERENCE_MIC_OFFSET_M * math.sin(math.pi + 2 * math.pi * k / references), centre[2])
+        for k in range(references)
+    )
+    if intermittent is not None or refs:
+        options = {**options, "intermittent": intermittent, "references": refs}
     return Scene(machines=placed, mics=mics, **options)
 
 
@@ -437,10 +654,13 @@ def render(scene: Scene) -> Rendering:
     Returns
     -------
     Rendering
-        float32 arrays of shape = (len(scene.mics), scene.samples) and the labels.
+        float32 arrays of shape = (len(scene.mics), scene.samples) (the reference arrays:
+        (len(scene.references), scene.samples)) and the labels.
     """
+    # Every array below has a row per microphone, then a row per reference microphone.
     stems, healthy_at_ref, machine_labels = _render_machines(scene)
     background, background_labels = _render_background(scene)
+    intermittent, intermittent_labels = _render_intermittent(scene)
 
     raw_power = float(np.mean(background[0] ** 2))
     if scene.snr_db is None:
@@ -450,9 +670,11 @@ def render(scene: Scene) -> Rendering:
         bg_gain = math.sqrt(machine_power / raw_power / 10 ** (scene.snr_db / 10))
     background *= bg_gain
     total = background + sum(stems.values()) if stems else background.copy()
+    if intermittent is not None:
+        total += intermittent
 
-    # A fixed level, not per clip normalisation: turn down only what would clip, and
-    # say so in the labels.
+    # A fixed level, not per clip normalisation: turn down only what would clip (at a
+    # microphone or a reference microphone), and say so in the labels.
     peak = float(np.max(np.abs(total)))
     limiter = min(1.0, PEAK_LIMIT / peak) if peak > 0 else 1.0
     if limiter < 1.0:
@@ -461,12 +683,18 @@ def render(scene: Scene) -> Rendering:
         background *= limiter
         for s in stems.values():
             s *= limiter
+        if intermittent is not None:
+            intermittent *= limiter
 
+    n_mics = len(scene.mics)
     machines_at_ref = (total[0] - background[0])
+    if intermittent is not None:
+        machines_at_ref -= intermittent[0]
     measured = (_db(np.mean(machines_at_ref ** 2) / np.mean(background[0] ** 2))
                 if stems else None)
+    n_refs = len(scene.references)
     labels = {
-        "format": 1,
+        "format": LABELS_FORMAT,
         "generator": f"signalcraft.simulate {__version__}",
         "sample_rate": scene.sample_rate,
         "duration_s": scene.seconds,
@@ -478,20 +706,32 @@ def render(scene: Scene) -> Rendering:
         "measured_snr_db": measured,  # faults included
         "reverb_rt60_s": scene.reverb_rt60_s,
         "level_gain_db": _db(limiter ** 2),  # < 0 only where the scene was turned down
-        "peak": float(np.max(np.abs(total))),
+        "peak": float(np.max(np.abs(total[:n_mics]))),  # of the machine microphones
+        "reference_peak": float(np.max(np.abs(total[n_mics:]))) if n_refs else None,
         "mics": [list(m) for m in scene.mics],
+        "references": [list(m) for m in scene.references],
+        # 1-based columns of mixture.wav: capture.channels and capture.reference_channels
+        "channels": {"mics": list(range(1, n_mics + 1)),
+                     "references": list(range(n_mics + 1, n_mics + n_refs + 1))},
         "machines": machine_labels,
         "faults": [
             {"machine": m["name"], "fault": f["fault"], "start_s": f["start_s"], "end_s": f["end_s"]}
             for m in machine_labels for f in m["faults"]
         ],
         "background": {**background_labels, "gain_db": _db(bg_gain ** 2 * limiter ** 2)},
+        "intermittent": None if intermittent is None else {
+            **intermittent_labels, "gain_db": _db(limiter ** 2)},
     }
+    zeros = np.zeros((n_mics + n_refs, scene.samples), np.float32)
+    heard = zeros if intermittent is None else intermittent.astype(np.float32)
     return Rendering(
-        mixture=total.astype(np.float32),
-        stems={name: s.astype(np.float32) for name, s in stems.items()},
-        background=background.astype(np.float32),
+        mixture=total[:n_mics].astype(np.float32),
+        stems={name: s[:n_mics].astype(np.float32) for name, s in stems.items()},
+        background=background[:n_mics].astype(np.float32),
         labels=labels,
+        intermittent=heard[:n_mics],
+        reference=total[n_mics:].astype(np.float32),
+        reference_intermittent=heard[n_mics:],
     )
 
 
@@ -530,8 +770,9 @@ def machine_signal(
 
 
 def _render_machines(scene: Scene) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
-    """Each machine at each mic, float64 shape = (mics, samples); the healthy machines'
-    sum at mic 0, shape = (samples,); the machines' labels."""
+    """Each machine at each mic and then each reference mic, float64 shape = (mics +
+    references, samples); the healthy machines' sum at mic 0, shape = (samples,); the
+    machines' labels."""
     n, sr = scene.samples, scene.sample_rate
     pre = _pre_roll(scene)
     stems: dict[str, np.ndarray] = {}
@@ -546,6 +787,7 @@ def _render_machines(scene: Scene) -> tuple[dict[str, np.ndarray], np.ndarray, l
         has_fault = bool(np.any(faulty))
         stem, ref = _propagate(level * (healthy + faulty), paths, sr, pre + n,
                                reference=level * healthy if has_fault else None)
+        stem = _and_references(scene, stem, level * (healthy + faulty), machine.position, machine.name, pre + n)
         stems[machine.name] = stem[:, pre:]
         healthy_ref += (ref if has_fault else stem[0])[pre:]
         labels.append({
@@ -792,11 +1034,11 @@ _FAULT_SOUNDS = {"imbalance": _imbalance, "bearing": _bearing, "cavitation": _ca
 # Background
 # ======================================================================================
 def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
-    """The room without the machines at its nominal level, float64 shape = (mics, samples),
-    and its labels."""
+    """The room without the machines at its nominal level, float64 shape = (mics +
+    references, samples), and its labels."""
     n, sr, seed = scene.samples, scene.sample_rate, scene.seed
     mics = len(scene.mics)
-    out = np.zeros((mics, n))
+    out = np.zeros((mics + len(scene.references), n))
 
     # Diffuse noise: pink above ~100 Hz, brown rumble below, shared slow level changes.
     level = 10 ** (_slow_walk(_rng(seed, "background", "level"), n, sr, BACKGROUND_LEVEL_STD_DB,
@@ -806,6 +1048,9 @@ def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
         return np.sqrt(100.0 / f + 0.5 * (100.0 / f) ** 2) * _band(f, 20.0, 6000.0)
     for m in range(mics):
         out[m] = BACKGROUND_RMS * level * _shaped_noise(_rng(seed, "background", "diffuse", m), n, sr, colour)
+    for k in range(len(scene.references)):  # their own draws: the mics' noise stays as it is
+        out[mics + k] = BACKGROUND_RMS * level * _shaped_noise(
+            _rng(seed, "background", "diffuse", "reference", k), n, sr, colour)
 
     # A distant unrelated machine (a compressor, say): low tones and low-passed noise.
     # Its place and speed belong to the installation (unit), its phases and noise to the
@@ -824,6 +1069,7 @@ def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
     hum = hum + 0.5 * np.sin(2 * np.pi * 2 * scene.line_hz * t + r.uniform(0, 2 * np.pi))
     hum = hum + 0.8 * _shaped_noise(r, pre + n, sr, lambda f: _band(f, 20.0, 300.0))
     distant, _ = _propagate(DISTANT_MACHINE_RMS * hum, _paths(scene, position, "_distant"), sr, pre + n)
+    distant = _and_references(scene, distant, DISTANT_MACHINE_RMS * hum, position, "_distant", pre + n)
     out += distant[:, pre:]
 
     # Knocks, clanks and forklift beeps at random places and times.
@@ -840,7 +1086,12 @@ def _render_background(scene: Scene) -> tuple[np.ndarray, dict]:
         heard, _ = _propagate(sound, paths, sr, sound.size + _paths_extra(scene, where, sr))
         i0 = round(start * sr)
         take = min(heard.shape[1], n - i0)
-        out[:, i0:i0 + take] += heard[:, :take]
+        out[:mics, i0:i0 + take] += heard[:, :take]
+        if scene.references:
+            paths = _paths(scene, where, f"_event{i}", references=True)
+            heard, _ = _propagate(sound, paths, sr, sound.size + _paths_extra(scene, where, sr, references=True))
+            take = min(heard.shape[1], n - i0)
+            out[mics:, i0:i0 + take] += heard[:, :take]
         events.append({"kind": kind, "time_s": start, "position": list(where), **info})  # at the source
 
     labels = {
@@ -885,6 +1136,154 @@ def _event(kind: str, rng: np.random.Generator, sr: int) -> tuple[np.ndarray, di
 
 
 # ======================================================================================
+# Intermittent noise
+# ======================================================================================
+def _render_intermittent(scene: Scene) -> tuple[Optional[np.ndarray], Optional[dict]]:
+    """The intermittent source at every mic and then every reference mic, float64 shape
+    = (mics + references, samples), and its labels; (None, None) without one.
+
+    Its design (the tone) comes from the unit, everything else from the seed; all of it
+    from streams of its own, so the machines and the background do not change with it.
+    """
+    noise = scene.intermittent
+    if noise is None:
+        return None, None
+    n, sr, seed = scene.samples, scene.sample_rate, scene.seed
+    pre = _pre_roll(scene)
+    length = pre + n  # the timeline starts pre samples before t = 0, like the machines'
+    tone_hz = float(_rng(scene.unit_seed, INTERMITTENT, "design").uniform(*INTERMITTENT_TONE_HZ))
+    if noise.tone_hz is not None:
+        tone_hz = noise.tone_hz
+
+    spells = _spells(noise, seed, scene.seconds)
+    gate = _gate([(pre + round(a * sr), pre + round(b * sr)) for a, b, on in spells if on], length, sr)
+    # Clipped at MAX_DRIFT_STD standard deviations: within +-level_drift_db.
+    level = 10 ** (_slow_walk(_rng(seed, INTERMITTENT, "level"), length, sr, noise.level_drift_db / MAX_DRIFT_STD,
+                              INTERMITTENT_LEVEL_TAU_S) / 20)
+    wander = _slow_walk(_rng(seed, INTERMITTENT, "tone"), length, sr, noise.tone_drift, INTERMITTENT_TONE_TAU_S)
+    phase = (2 * np.pi / sr) * np.cumsum(tone_hz * (1 + wander))
+    sound = _rng(seed, INTERMITTENT, "sound")
+    x = np.zeros(length)
+    harmonics = []
+    for order, amp in INTERMITTENT_TONES:
+        offset = sound.uniform(0, 2 * np.pi)  # drawn whether the harmonic is kept or not
+        if order * tone_hz * (1 + MAX_DRIFT_STD * noise.tone_drift) < TONE_LIMIT * sr:
+            x += amp * np.sin(order * phase + offset)
+            harmonics.append(order)
+    # Broadband noise whose tilt drifts: the balance of a rumble and a hiss (independent,
+    # unit RMS each) walks, their summed power stays the same.
+    hiss_band = (INTERMITTENT_HISS_HZ[0], min(INTERMITTENT_HISS_HZ[1], TONE_LIMIT * sr))
+    rumble = _shaped_noise(sound, length, sr, lambda f: _band(f, *INTERMITTENT_RUMBLE_HZ))
+    hiss = _shaped_noise(sound, length, sr, lambda f: _band(f, *hiss_band))
+    tilt = INTERMITTENT_TILT_DB + _slow_walk(_rng(seed, INTERMITTENT, "tilt"), length, sr, noise.tilt_drift_db,
+                                             INTERMITTENT_TILT_TAU_S)
+    balance = 10 ** (tilt / 20)
+    tone_power = sum(a * a / 2 for _, a in INTERMITTENT_TONES)
+    x += math.sqrt(1 - tone_power) * (balance * rumble + hiss) / np.sqrt(1 + balance ** 2)
+    x = _soft_limit(x, INTERMITTENT_KNEE, INTERMITTENT_CREST)
+    rms = MACHINE_RMS * 10 ** (noise.level_db / 20)
+    x *= rms * level * gate
+
+    heard, _ = _propagate(x, _paths(scene, noise.position, INTERMITTENT), sr, length)
+    heard = _and_references(scene, heard, x, noise.position, INTERMITTENT, length)
+
+    def within(state):
+        return [[max(a, 0.0), min(b, scene.seconds)] for a, b, on in spells
+                if on == state and b > 0 and a < scene.seconds]
+
+    at_mics = [_distance(noise.position, m) for m in scene.mics]
+    at_refs = [_distance(noise.position, m) for m in scene.references]
+    labels = {
+        "kind": "ventilation fan or compressor",
+        "position": list(noise.position),
+        "level_db": noise.level_db,  # re MACHINE_RMS at 1 m, while on
+        "rms_at_1m": rms,
+        # Spells at the source, s from the start of the clip (heard delay_s later); the
+        # fades (fade_s) lie inside the spells on.
+        "on_s": within(True),
+        "off_s": within(False),
+        "fade_s": FAULT_RAMP_S,
+        "durations": noise.durations,
+        "mean_on_s": noise.mean_on_s,
+        "mean_off_s": noise.mean_off_s,
+        "level_drift_db": noise.level_drift_db,
+        "level_tau_s": INTERMITTENT_LEVEL_TAU_S,
+        "tone_hz": tone_hz,
+        "harmonics": harmonics,
+        "tone_drift": noise.tone_drift,
+        "tone_tau_s": INTERMITTENT_TONE_TAU_S,
+        "rumble_hz": list(INTERMITTENT_RUMBLE_HZ),
+        "hiss_hz": list(hiss_band),
+        "tilt_db": INTERMITTENT_TILT_DB,  # rumble over hiss, on average
+        "tilt_drift_db": noise.tilt_drift_db,
+        "tilt_tau_s": INTERMITTENT_TILT_TAU_S,
+        "distance_m": at_mics,
+        "delay_s": [d / SPEED_OF_SOUND for d in at_mics],
+        "reference_distance_m": at_refs,
+        "reference_delay_s": [d / SPEED_OF_SOUND for d in at_refs],
+    }
+    return heard[:, pre:], labels
+
+
+def _spells(noise: IntermittentNoise, seed: int, seconds: float) -> list[tuple[float, float, bool]]:
+    """The intermittent source's spells, (start, end, on) in s at the source, in order,
+    from before the longest pre-roll to past the end of the clip. Drawn outwards from
+    t = 0 (forwards and backwards from their own streams), so that neither the pre-roll
+    (the reverb) nor the clip's length moves them."""
+    def length(rng, on):
+        mean = noise.mean_on_s if on else noise.mean_off_s
+        if noise.durations == "uniform":
+            return float(rng.uniform(0.5 * mean, 1.5 * mean))
+        return INTERMITTENT_MIN_SPELL_S + float(rng.exponential(mean - INTERMITTENT_MIN_SPELL_S))
+
+    now = _rng(seed, INTERMITTENT, "spells")
+    on = bool(now.random() < noise.mean_on_s / (noise.mean_on_s + noise.mean_off_s))
+    first, into = length(now, on), float(now.random())
+    spells = [(-into * first, (1 - into) * first, on)]
+    state, t = on, spells[-1][1]
+    while t < seconds:
+        state = not state
+        d = length(now, state)
+        spells.append((t, t + d, state))
+        t += d
+    before = _rng(seed, INTERMITTENT, "spells", "before")
+    earlier = []
+    state, t = on, spells[0][0]
+    while t > -(PRE_ROLL_S + MAX_RT60_S):
+        state = not state
+        d = length(before, state)
+        earlier.append((t - d, t, state))
+        t -= d
+    return earlier[::-1] + spells
+
+
+def _soft_limit(x: np.ndarray, knee: float, ceiling: float) -> np.ndarray:
+    """``x`` unchanged up to +-``knee``, above it bent smoothly (tanh) towards +-``ceiling``."""
+    over = np.abs(x) - knee
+    bent = knee + (ceiling - knee) * np.tanh(np.maximum(over, 0.0) / (ceiling - knee))
+    return np.where(over > 0, np.sign(x) * bent, x)
+
+
+def _gate(spells: Sequence[tuple[int, int]], n: int, sr: int) -> np.ndarray:
+    """1 inside the spells [i0, i1) (samples, may reach outside [0, n)), 0 outside, with
+    the faults' raised-cosine fades inside each spell, shape = (n,)."""
+    env = np.zeros(n)
+    for i0, i1 in spells:
+        lo, hi = max(i0, 0), min(i1, n)
+        if lo >= hi:
+            continue
+        env[lo:hi] = 1.0
+        ramp = min(round(FAULT_RAMP_S * sr), (i1 - i0) // 2)
+        if ramp > 0:
+            rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+            for start, shape in ((i0, rise), (i1 - ramp, rise[::-1])):
+                idx = np.arange(start, start + ramp)
+                keep = (idx >= 0) & (idx < n)
+                env[idx[keep]] = shape[keep]
+    return env
+
+
+# ======================================================================================
 # Propagation
 # ======================================================================================
 @dataclasses.dataclass(frozen=True)
@@ -902,10 +1301,13 @@ class _Paths:
     reverb_gain: float  # of the tails, relative to the direct sound at 1 m
 
 
-def _paths(scene: Scene, source: Sequence[float], key: str) -> _Paths:
+def _paths(scene: Scene, source: Sequence[float], key: str, references: bool = False) -> _Paths:
+    """How a source reaches the microphones, or with ``references`` the reference
+    microphones (their reverb tails are their own draws)."""
+    receivers = scene.references if references else scene.mics
     direct = tuple(
         _Direct(d, REFERENCE_DISTANCE_M / max(d, NEAR_FIELD_M))
-        for d in (_distance(source, mic) for mic in scene.mics)
+        for d in (_distance(source, mic) for mic in receivers)
     )
     rt60 = scene.reverb_rt60_s
     if rt60 is None:
@@ -914,8 +1316,10 @@ def _paths(scene: Scene, source: Sequence[float], key: str) -> _Paths:
     t = np.arange(n) / scene.sample_rate
     envelope = 10 ** (-3 * t / rt60)  # -60 dB at RT60
     tails = []
-    for m in range(len(scene.mics)):
-        h = _rng(scene.unit_seed, "reverb", key, m).standard_normal(n) * envelope  # the room's own
+    for m in range(len(receivers)):
+        stream = (_rng(scene.unit_seed, "reverb", key, "reference", m) if references
+                  else _rng(scene.unit_seed, "reverb", key, m))
+        h = stream.standard_normal(n) * envelope  # the room's own
         tails.append(h / np.sqrt(np.sum(h**2)))
     # Reverberant energy equals direct energy at the critical distance (Sabine).
     critical = 0.057 * math.sqrt(ROOM_VOLUME_M3 / rt60)
@@ -926,10 +1330,22 @@ def _tail_samples(scene: Scene) -> int:
     return 0 if scene.reverb_rt60_s is None else round(scene.reverb_rt60_s * scene.sample_rate)
 
 
-def _paths_extra(scene: Scene, source: Sequence[float], sr: int) -> int:
-    """Samples a sound gets longer on its way to the farthest microphone."""
-    far = max(_distance(source, mic) for mic in scene.mics)
+def _paths_extra(scene: Scene, source: Sequence[float], sr: int, references: bool = False) -> int:
+    """Samples a sound gets longer on its way to the farthest microphone (or reference
+    microphone)."""
+    far = max(_distance(source, mic) for mic in (scene.references if references else scene.mics))
     return math.ceil((far / SPEED_OF_SOUND + REVERB_PREDELAY_S) * sr) + _tail_samples(scene)
+
+
+def _and_references(scene: Scene, at_mics: np.ndarray, x: np.ndarray, source: Sequence[float], key: str,
+                    n_out: int) -> np.ndarray:
+    """``at_mics`` (``_propagate``'s output for ``x`` from ``source``) with the rows of the
+    reference microphones appended, shape = (mics + references, n_out). Propagated
+    separately, so the microphones' rows are what they are without references."""
+    if not scene.references:
+        return at_mics
+    at_refs, _ = _propagate(x, _paths(scene, source, key, references=True), scene.sample_rate, n_out)
+    return np.concatenate([at_mics, at_refs])
 
 
 def _propagate(x: np.ndarray, paths: _Paths, sr: int, n_out: int,
@@ -978,10 +1394,13 @@ def _propagate(x: np.ndarray, paths: _Paths, sr: int, n_out: int,
 # Files
 # ======================================================================================
 def write_rendering(rendering: Rendering, out_dir: Path) -> Path:
-    """Write ``mixture.wav``, ``stems/<name>.wav``, ``stems/_background.wav`` and, last,
-    ``labels.json`` into ``out_dir`` (made if missing; same-named files are replaced).
+    """Write ``mixture.wav``, ``stems/<name>.wav``, ``stems/_background.wav``,
+    ``stems/_intermittent.wav`` (with an intermittent source) and, last, ``labels.json``
+    into ``out_dir`` (made if missing; same-named files are replaced).
 
-    WAV files are 32-bit float (frames, mics), lossless for the float32 arrays.
+    WAV files are 32-bit float, lossless for the float32 arrays: the stems (frames,
+    mics), the mixture (frames, mics + references), the reference microphones' columns
+    last (labels.json ``channels``: the 1-based columns of each).
 
     Returns
     -------
@@ -999,9 +1418,12 @@ def write_rendering(rendering: Rendering, out_dir: Path) -> Path:
     except OSError as e:
         raise storage_error(out_dir / "stems", e) from None
     sr = rendering.sample_rate
-    _write_wav(out_dir / "mixture.wav", rendering.mixture, sr)
+    mixture = rendering.mixture
+    if rendering.reference.shape[0]:
+        mixture = np.concatenate([mixture, rendering.reference])
+    _write_wav(out_dir / "mixture.wav", mixture, sr)
     stems = {}
-    for name, stem in [*rendering.stems.items(), (BACKGROUND, rendering.background)]:
+    for name, stem in _stems(rendering):
         stems[name] = f"stems/{name}.wav"
         _write_wav(out_dir / stems[name], stem, sr)
     files = {"mixture": "mixture.wav", "stems": stems, "format": "WAV, 32-bit float, full scale 1.0"}
@@ -1012,8 +1434,17 @@ def write_rendering(rendering: Rendering, out_dir: Path) -> Path:
 def rendering_files(out_dir: Path, rendering: Rendering) -> list[Path]:
     """The files ``write_rendering`` writes, mixture first, labels last."""
     out_dir = Path(out_dir)
-    stems = [out_dir / "stems" / f"{name}.wav" for name in [*rendering.stems, BACKGROUND]]
+    stems = [out_dir / "stems" / f"{name}.wav" for name, _ in _stems(rendering)]
     return [out_dir / "mixture.wav", *stems, out_dir / "labels.json"]
+
+
+def _stems(rendering: Rendering) -> list[tuple[str, np.ndarray]]:
+    """(name, array at the mics) of each stem file: the machines, the background and the
+    intermittent source if the scene has one."""
+    stems = [*rendering.stems.items(), (BACKGROUND, rendering.background)]
+    if rendering.labels.get("intermittent") is not None:
+        stems.append((INTERMITTENT, rendering.intermittent))
+    return stems
 
 
 def write_training_set(
@@ -1200,10 +1631,16 @@ def from_options(
     seed: Optional[int] = None,
     line_hz: Optional[float] = None,
     clips: Optional[int] = None,
+    intermittent: bool = False,
+    references: Optional[int] = None,
 ) -> list[Path]:
     """`signalcraft simulate`: options as typed (None: not given, the defaults here
     apply), one scene or a training set written to ``out``. Returns the paths written:
     a scene's files, or the training set's folders.
+
+    ``intermittent``: add ``default_scene``'s intermittent noise source; ``references``:
+    that many reference microphones next to where it stands (with or without it), as the
+    last columns of mixture.wav.
 
     Raises
     ------
@@ -1213,7 +1650,8 @@ def from_options(
     common = _given(seconds=seconds, sample_rate=sample_rate, seed=seed, line_hz=line_hz)
     kinds = parse_machines(machines) if machines is not None else None
     if training_set:
-        scene_only = [opt for opt, v in (("--fault", faults), ("--snr", snr), ("--reverb", reverb)) if v]
+        scene_only = [opt for opt, v in (("--fault", faults), ("--snr", snr), ("--reverb", reverb),
+                                         ("--intermittent", intermittent), ("--references", references)) if v]
         if scene_only:
             raise ConfigError(f"{', '.join(scene_only)}: describe one scene; leave them out with "
                               "--training-set (its clips draw their own distances and rooms).")
@@ -1221,7 +1659,9 @@ def from_options(
         return [folder / s for s in (kinds or MACHINE_TYPES)] + [folder / NOISE_DIR]
     if clips is not None:
         raise ConfigError("--clips: applies only with --training-set.")
-    options = dict(common, **_given(reverb_rt60_s=reverb, n_mics=mics, machines=kinds))
+    options = dict(common, **_given(reverb_rt60_s=reverb, n_mics=mics, machines=kinds, references=references))
+    if intermittent:
+        options["intermittent"] = True
     if snr is not None:
         options["snr_db"] = parse_snr(snr)
     elif kinds == ():

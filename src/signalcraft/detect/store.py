@@ -711,12 +711,14 @@ class Store:
                             "NOT NULL) FROM outbox WHERE sent_utc IS NULL").fetchone()
         return {"waiting": int(row[0]), "oldest_utc": row[1], "sent": int(row[2])}
 
-    def prune_outbox(self, before_utc: str) -> int:
-        """Forget messages queued before ``before_utc``; returns how many of them had
-        never been sent (dropped)."""
+    def prune_outbox(self, before_utc: str, sent_before_utc: Optional[str] = None) -> int:
+        """Forget messages queued before ``before_utc``, and sent ones queued before
+        ``sent_before_utc``; returns how many of them had never been sent (dropped)."""
         dropped = self._execute("SELECT COUNT(*) FROM outbox WHERE created_utc < ? AND sent_utc IS NULL",
                                 (before_utc,)).fetchone()[0]
         self._execute("DELETE FROM outbox WHERE created_utc < ?", (before_utc,))
+        if sent_before_utc is not None:
+            self._execute("DELETE FROM outbox WHERE created_utc < ? AND sent_utc IS NOT NULL", (sent_before_utc,))
         return int(dropped)
 
     def set_meta(self, key: str, value: str) -> None:

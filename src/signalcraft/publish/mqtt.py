@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # messages published before their acknowledgements are awaited and marked together
 MAX_PASSWORD_BYTES = 4096
+SENT_KEPT = dt.timedelta(days=1)  # sent messages are remembered this long (what a crash may resend)
 
 
 class PublishError(SignalcraftError):
@@ -122,6 +123,7 @@ class Sender:
         self.site = site_name(config)
         self.client_id = (self.m.client_id or f"signalcraft-{topic_level(self.site)}") + ("-doctor" if probe else "")
         self._client = None
+        self._refused: dict[int, str] = {}  # MQTT message id -> the reason the broker refused it
         self._password = read_password(self.m)
 
     def __enter__(self) -> "Sender":
@@ -148,8 +150,9 @@ class Sender:
 
         self.close()
         m = self.m
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
-                             protocol=mqtt.MQTTv311)
+        # MQTT 5: a broker that refuses a message (its ACL) says so in the acknowledgement;
+        # under 3.1.1 it acknowledges and drops it.
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         client.connect_timeout = m.timeout_s
         client.max_inflight_messages_set(50)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -171,9 +174,13 @@ class Sender:
             answer[:] = [reason_code]
             answered.set()
 
-        client.on_connect = on_connect
+        def on_publish(client, userdata, mid, reason_code, properties):
+            if reason_code.is_failure:
+                self._refused[mid] = str(reason_code)
+
+        client.on_connect, client.on_publish = on_connect, on_publish
         try:
-            client.connect(m.host, m.port, keepalive=m.keepalive_s)
+            client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
         except ssl.SSLCertVerificationError as e:
             raise PublishError(f"{self.broker}: its TLS certificate is not trusted ({e.verify_message}). Set "
                                "publish.mqtt.ca_file to the CA that signed it.") from None
@@ -215,7 +222,7 @@ class Sender:
         while rows := store.waiting_messages(limit=BATCH):
             infos = [self._client.publish(f"{prefix}/{row['topic']}", row["payload"], qos=qos,
                                           retain=bool(row["retain"])) for row in rows]
-            acknowledged, failure = [], None
+            acknowledged, failure, refused = [], None, False
             for row, info in zip(rows, infos):
                 try:
                     info.wait_for_publish(self.m.timeout_s)
@@ -224,6 +231,11 @@ class Sender:
                                    "(publish.mqtt.timeout_s); the rest is sent next time")
                 except (RuntimeError, ValueError) as e:
                     failure = f"{self.broker}: the connection was lost ({e}); the rest is sent next time"
+                if info.mid in self._refused:  # not taken: it stays in the outbox, and so does what follows
+                    failure = (f"{self.broker} refused to take {prefix}/{row['topic']}: "
+                               f"{self._refused.pop(info.mid)}. Allow this site's user to publish under "
+                               f"{prefix}/{topic_level(self.site)}/# (the broker's ACL), or check publish.site")
+                    refused = True
                 if failure:
                     break
                 acknowledged.append(row["id"])
@@ -233,7 +245,7 @@ class Sender:
                 sent += len(acknowledged)
             if failure:
                 self.close()
-                raise PublishError(failure, refused=False)
+                raise PublishError(failure, refused=refused)
         return sent
 
     def close(self) -> None:
@@ -264,9 +276,11 @@ def publish_waiting(config: Config, output_dir: Path, heartbeat: bool = True) ->
     if config.publish.mqtt is None or not path.is_file():
         return result
     with Store(path) as store:
-        cutoff = clock.now() - dt.timedelta(days=config.publish.max_outbox_days)
+        now = clock.now()
+        cutoff = now - dt.timedelta(days=config.publish.max_outbox_days)
+        sent_cutoff = max(cutoff, now - SENT_KEPT)
         with store.transaction():
-            result.dropped = store.prune_outbox(cutoff.isoformat())
+            result.dropped = store.prune_outbox(cutoff.isoformat(), sent_cutoff.isoformat())
         if result.dropped:
             log.warning("outbox: %d messages older than publish.max_outbox_days (%g days) were never delivered and "
                         "are dropped", result.dropped, config.publish.max_outbox_days)

@@ -2,7 +2,8 @@
 it holds. Typed and versioned.
 
 ``FORMAT`` is the version this signalcraft writes; it reads that and every earlier
-one (format 1 had no per-microphone count of non-finite samples: read as 0). A
+one (format 1 had no per-microphone count of non-finite samples: read as 0; formats 1
+and 2 had no reference microphones: read as none). A
 manifest of a newer version is refused with a message to upgrade (never
 half-understood); a known one is read strictly: every key of its version present,
 nothing unknown, each value of its type. Nothing read from disk is trusted: a source name that is not a plain file name,
@@ -24,7 +25,7 @@ from ..errors import StorageError
 from ..files import read_regular
 from .layout import AUDIO, MANIFEST, mic_folder, parse_mic_folder, tensor_file, valid_source
 
-FORMAT = 2
+FORMAT = 3
 
 
 MAX_BYTES = 1_000_000  # a manifest is a few kB
@@ -76,6 +77,9 @@ class Manifest:
     features: dict  # LogMel.settings()
     tensors: dict[int, tuple[str, ...]]
     signalcraft_version: str
+    # The reference microphones and the canceller's settings (channels, levels, method,
+    # ...); None: no reference microphones. They are recorded, never exported as mic_N.
+    reference: Optional[dict] = None
     files: tuple[str, ...] = ()  # relative paths, set by the writer
 
     @property
@@ -107,6 +111,7 @@ class Manifest:
             "separator": self.separator,
             "features": self.features,
             "tensors": {mic_folder(mic): list(sources) for mic, sources in sorted(self.tensors.items())},
+            "reference": self.reference,
             "files": sorted(self.files),
         }
 
@@ -137,7 +142,7 @@ class Manifest:
                                 f"up to {FORMAT}). Upgrade signalcraft to read this segment.")
         if version < 1:
             raise ManifestError(f"{where}: manifest format {version} is not one signalcraft wrote")
-        optional = _FORMAT_1_OPTIONAL if version == 1 else frozenset()
+        optional = (_FORMAT_1_OPTIONAL if version == 1 else frozenset()) | (_BEFORE_3 if version < 3 else frozenset())
         missing = sorted(_KEYS - optional - data.keys())
         unknown = sorted(data.keys() - _KEYS)
         if missing or unknown:
@@ -179,6 +184,9 @@ class Manifest:
         denoise = data["denoise"]
         if denoise is not None and not isinstance(denoise, dict):
             raise ManifestError(f"{where}: denoise must be an object or null")
+        reference = data.get("reference")
+        if reference is not None and not isinstance(reference, dict):
+            raise ManifestError(f"{where}: reference must be an object or null")
         return cls(
             start_time_utc=start, duration_s=r.number("duration_s"), sample_rate=r.int("sample_rate", minimum=1),
             device=r.string("device"), channels=channels, start_frame=r.int("start_frame"),
@@ -186,7 +194,7 @@ class Manifest:
             dropped_segments=r.int("dropped_segments"),
             reconnects=r.int("reconnects") if "reconnects" in data else 0, levels=tuple(levels),
             denoise=denoise, separator=r.mapping("separator"), features=features, tensors=tensors,
-            signalcraft_version=r.string("signalcraft_version"), files=tuple(files),
+            signalcraft_version=r.string("signalcraft_version"), reference=reference, files=tuple(files),
         )
 
 
@@ -194,6 +202,7 @@ _KEYS = frozenset(set(Manifest.__dataclass_fields__) | {"format", "start_time_lo
 _LEVEL_KEYS = frozenset(Level.__dataclass_fields__)
 # Keys that early format-1 manifests did not have yet (read as 0).
 _FORMAT_1_OPTIONAL = frozenset({"reconnects"})
+_BEFORE_3 = frozenset({"reference"})  # keys that formats 1 and 2 did not have
 
 
 def _is_int(x: Any) -> bool:

@@ -1,9 +1,17 @@
-"""Per-channel spectral gating against each channel's own room-noise clip.
+"""Per-channel spectral gating against each channel's own room-noise clip (a
+``dsp.Stage``).
 
 Uses noisereduce's torch implementation (``TorchGate``) on the CPU, directly rather than
 through ``noisereduce.reduce_noise``: that wrapper (3.0.x) does not pass the stationary
 threshold on to the torch gate, and in stationary mode it averages a multichannel noise
 clip across channels. Here each channel is gated with its own clip.
+
+Segment edges: the STFT and the mask smoothing need audio on both sides of every frame.
+At the start of a segment the gate uses the end of the previous segment (kept as
+context, ``CONTEXT_FFTS`` windows of it) when the segment follows on from it; at the end,
+where the next segment is not captured yet, the audio is mirrored. A segment after a
+``reset()`` is mirrored at its start too. Never zeros: a zero-padded edge reads as a
+sudden silence and the gate opens or closes on it.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import numpy as np
 import torch
 from noisereduce.torchgate import TorchGate
 
-from .config import DenoiseConfig
-from .errors import ConfigError, NoiseClipError
+from ..config import DenoiseConfig
+from ..errors import ConfigError, NoiseClipError
+
+
+CONTEXT_FFTS = 2  # windows of the previous segment kept as context for the next
 
 
 class Denoiser:
@@ -50,6 +61,7 @@ class Denoiser:
                         f"denoise.n_fft {config.n_fft} needs at least {min_len}. Record a longer clip."
                     )
             self._clips = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]
+        self._context: Optional[np.ndarray] = None  # the end of the previous segment, (channels, samples)
 
     @staticmethod
     def _make_gate(config: DenoiseConfig, sample_rate: int) -> TorchGate:
@@ -63,21 +75,33 @@ class Denoiser:
             time_mask_smooth_ms=config.time_mask_smooth_ms,
         ).to("cpu")
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
+    def reset(self) -> None:
+        """The next segment does not follow on from the last one: no context."""
+        self._context = None
+
+    def __call__(self, audio: np.ndarray, reference: Optional[np.ndarray] = None) -> np.ndarray:
         """Gate each channel. audio: float32, shape = (channels, samples); returns a new
-        array of the same shape and dtype."""
+        array of the same shape and dtype. ``reference`` is not used."""
         if self._clips is not None and audio.shape[0] != len(self._clips):
             raise ValueError(f"audio has {audio.shape[0]} channels, denoiser has {len(self._clips)} clips")
         n = audio.shape[-1]
-        # TorchGate's inverse STFT returns whole hops only: pad to a whole number of
-        # hops (with zeros, at the end) and cut back to the input length.
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        edge = min(CONTEXT_FFTS * self.config.n_fft, n - 1)
+        context = self._context
+        if context is None or context.shape[0] != audio.shape[0]:
+            context = audio[:, 1:edge + 1][:, ::-1]  # mirrored start
+        ahead = audio[:, -edge - 1:-1][:, ::-1]  # mirrored end
+        x = np.concatenate([context, audio, ahead], axis=1)
+        # TorchGate's inverse STFT returns whole hops only: pad to a whole number of hops
+        # and cut back.
         hop = self._gate.hop_length
-        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        x = torch.nn.functional.pad(x, (0, -n % hop))
+        x = torch.nn.functional.pad(torch.from_numpy(x), (0, -x.shape[-1] % hop))
         with torch.no_grad():
             if self._clips is None:
                 y = self._gate(x)
             else:
                 y = torch.cat([self._gate(x[k:k + 1], clip) for k, clip in enumerate(self._clips)])
-        assert y.shape[-1] >= n, (y.shape, n)
-        return y[..., :n].numpy().astype(np.float32, copy=False)
+        start = context.shape[1]
+        assert y.shape[-1] >= start + n, (y.shape, start, n)
+        self._context = audio[:, n - edge:].copy()
+        return y[..., start:start + n].numpy().astype(np.float32, copy=True)

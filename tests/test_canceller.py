@@ -1,0 +1,189 @@
+"""The reference canceller and the stateful stages: the block filter against a plain
+per-sample NLMS, state carried across segments, the divergence guard, reference
+channels that are recorded but never exported, and the gate's context at segment edges."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from signalcraft.config import DenoiseConfig, ReferenceConfig, config_from_dict
+from signalcraft.dsp.canceller import Canceller
+from signalcraft.dsp.gate import Denoiser
+from signalcraft.segments import MANIFEST, list_segments
+
+from conftest import invoke
+
+RATE = 8000
+
+
+def room(seconds: float = 3.0, taps: int = 48, seed: int = 0, mics: int = 2):
+    """A reference (white noise) and microphones hearing it through fixed paths of at
+    most ``taps`` samples, plus a quiet signal of their own: (reference, mics, own)."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * RATE)
+    reference = rng.standard_normal(n) * 0.05
+    paths = rng.standard_normal((mics, taps)) * np.exp(-np.arange(taps) / 12)
+    noise = np.stack([np.convolve(reference, p)[:n] for p in paths])
+    own = rng.standard_normal((mics, n)) * 1e-3
+    return reference[None].astype(np.float32), (noise + own).astype(np.float32), own, paths
+
+
+def per_sample_nlms(d: np.ndarray, x: np.ndarray, taps: int, mu: float, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook NLMS, one sample at a time: w += mu e[t] x_t / (x_t . x_t + delta)."""
+    w = np.zeros(taps)
+    buffer = np.zeros(taps)
+    out = np.empty_like(d, dtype=np.float64)
+    for t in range(len(d)):
+        buffer = np.roll(buffer, 1)
+        buffer[0] = x[t]
+        e = d[t] - w @ buffer
+        w += mu * e * buffer / (buffer @ buffer + delta)
+        out[t] = e
+    return out, w
+
+
+def test_the_block_filter_follows_a_plain_per_sample_nlms():
+    reference, mics, own, paths = room(seconds=2.0, mics=1)
+    config = ReferenceConfig(method="nlms", taps=64, block=16, step_size=0.3)
+    product = Canceller(config, 1, 1)(mics, reference)[0]
+    plain, w = per_sample_nlms(mics[0].astype(np.float64), reference[0].astype(np.float64), 64, 0.3,
+                               64 * config.regularisation)
+    tail = slice(len(plain) // 2, None)  # converged
+    residual_db = [10 * np.log10(np.mean((y[tail] - own[0][tail]) ** 2) / np.mean(own[0][tail] ** 2))
+                   for y in (product, plain)]
+    assert abs(residual_db[0] - residual_db[1]) < 3.0, residual_db  # the same residual, within 3 dB
+    assert max(residual_db) < 3.0  # both down to about the microphone's own signal
+    reduction = 10 * np.log10(np.mean((mics[0][tail] - own[0][tail]) ** 2) / np.mean((product[tail] - own[0][tail]) ** 2))
+    assert reduction > 25, reduction
+    c = Canceller(config, 1, 1)
+    c(mics, reference)
+    learnt = c.weights[0, 0, :48]
+    assert np.linalg.norm(learnt - paths[0]) / np.linalg.norm(paths[0]) < 0.05  # the room's path
+    assert np.linalg.norm(learnt - w[:48]) / np.linalg.norm(w[:48]) < 0.05  # as per-sample NLMS learns it
+
+
+@pytest.mark.parametrize("method", ["nlms", "rls"])
+def test_state_carried_across_two_segments_equals_the_concatenation(method):
+    reference, mics, _, _ = room(seconds=2.0)
+    config = ReferenceConfig(method=method, taps=128, block=32)
+    whole = Canceller(config, 2, 1)(mics, reference)
+    split = Canceller(config, 2, 1)
+    cut = 5003  # not a whole number of blocks
+    halves = [split(mics[:, :cut], reference[:, :cut]), split(mics[:, cut:], reference[:, cut:])]
+    np.testing.assert_allclose(np.concatenate(halves, axis=1), whole, rtol=0, atol=1e-6)
+    split.reset()  # forgets: the next segment starts from no filter, like a new one
+    np.testing.assert_array_equal(split(mics[:, :cut], reference[:, :cut]), halves[0])
+
+
+def test_rls_converges_faster_than_nlms_on_coloured_noise():
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(3)
+    n = 4 * RATE
+    reference = lfilter([1.0], [1.0, -0.95], rng.standard_normal(n) * 0.01)[None].astype(np.float32)  # a rumble
+    path = np.zeros(40)
+    path[[5, 17, 33]] = [0.8, -0.4, 0.2]
+    mics = np.convolve(reference[0], path)[:n][None].astype(np.float32)
+    later = slice(2 * RATE, None)
+    left = {}
+    for method in ("nlms", "rls"):
+        out = Canceller(ReferenceConfig(method=method, taps=64, block=32), 1, 1)(mics, reference)
+        left[method] = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
+    assert left["rls"] < left["nlms"] - 6 and left["nlms"] < -6, left  # both cancel, rls much further
+
+
+def test_a_diverging_filter_is_reset_and_logged(caplog):
+    reference, mics, _, _ = room(seconds=1.0)
+    c = Canceller(ReferenceConfig(taps=64, block=32), 2, 1)
+    c(mics, reference)
+    c.filters *= 1e4  # as if it had run away
+    with caplog.at_level(logging.WARNING, logger="signalcraft.dsp.canceller"):
+        out = c(mics, reference)
+    np.testing.assert_array_equal(out, mics)  # that segment passes through uncancelled
+    assert c.resets == 1 and not np.any(c.filters)
+    assert "reference canceller diverged (mic_" in caplog.text and "dB louder than its input" in caplog.text
+
+
+def test_the_gate_takes_its_context_from_the_previous_segment():
+    rng = np.random.default_rng(1)
+    clip = (rng.standard_normal(RATE) * 0.01).astype(np.float32)
+    t = np.arange(4 * RATE) / RATE
+    audio = (0.01 * rng.standard_normal(t.size) + 0.1 * np.sin(2 * np.pi * 440 * t) * (t % 1 < 0.5))
+    audio = audio[None].astype(np.float32)
+    config = DenoiseConfig(n_fft=256)
+    whole = Denoiser(config, RATE, [clip])(audio)
+    gate = Denoiser(config, RATE, [clip])
+    half = audio.shape[1] // 2
+    gate(audio[:, :half])
+    carried = gate(audio[:, half:])
+    gate.reset()
+    alone = gate(audio[:, half:])
+    edge = slice(0, 256)  # the start of the second segment
+
+    def error(y):
+        return float(np.sqrt(np.mean((y[0, edge] - whole[0, half:][edge]) ** 2)))
+
+    assert error(carried) < 1e-4 < error(alone), (error(carried), error(alone))
+
+
+def write_room(path, seconds: float = 20.0) -> np.ndarray:
+    """A 3-channel file: two machine microphones, then a reference microphone."""
+    reference, mics, _, _ = room(seconds=seconds)
+    frames = np.concatenate([mics, reference]).T
+    sf.write(path, frames, RATE, subtype="FLOAT")
+    return frames
+
+
+def test_a_reference_channel_is_recorded_but_never_exported(tmp_path):
+    settings = {
+        "capture": {"channels": [1, 2], "reference_channels": [3], "sample_rate": RATE, "segment_seconds": 10.0},
+        "denoise": {"enabled": False},
+        "features": {"f_max": RATE / 2},
+        "output": {"dir": "out", "keep_raw": True},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    recording = tmp_path / "room.wav"
+    frames = write_room(recording)
+    result = invoke("--config", str(config_path), "process", str(recording))
+    assert result.returncode == 0, result.stderr
+    segments = list_segments(tmp_path / "out")
+    assert len(segments) == 2
+    for segment in segments:
+        assert sorted(p.name for p in segment.path.glob("mic_*")) == ["mic_0", "mic_1"]
+        manifest = json.loads((segment.path / MANIFEST).read_text())
+        assert manifest["channels"] == [1, 2] and [lv["channel"] for lv in manifest["levels"]] == [1, 2]
+        assert manifest["reference"]["channels"] == [3] and manifest["reference"]["method"] == "nlms"
+        assert set(manifest["tensors"]) == {"mic_0", "mic_1"}
+        raw, _ = sf.read(segment.path / "audio.flac")
+        assert raw.shape[1] == 3  # the reference is kept with the audio
+    np.testing.assert_allclose(sf.read(segments[0].path / "audio.flac")[0][:, 2], frames[:10 * RATE, 2], atol=1e-4)
+
+    replayed = invoke("--config", str(config_path), "process", str(segments[0].path / "audio.flac"),
+                      "--out", str(tmp_path / "again"))
+    assert replayed.returncode == 0, replayed.stderr  # audio.flac reads back with its reference channel
+    again = list_segments(tmp_path / "again")
+    assert [sorted(p.name for p in s.path.glob("mic_*")) for s in again] == [["mic_0", "mic_1"]]
+
+
+def test_reference_channels_are_checked_in_the_config(tmp_path):
+    from signalcraft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="capture.reference_channels: channel 2 is also in capture.channels"):
+        config_from_dict({"capture": {"channels": [1, 2], "reference_channels": [2]}})
+    with pytest.raises(ConfigError, match="reference.block: must be at least 8 and divide taps"):
+        config_from_dict({"reference": {"taps": 1000, "block": 128}})
+    path = tmp_path / "room.wav"
+    write_room(path, seconds=10.0)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"capture": {"channels": [1, 2, 3], "reference_channels": [4],
+                                                  "sample_rate": RATE},
+                                      "denoise": {"enabled": False}, "features": {"f_max": RATE / 2}}))
+    result = invoke("--config", str(config), "process", str(path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert "has 3 channels but capture.channels lists 3 ([1, 2, 3]) and capture.reference_channels 1 ([4])" \
+        in result.stderr
