@@ -48,16 +48,18 @@ def per_sample_nlms(d: np.ndarray, x: np.ndarray, taps: int, mu: float, delta: f
 
 def test_the_block_filter_follows_a_plain_per_sample_nlms():
     reference, mics, own, paths = room(seconds=2.0, mics=1)
-    config = ReferenceConfig(method="nlms", taps=64, block=16, step_size=0.3)
+    config = ReferenceConfig(method="nlms", taps=64, block=16, step_size=0.3, adapt_above_db=None)
     product = Canceller(config, 1, 1)(mics, reference)[0]
     plain, w = per_sample_nlms(mics[0].astype(np.float64), reference[0].astype(np.float64), 64, 0.3,
                                64 * config.regularisation)
     tail = slice(len(plain) // 2, None)  # converged
     residual_db = [10 * np.log10(np.mean((y[tail] - own[0][tail]) ** 2) / np.mean(own[0][tail] ** 2))
                    for y in (product, plain)]
-    assert abs(residual_db[0] - residual_db[1]) < 3.0, residual_db  # the same residual, within 3 dB
-    assert max(residual_db) < 3.0  # both down to about the microphone's own signal
-    reduction = 10 * np.log10(np.mean((mics[0][tail] - own[0][tail]) ** 2) / np.mean((product[tail] - own[0][tail]) ** 2))
+    # The block filter leaves no more than per-sample NLMS (its steps are a little more cautious).
+    assert residual_db[0] < residual_db[1] + 1.0, residual_db
+    assert max(residual_db) < 0.0  # both down to the microphone's own signal
+    before, after = mics[0][tail] - own[0][tail], product[tail] - own[0][tail]
+    reduction = 10 * np.log10(np.mean(before ** 2) / np.mean(after ** 2))
     assert reduction > 25, reduction
     c = Canceller(config, 1, 1)
     c(mics, reference)
@@ -91,14 +93,15 @@ def test_rls_converges_faster_than_nlms_on_coloured_noise():
     later = slice(2 * RATE, None)
     left = {}
     for method in ("nlms", "rls"):
-        out = Canceller(ReferenceConfig(method=method, taps=64, block=32), 1, 1)(mics, reference)
+        config = ReferenceConfig(method=method, taps=64, block=32, adapt_above_db=None)  # on from the start
+        out = Canceller(config, 1, 1)(mics, reference)
         left[method] = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
     assert left["rls"] < left["nlms"] - 6 and left["nlms"] < -6, left  # both cancel, rls much further
 
 
 def test_a_diverging_filter_is_reset_and_logged(caplog):
     reference, mics, _, _ = room(seconds=1.0)
-    c = Canceller(ReferenceConfig(taps=64, block=32), 2, 1)
+    c = Canceller(ReferenceConfig(taps=64, block=32, adapt_above_db=None), 2, 1)
     c(mics, reference)
     c.filters *= 1e4  # as if it had run away
     with caplog.at_level(logging.WARNING, logger="signalcraft.dsp.canceller"):
@@ -187,3 +190,54 @@ def test_reference_channels_are_checked_in_the_config(tmp_path):
     assert result.returncode == 1
     assert "has 3 channels but capture.channels lists 3 ([1, 2, 3]) and capture.reference_channels 1 ([4])" \
         in result.stderr
+
+
+def test_shadows_go_through_the_same_filters_without_teaching_them():
+    reference, mics, own, _ = room(seconds=2.0)
+    config = ReferenceConfig(taps=64, block=32)
+    alone = Canceller(config, 2, 1)(mics, reference)
+    c = Canceller(config, 2, 1)
+    noise = mics - own.astype(np.float32)
+    quiet = np.zeros_like(reference)
+    out, noise_out, own_out = c.with_shadows(mics, reference, [(noise, reference), (own.astype(np.float32), quiet)])
+    np.testing.assert_array_equal(out, alone)  # the shadows change nothing of the output
+    np.testing.assert_array_equal(own_out, own.astype(np.float32))  # no reference in it: nothing subtracted
+    np.testing.assert_allclose(noise_out + own_out, out, atol=1e-6)  # the filter is linear: the parts add up
+
+
+def test_the_filter_learns_only_while_the_noise_source_is_on():
+    reference, mics, own, paths = room(seconds=4.0)
+    quiet = slice(0, 2 * RATE)  # the source is off: the reference hears only the room, quietly
+    reference[:, quiet] *= 0.01
+    mics = mics.copy()
+    mics[:, quiet] = own[:, quiet] + np.roll(own[:, quiet], 3, axis=1)  # the machines, which the reference ...
+    reference[:, quiet] += 0.5 * own[:1, quiet]  # ... hears too
+    c = Canceller(ReferenceConfig(taps=64, block=32), 2, 1, sample_rate=RATE)
+    c(mics[:, quiet], reference[:, quiet])
+    assert not np.any(c.filters)  # nothing learnt from the machines while the source was off
+    c(mics[:, 2 * RATE:], reference[:, 2 * RATE:])  # on: learnt
+    assert np.linalg.norm(c.weights[0, 0, :48] - paths[0]) / np.linalg.norm(paths[0]) < 0.2
+    always = Canceller(ReferenceConfig(taps=64, block=32, adapt_above_db=None), 2, 1, sample_rate=RATE)
+    always(mics[:, quiet], reference[:, quiet])
+    assert np.any(always.filters)  # without the rule it would have
+
+
+def test_two_correlated_references_are_decorrelated_by_rls():
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(3)
+    n = 6 * RATE
+    rumble, hiss = lfilter([1.0], [1.0, -0.9], rng.standard_normal(n) * 0.01), rng.standard_normal(n) * 0.01
+    # Two references, each hearing both sources: they are strongly correlated.
+    reference = np.stack([rumble + 0.3 * hiss, 0.9 * np.roll(rumble, 2) + 0.5 * hiss]).astype(np.float32)
+    p1, p2 = np.zeros(40), np.zeros(40)
+    p1[[5, 17]], p2[[9, 30]] = [0.8, -0.4], [0.5, 0.3]
+    mics = (np.convolve(rumble, p1)[:n] + np.convolve(hiss, p2)[:n])[None].astype(np.float32)
+    later = slice(4 * RATE, None)
+    left = {}
+    for method in ("nlms", "rls"):
+        c = Canceller(ReferenceConfig(method=method, taps=64, block=32, adapt_above_db=None), 1, 2)
+        out = c(mics, reference)
+        assert c.resets == 0
+        left[method] = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
+    assert left["rls"] < left["nlms"] - 3 and left["nlms"] < -6, left

@@ -83,3 +83,12 @@ def test_non_stationary_mode_needs_no_clip():
 def test_a_too_short_clip_is_a_clear_error():
     with pytest.raises(NoiseClipError, match="needs at least 4096"):
         Denoiser(DenoiseConfig(), SR, [np.zeros(1000, np.float32)])
+
+
+def test_non_stationary_gating_of_silence_is_silence():
+    """Digital silence (a dead or muted channel) makes the adaptive gate's statistics 0/0:
+    the output must be silence, never NaN that would poison every tensor downstream."""
+    audio = np.zeros((2, 16000 * 4), dtype=np.float32)
+    audio[1, 32000:] = np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.01
+    out = Denoiser(DenoiseConfig(stationary=False), 16000, None)(audio)
+    assert np.all(np.isfinite(out)) and not np.any(out[0]) and not np.any(out[1, :16000])

@@ -97,6 +97,21 @@ def test_a_manifest_of_a_newer_version_is_refused_with_what_to_do(tmp_path, star
     assert str(folder / MANIFEST) in caplog.text and "Upgrade signalcraft" in caplog.text
 
 
+def test_a_manifest_before_reference_microphones_reads_as_without_them(tmp_path, start):
+    folder = make_segment(tmp_path, start)
+    data = json.loads((folder / MANIFEST).read_text())
+    assert data["format"] == FORMAT == 3 and data["reference"] is None
+    data.pop("reference")
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 2}))
+    assert read_manifest(folder).reference is None
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 3}))  # format 3 must say
+    with pytest.raises(ManifestError, match="missing reference"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 3, "reference": [3]}))
+    with pytest.raises(ManifestError, match="reference must be an object or null"):
+        read_manifest(folder)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.pop("tensors"), "missing tensors"),
     (lambda d: d.update(colour="red"), "unknown colour"),

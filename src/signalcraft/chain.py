@@ -103,7 +103,7 @@ class Chain:
         d = config.denoise
         self.noise_clips = load_noise_clips(config, self.channels, sample_rate) if d.enabled and d.stationary \
             else None
-        self.canceller = Canceller(config.reference, len(self.channels), len(self.references)) \
+        self.canceller = Canceller(config.reference, len(self.channels), len(self.references), sample_rate) \
             if self.references else None
         clips = None if self.noise_clips is None else [clip.audio for clip in self.noise_clips]
         self.denoiser = Denoiser(d, sample_rate, clips) if d.enabled else None

@@ -171,15 +171,20 @@ class ReferenceConfig:
     # noise of an uneven spectrum and with several references).
     method: Literal["nlms", "rls"] = "nlms"
     # Filter length per (microphone, reference), samples: the longest delay from a
-    # reference to a machine microphone plus the room's echo worth cancelling (1024 at
-    # 16 kHz: 64 ms, about 20 m of path difference). A power of two is fastest.
-    taps: int = 1024
-    # Block of the frequency-domain filter, samples: taps is a multiple of it. Smaller
-    # follows per-sample NLMS more closely and adapts more often, at more cost.
-    block: int = 128
+    # reference to a machine microphone plus the room's echo worth cancelling (4096 at
+    # 16 kHz: 256 ms, the direct sound and the early echo of a reverberant pump room).
+    # A power of two is fastest.
+    taps: int = 4096
+    # nlms: block of the frequency-domain filter, samples: taps is a multiple of it.
+    # Smaller follows per-sample NLMS more closely and adapts more often, at more cost.
+    block: int = 256
     step_size: float = 0.5  # in (0, 2) for nlms, (0, 1] for rls; larger adapts faster, leaves more residual
     forgetting: float = 0.98  # rls: weight of the past power estimate per block of `taps` samples
     regularisation: float = 1e-8  # power floor of the references, full scale squared (-80 dB)
+    # Learn only while the references are this much above their quiet level (the noise
+    # source is on), dB; null: always. Off, the references hear the machines, and a
+    # filter that learnt them would cancel machine sound.
+    adapt_above_db: Optional[float] = 6.0
     # Reset the filter (and pass the segment through) when over a segment a microphone's
     # output is this much louder than its input, dB.
     divergence_db: float = 3.0
@@ -194,6 +199,7 @@ class ReferenceConfig:
         _require(0 < self.forgetting < 1, "forgetting", "must be in (0, 1)")
         _require(self.regularisation > 0, "regularisation", "must be positive")
         _require(self.divergence_db > 0, "divergence_db", "must be positive")
+        _require(self.adapt_above_db is None or self.adapt_above_db >= 0, "adapt_above_db", "must be 0 or more, or null")
 
 
 @dataclasses.dataclass(frozen=True)

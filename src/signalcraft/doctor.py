@@ -183,21 +183,20 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
 
 
 def _check_separator(ctx: _Context) -> tuple[str, str]:
-    from .separate import load_separator
-
     from .chain import exported_sources
+    from .resources import load_separator
+    from .separate import load_separator as load_any
 
-    separator = load_separator(ctx.config.separation, ctx.config.capture.sample_rate)
+    channels = ctx.channels or ctx.config.capture.channels  # None: all inputs of a device not found
+    rate = ctx.config.capture.sample_rate
+    # The same load and checks as record's (an array model for another number of microphones fails).
+    separator = load_separator(ctx.config, len(channels), rate) if channels else load_any(ctx.config.separation, rate)
     exported = exported_sources(ctx.config, separator.info.sources)  # a wrong asset map fails here
     machines = ("; machines " + ", ".join(f"{name} ({separator.info.sources[k]})" for name, k in exported)
                 if ctx.config.separation.assets else "")
     if separator.info.name is None:
         return OK, f"no separation (separation.model: null): one source 'mix' per microphone{machines}"
     mics = separator.info.audio_channels
-    if mics > 1 and mics != len(ctx.config.capture.channels):
-        return FAIL, (f"{separator.info.file}: an array model for {mics} microphones, but capture.channels has "
-                      f"{len(ctx.config.capture.channels)}. Record the microphones it was trained on, or train one "
-                      "for this array (train_separator.array).")
     kind = f"array model for {mics} microphones" if mics > 1 else "per microphone"
     return OK, f"{separator.info.file} ({kind}): sources {', '.join(separator.info.sources)}{machines}"
 

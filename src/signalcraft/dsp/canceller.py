@@ -17,17 +17,26 @@ partitions, never a loop over samples:
 - ``nlms``: normalised LMS: each block's update is the sum of the per-sample LMS
   updates over its samples (the error from the weights at the block's start), normalised
   by the references' power in their strongest frequency bin (recursively estimated with
-  ``forgetting``). For white noise that is per-sample NLMS's normalisation (the energy
+  ``forgetting``, and never below the present block's: a source that switches on is
+  met at once). For white noise that is per-sample NLMS's normalisation (the energy
   over the last ``taps`` samples) and it behaves as per-sample NLMS with the same step
   size; for coloured noise it keeps the block update stable, and converges as slowly
   there as NLMS does.
 - ``rls``: the frequency-domain RLS approximation (the generalised multichannel
   frequency-domain adaptive filter of Buchner, Benesty and Kellermann): the step
   normalised per frequency bin by the inverse of the references' recursively estimated
-  (cross-)power spectrum, forgetting factor ``forgetting`` per block. It whitens a
+  (cross-)power spectrum, forgetting factor ``forgetting`` per block (never below the
+  present block's). It whitens a
   coloured reference and decorrelates several references, so it converges faster than
   NLMS on noise of an uneven spectrum (a rumble, a hum with its harmonics). It runs the
   filter as one partition (``block`` = ``taps``).
+
+The filters learn only while the references are ``adapt_above_db`` above their quiet
+level (the least they have been, rising at most ``FLOOR_RISE_DB_PER_S``): while the
+noise source is off, what the references hear is the room and the machines themselves,
+and a filter that learnt from that would subtract machine sound. A source already
+running when the canceller starts is learnt once it has been heard off and on again;
+one that never stops is the noise gate's (record its noise clip with it running).
 
 The weights, the last block of the references and a partial block at the end of a
 segment are carried to the next segment, so two gapless segments give exactly what
@@ -39,7 +48,7 @@ segment passes through unchanged.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -47,10 +56,14 @@ from ..config import ReferenceConfig
 
 log = logging.getLogger(__name__)
 
+FLOOR_RISE_DB_PER_S = 0.2  # how fast the references' quiet level may rise, dB/s
+LEVEL_S = 0.1  # the references' level that is compared with their quiet level is smoothed over this, s
+
 # rls: a bin's power is floored at this fraction of the strongest bin's, so that the
-# bins a tonal reference leaves empty (nothing to learn there) do not drift: the whitening
-# spans at most 1 / RLS_FLOOR.
-RLS_FLOOR = 1e-2
+# bins a tonal reference leaves empty (nothing to learn there), and the directions in
+# which several references hardly differ, do not take huge steps: the whitening spans
+# at most 1 / RLS_FLOOR (10 dB).
+RLS_FLOOR = 0.1
 
 
 class Canceller:
@@ -64,7 +77,7 @@ class Canceller:
         Rows of the audio and of the reference passed to each call.
     """
 
-    def __init__(self, config: ReferenceConfig, mics: int, references: int):
+    def __init__(self, config: ReferenceConfig, mics: int, references: int, sample_rate: int = 16000):
         if mics < 1 or references < 1:
             raise ValueError(f"a canceller needs microphones and references, got {mics} and {references}")
         self.config = config
@@ -76,17 +89,34 @@ class Canceller:
         if config.taps % self.block:
             raise ValueError(f"reference.taps {config.taps} is not a multiple of reference.block {self.block}")
         self.partitions = config.taps // self.block
+        # The quiet level may rise this much per block (minimum statistics: it follows a
+        # quieter room at once, a louder one slowly).
+        self._floor_rise = 10 ** (FLOOR_RISE_DB_PER_S * self.block / sample_rate / 10)
+        self._smoothing = min(1.0, self.block / (LEVEL_S * sample_rate))
         self.resets = 0  # divergences reset so far
         self.reset()
 
     def reset(self) -> None:
         m, r, b, p = self.mics, self.references, self.block, self.partitions
         self.filters = np.zeros((m, p, r, b + 1), dtype=complex)  # per partition, frequency domain
-        self._previous = np.zeros((r, b))  # the references' previous block
-        self._spectra = np.zeros((p, r, b + 1), dtype=complex)  # the references' last blocks, newest first
-        self._pending = (np.zeros((m, 0)), np.zeros((r, 0)))  # a block begun in the previous segment
         self._power = np.zeros((b + 1, r, r), dtype=complex)  # the references' (cross-)power per bin
         self._blocks = 0  # blocks in the power estimate (its start-up correction)
+        self._level: Optional[float] = None  # the references' power, smoothed over LEVEL_S
+        self._quiet = np.inf  # their quiet level: the least of that, minimum statistics
+        self._history: Optional[tuple] = None  # per signal: previous block, spectra, a begun block; see _state
+
+    def _state(self, signals: int) -> tuple:
+        """The history of ``signals`` signals (the audio, then any shadows): the
+        references' previous block (signals, references, block), their last blocks'
+        spectra (signals, partitions, references, block + 1), and the samples of a block
+        begun in the previous segment (signals, mics, n) and (signals, references, n)."""
+        if self._history is None:
+            r, b, p = self.references, self.block, self.partitions
+            self._history = (np.zeros((signals, r, b)), np.zeros((signals, p, r, b + 1), dtype=complex),
+                             np.zeros((signals, self.mics, 0)), np.zeros((signals, r, 0)))
+        if self._history[0].shape[0] != signals:
+            raise ValueError(f"{signals} signals after {self._history[0].shape[0]}; reset() first")
+        return self._history
 
     @property
     def weights(self) -> np.ndarray:
@@ -98,57 +128,82 @@ class Canceller:
         """audio: float32, shape = (mics, samples); reference: shape = (references,
         samples). Returns the microphones with the reference's share removed, float32,
         shape = (mics, samples)."""
-        if reference is None or reference.shape != (self.references, audio.shape[-1]):
-            raise ValueError(f"reference of shape {None if reference is None else reference.shape}; expected "
-                             f"{(self.references, audio.shape[-1])}")
-        if audio.shape[0] != self.mics:
-            raise ValueError(f"audio has {audio.shape[0]} rows, the canceller {self.mics}")
-        begun_d, begun_x = self._pending
-        done = begun_d.shape[1]  # samples of the first block already returned with the previous segment
-        d = np.concatenate([begun_d, audio.astype(np.float64)], axis=1)
-        x = np.concatenate([begun_x, reference.astype(np.float64)], axis=1)
+        return self.with_shadows(audio, reference)[0]
+
+    def with_shadows(self, audio: np.ndarray, reference: Optional[np.ndarray],
+                     shadows: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> list[np.ndarray]:
+        """``__call__``, and the same filters applied to each (audio, reference) of
+        ``shadows`` as they stand at each block, without learning from them: a
+        measurement can split the output into what became of each part of the input
+        (the noise, the machines) by passing the parts as shadows. Returns the output
+        and each shadow's. Pass the same number of shadows on every call until reset()."""
+        signals = [(audio, reference), *shadows]
+        for a, ref in signals:
+            if a.ndim != 2 or a.shape[0] != self.mics:
+                raise ValueError(f"audio of shape {a.shape}; the canceller has {self.mics} microphones")
+            if ref is None or ref.shape != (self.references, a.shape[-1]) or a.shape != audio.shape:
+                raise ValueError(f"reference of shape {None if ref is None else ref.shape}; expected "
+                                 f"{(self.references, audio.shape[-1])}")
+        previous, spectra, begun_d, begun_x = self._state(len(signals))
+        done = begun_d.shape[2]  # samples of the first block already returned with the previous segment
+        d = np.concatenate([begun_d, np.stack([a for a, _ in signals]).astype(np.float64)], axis=2)
+        x = np.concatenate([begun_x, np.stack([r for _, r in signals]).astype(np.float64)], axis=2)
         n = self.block
-        blocks = d.shape[1] // n
+        blocks = d.shape[2] // n
         out = np.empty_like(d)
         for k in range(blocks):
             s = slice(k * n, (k + 1) * n)
-            out[:, s] = self._block(d[:, s], x[:, s], adapt=True)
-        tail = d.shape[1] - blocks * n
+            out[..., s] = self._block(d[..., s], x[..., s], adapt=True)
+        tail = d.shape[2] - blocks * n
         if tail:  # filtered with the present weights; finished (and adapted on) with the next segment
-            pad = n - tail
-            d_tail = np.pad(d[:, blocks * n:], ((0, 0), (0, pad)))
-            x_tail = np.pad(x[:, blocks * n:], ((0, 0), (0, pad)))
-            out[:, blocks * n:] = self._block(d_tail, x_tail, adapt=False)[:, :tail]
-        self._pending = (d[:, blocks * n:], x[:, blocks * n:])
-        result = out[:, done:]
-        gain_db = 10 * np.log10((np.sum(result ** 2, axis=1) + 1e-30) / (np.sum(audio.astype(np.float64) ** 2, axis=1)
-                                                                         + 1e-30))
-        if not np.all(np.isfinite(result)) or np.any(gain_db > self.config.divergence_db):
+            pad = ((0, 0), (0, 0), (0, n - tail))
+            out[..., blocks * n:] = self._block(np.pad(d[..., blocks * n:], pad), np.pad(x[..., blocks * n:], pad),
+                                                adapt=False)[..., :tail]
+        previous, spectra, _, _ = self._history
+        self._history = (previous, spectra, d[..., blocks * n:], x[..., blocks * n:])
+        result = out[:, :, done:]
+        level = np.sum(audio.astype(np.float64) ** 2, axis=1) + 1e-30
+        gain_db = 10 * np.log10((np.sum(result[0] ** 2, axis=1) + 1e-30) / level)
+        if not np.all(np.isfinite(result[0])) or np.any(gain_db > self.config.divergence_db):
             worst = int(np.nanargmax(np.where(np.isfinite(gain_db), gain_db, np.inf)))
             log.warning("reference canceller diverged (mic_%d: output %.1f dB louder than its input, more than "
                         "reference.divergence_db %g): reset, this segment passes through uncancelled",
                         worst, gain_db[worst], self.config.divergence_db)
             self.resets += 1
             self.reset()
-            return audio.astype(np.float32, copy=True)
-        return result.astype(np.float32)
+            return [a.astype(np.float32, copy=True) for a, _ in signals]
+        return [r.astype(np.float32) for r in result]
 
     def _block(self, d: np.ndarray, x: np.ndarray, adapt: bool) -> np.ndarray:
-        """One block: d (mics, block), x (references, block) -> the error d - w * x;
-        with ``adapt`` the weights learn from it and the block joins the history."""
+        """One block of each signal: d (signals, mics, block), x (signals, references,
+        block) -> the errors d - w * x; with ``adapt`` the weights learn from the first
+        signal's and the block joins the history."""
         b = self.block
-        spectrum = np.fft.rfft(np.concatenate([self._previous, x], axis=1), axis=1)  # (references, block + 1)
-        spectra = np.concatenate([spectrum[None], self._spectra[:-1]])  # (partitions, references, block + 1)
-        estimate = np.fft.irfft(np.einsum("mprf,prf->mf", self.filters, spectra), n=2 * b, axis=1)[:, b:]
+        previous, history, begun_d, begun_x = self._history
+        spectrum = np.fft.rfft(np.concatenate([previous, x], axis=2), axis=2)  # (signals, references, block + 1)
+        spectra = np.concatenate([spectrum[:, None], history[:, :-1]], axis=1)  # (signals, partitions, refs, bins)
+        estimate = np.fft.irfft(np.einsum("mprf,kprf->kmf", self.filters, spectra), n=2 * b, axis=2)[..., b:]
         error = d - estimate
         if not adapt:
             return error
+        self._history = (x, spectra, begun_d, begun_x)
         c = self.config
-        errors = np.fft.rfft(np.concatenate([np.zeros_like(error), error], axis=1), axis=1)  # (mics, block + 1)
+        energy = float(np.sum(x[0] ** 2)) / b
+        self._level = energy if self._level is None else self._level + self._smoothing * (energy - self._level)
+        self._quiet = min(self._quiet * self._floor_rise, self._level)
+        if c.adapt_above_db is not None and self._level <= self._quiet * 10 ** (c.adapt_above_db / 10):
+            return error  # the noise source is off: nothing to learn, and the machines must not be learnt
+        errors = np.fft.rfft(np.concatenate([np.zeros_like(error[0]), error[0]], axis=1), axis=1)  # (mics, bins)
+        spectrum, spectra = spectrum[0], spectra[0]  # the weights learn from the audio, not the shadows
         lam = c.forgetting
-        self._power = lam * self._power + (1 - lam) * np.einsum("rf,sf->frs", spectrum, np.conj(spectrum))
+        outer = np.einsum("rf,sf->frs", spectrum, np.conj(spectrum))  # X X^H per bin
+        self._power = lam * self._power + (1 - lam) * outer
         self._blocks += 1
         power = self._power / (1 - lam ** self._blocks)  # unbiased while it starts
+        # Fast attack: a source that switches on is louder than the memory of the quiet
+        # before it; normalising by that memory would take a step far too large.
+        louder = np.trace(outer, axis1=1, axis2=2).real > np.trace(power, axis1=1, axis2=2).real
+        power[louder] = outer[louder]
         if c.method == "nlms":
             # Per partition, the sum over the block of e[t] x[t - j]: the per-sample NLMS updates
             # summed. Normalised by the references' power in their strongest bin (x partitions / 2):
@@ -158,12 +213,11 @@ class Canceller:
             step = c.step_size / (peak * self.partitions / 2 + self.taps * c.regularisation)
             normalised = np.conj(spectra) * step
         else:
-            floor = np.trace(power, axis1=1, axis2=2).real.max() / self.references * RLS_FLOOR \
+            floor = np.trace(power, axis1=1, axis2=2).real.max() * RLS_FLOOR / self.references \
                 + 2 * b * c.regularisation
             inverse = np.linalg.inv(power + floor * np.eye(self.references))  # (bins, references, references)
             # Phi^-1 X^* per bin, shared by the partitions: their steps add up to step_size
             normalised = np.einsum("frs,psf->prf", inverse, np.conj(spectra)) * (c.step_size / self.partitions)
         gradient = np.fft.irfft(normalised[None] * errors[:, None, None], n=2 * b, axis=-1)[..., :b]
         self.filters += np.fft.rfft(gradient, n=2 * b, axis=-1)  # constrained to `block` taps per partition
-        self._previous, self._spectra = x, spectra
         return error

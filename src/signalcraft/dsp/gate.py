@@ -104,4 +104,7 @@ class Denoiser:
         start = context.shape[1]
         assert y.shape[-1] >= start + n, (y.shape, start, n)
         self._context = audio[:, n - edge:].copy()
-        return y[..., start:start + n].numpy().astype(np.float32, copy=True)
+        out = y[..., start:start + n].numpy().astype(np.float32, copy=True)
+        # The non-stationary gate divides by the signal's own statistics: on digital
+        # silence (a dead channel, a muted input) they are 0/0. Gated silence is silence.
+        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
