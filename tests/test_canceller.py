@@ -81,22 +81,25 @@ def test_state_carried_across_two_segments_equals_the_concatenation(method):
     np.testing.assert_array_equal(split(mics[:, :cut], reference[:, :cut]), halves[0])
 
 
-def test_rls_converges_faster_than_nlms_on_coloured_noise():
+def test_coloured_and_tonal_noise_is_cancelled_and_the_filter_stays_stable():
     from scipy.signal import lfilter
 
     rng = np.random.default_rng(3)
     n = 4 * RATE
-    reference = lfilter([1.0], [1.0, -0.95], rng.standard_normal(n) * 0.01)[None].astype(np.float32)  # a rumble
+    t = np.arange(n) / RATE
+    rumble = lfilter([1.0], [1.0, -0.95], rng.standard_normal(n) * 0.01)
+    hum = 0.05 * np.sin(2 * np.pi * 120 * t) + 0.03 * np.sin(2 * np.pi * 610 * t) + 0.0005 * rng.standard_normal(n)
     path = np.zeros(40)
     path[[5, 17, 33]] = [0.8, -0.4, 0.2]
-    mics = np.convolve(reference[0], path)[:n][None].astype(np.float32)
     later = slice(2 * RATE, None)
-    left = {}
-    for method in ("nlms", "rls"):
-        config = ReferenceConfig(method=method, taps=64, block=32, adapt_above_db=None)  # on from the start
-        out = Canceller(config, 1, 1)(mics, reference)
-        left[method] = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
-    assert left["rls"] < left["nlms"] - 6 and left["nlms"] < -6, left  # both cancel, rls much further
+    for name, source in (("rumble", rumble), ("hum", hum)):
+        reference = source[None].astype(np.float32)
+        mics = np.convolve(source, path)[:n][None].astype(np.float32)
+        for method in ("nlms", "rls"):
+            c = Canceller(ReferenceConfig(method=method, taps=64, block=32, adapt_above_db=None), 1, 1)
+            out = c(mics, reference)
+            left = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
+            assert c.resets == 0 and left < -15, (name, method, left)
 
 
 def test_a_diverging_filter_is_reset_and_logged(caplog):
@@ -222,7 +225,7 @@ def test_the_filter_learns_only_while_the_noise_source_is_on():
     assert np.any(always.filters)  # without the rule it would have
 
 
-def test_two_correlated_references_are_decorrelated_by_rls():
+def test_two_correlated_references_are_cancelled_without_diverging():
     from scipy.signal import lfilter
 
     rng = np.random.default_rng(3)
@@ -240,4 +243,4 @@ def test_two_correlated_references_are_decorrelated_by_rls():
         out = c(mics, reference)
         assert c.resets == 0
         left[method] = 10 * np.log10(np.mean(out[0, later] ** 2) / np.mean(mics[0, later] ** 2))
-    assert left["rls"] < left["nlms"] - 3 and left["nlms"] < -6, left
+    assert left["rls"] < -10 and left["nlms"] < -10, left  # neither is thrown by near-identical references

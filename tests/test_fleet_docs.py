@@ -43,7 +43,7 @@ FLEET = ROOT / "docs" / "fleet.md"
 TELEGRAF = ROOT / "docs" / "fleet" / "telegraf.conf"
 DASHBOARD = ROOT / "docs" / "fleet" / "grafana-dashboard.json"
 SITE = "room-1"
-STATES = {th.NORMAL, th.WARNING, th.CRITICAL}
+STATES = {"CALIBRATING", th.NORMAL, th.WARNING, th.CRITICAL}  # CALIBRATING: after maintenance
 
 
 @dataclasses.dataclass
@@ -329,8 +329,8 @@ def test_state_levels_cover_every_state(telegraf, messages):
     (enum,) = telegraf["processors"]["enum"]
     (mapping,) = enum["mapping"]
     assert mapping["fields"] == ["state"] and set(mapping["value_mappings"]) == STATES
-    assert sorted(mapping["value_mappings"], key=mapping["value_mappings"].get) == [th.NORMAL, th.WARNING,
-                                                                                   th.CRITICAL]
+    assert sorted(mapping["value_mappings"], key=mapping["value_mappings"].get) == ["CALIBRATING", th.NORMAL,
+                                                                                   th.WARNING, th.CRITICAL]
     seen = {m.payload["state"] for m in messages if m.payload["type"] in ("score", "state")}
     assert seen <= STATES
 
@@ -379,7 +379,7 @@ def test_the_dashboard_has_a_row_per_site_and_colours_the_states(dashboard, tele
         if p["type"] != "row":
             assert p["datasource"]["type"] == "influxdb" and all('"${site}"' in t["query"] for t in p["targets"])
     levels = telegraf["processors"]["enum"][0]["mapping"][0]["value_mappings"]
-    colours = {th.NORMAL: "green", th.WARNING: "orange", th.CRITICAL: "red"}
+    colours = {"CALIBRATING": "blue", th.NORMAL: "green", th.WARNING: "orange", th.CRITICAL: "red"}
     coloured = [p for p in dashboard["panels"] if p.get("fieldConfig", {}).get("defaults", {}).get("mappings")]
     assert {p["type"] for p in coloured} == {"stat", "state-timeline"}
     for p in coloured:

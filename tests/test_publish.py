@@ -151,13 +151,19 @@ def test_a_sigkill_between_sending_and_marking_loses_nothing(copy, broker):
         publisher = subprocess.Popen([SCRIPT, "--config", str(project / "config.yaml"), "publish"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while len(subscriber.ids()) < 1500 and publisher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        while publisher.poll() is None and time.monotonic() < deadline:  # a quarter of the way: kill it
+            if sum(sent is not None for *_, sent in outbox_rows(project)) >= 1500:
+                break
+            time.sleep(0.005)
         os.kill(publisher.pid, signal.SIGKILL)
         publisher.wait(10)
         assert publisher.returncode == -signal.SIGKILL, publisher.stderr.read()
         before = {mid for mid, _, sent in outbox_rows(project) if sent is None}
-        time.sleep(0.5)  # what was in flight arrives
+        settled, count = time.monotonic(), len(subscriber.ids())
+        while time.monotonic() - settled < 1.0 and time.monotonic() < deadline:  # what was in flight arrives
+            time.sleep(0.05)
+            if len(subscriber.ids()) != count:
+                settled, count = time.monotonic(), len(subscriber.ids())
         delivered_unmarked = set(subscriber.ids()) & before
         assert delivered_unmarked, "the kill did not fall between sending and marking"
 
@@ -313,5 +319,27 @@ def test_a_message_the_broker_refuses_stays_in_the_outbox(copy, tmp_path):
         assert result.returncode == ExitCode.FAILURE
         assert f"refused to take signalcraft/{SITE}/mix/" in result.stderr and "ACL" in result.stderr
         assert all(sent is None for *_, sent in outbox_rows(project))  # nothing marked sent: nothing lost
+        with Store(project / "out" / "signalcraft.sqlite") as store:  # next time it is tried alone first
+            assert store.get_meta("publish_refused_id") == outbox_rows(project)[0][0]
+        again = cli(project, "publish")
+        assert again.returncode == ExitCode.FAILURE and "refused to take" in again.stderr
     finally:
         broker.stop()
+
+
+def test_a_machine_in_recalibration_is_published_as_calibrating_once(copy, broker):
+    project, _ = copy
+    config = configure(project, broker)
+    broker.stop()  # the messages wait: read them from the outbox
+    from signalcraft.segments import list_segments
+
+    back = list_segments(project / "out")[-1].start_time + dt.timedelta(seconds=1)  # after the newest segment
+    assert cli(project, "maintenance", "mix", "-m", "new bearings", "--at", back.isoformat()).returncode == 0
+    for k, seeds in enumerate((range(620, 622), range(622, 624))):  # two runs of detect while it recalibrates
+        add_recordings(project, config, seeds, ending=back + dt.timedelta(seconds=20 + 30 * k))
+        assert cli(project, "-q", "detect", str(project / "out")).returncode == 0
+    with Store(project / "out" / "signalcraft.sqlite") as store:
+        payloads = [json.loads(m["payload"]) for m in store.waiting_messages()]
+    states = [p for p in payloads if p["type"] == "state"]
+    assert [p["state"] for p in states] == ["CALIBRATING"]  # once, though two runs collected segments
+    assert [p["type"] for p in payloads].count("maintenance") == 1

@@ -167,8 +167,9 @@ class ReferenceConfig:
     """The reference canceller (``dsp.canceller``): on when capture.reference_channels
     lists reference microphones."""
 
-    # nlms: normalised LMS (the default); rls: frequency-domain RLS (converges faster on
-    # noise of an uneven spectrum and with several references).
+    # nlms: frequency-domain normalised LMS (the default); rls: frequency-domain RLS,
+    # which also decorrelates several references that hear much the same, in one
+    # partition (cheaper, slower to follow a change).
     method: Literal["nlms", "rls"] = "nlms"
     # Filter length per (microphone, reference), samples: the longest delay from a
     # reference to a machine microphone plus the room's echo worth cancelling (4096 at

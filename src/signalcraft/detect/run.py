@@ -197,10 +197,12 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
     alerts: dict[str, list[tuple[int, str, float]]] = {}  # source -> (mic, status, score)
     states: dict[str, list[tuple[int, str]]] = {}  # source -> (mic, status) scored in this segment
     rows = []
+    collected: set[str] = set()  # machines collected for their recalibration in this segment
     for (mic, source), tensor in sorted(tensors.items()):
         if source in recalibrating and start >= recalibrating[source]:  # after its maintenance
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             result.rows.append(Row(segment.name, start, mic, source, None, None, None, CALIBRATING))
+            collected.add(source)
             continue
         saved = store.get_threshold(mic, source)
         if saved is None or source not in detector.sources:  # not there at calibration
@@ -227,6 +229,12 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
             alerts.setdefault(source, []).append((mic, decision.status, score))
         states.setdefault(source, []).append((mic, decision.status))
         rows.append(Row(segment.name, start, mic, source, score, state.warning, state.critical, decision.status))
+    if outbox is not None:  # a machine's first segment after its maintenance: its state is CALIBRATING
+        for source in sorted(collected):
+            if store.recalibration_folders(source, recalibrating[source]) == [segment.name]:
+                outbox.scored(store, source, segment.name, start, CALIBRATING, store.machine_state(source),
+                              [r for r in result.rows if r.folder == segment.name and r.source == source],
+                              acknowledged=False)
     covered = {}
     for source, by_mic in states.items():
         status = max((s for _, s in by_mic), key=RANK.__getitem__)

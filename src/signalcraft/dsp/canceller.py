@@ -14,22 +14,19 @@ filter, overlap-save with each partition's gradient constrained to ``block``
 coefficients; Soo and Pang 1990), vectorised over microphones, references and
 partitions, never a loop over samples:
 
-- ``nlms``: normalised LMS: each block's update is the sum of the per-sample LMS
-  updates over its samples (the error from the weights at the block's start), normalised
-  by the references' power in their strongest frequency bin (recursively estimated with
-  ``forgetting``, and never below the present block's: a source that switches on is
-  met at once). For white noise that is per-sample NLMS's normalisation (the energy
-  over the last ``taps`` samples) and it behaves as per-sample NLMS with the same step
-  size; for coloured noise it keeps the block update stable, and converges as slowly
-  there as NLMS does.
+- ``nlms``: frequency-domain normalised LMS: each block's update is the sum of the
+  per-sample LMS updates over its samples (the error from the weights at the block's
+  start), each frequency bin's step normalised by the references' power in it
+  (recursively estimated with ``forgetting``, never below the present block's, so a
+  source that switches on is met at once). For white noise that is per-sample NLMS's
+  normalisation and it behaves as per-sample NLMS with the same step size; for coloured
+  noise (a rumble, a hum with its harmonics) every bin converges alike.
 - ``rls``: the frequency-domain RLS approximation (the generalised multichannel
-  frequency-domain adaptive filter of Buchner, Benesty and Kellermann): the step
-  normalised per frequency bin by the inverse of the references' recursively estimated
-  (cross-)power spectrum, forgetting factor ``forgetting`` per block (never below the
-  present block's). It whitens a
-  coloured reference and decorrelates several references, so it converges faster than
-  NLMS on noise of an uneven spectrum (a rumble, a hum with its harmonics). It runs the
-  filter as one partition (``block`` = ``taps``).
+  frequency-domain adaptive filter of Buchner, Benesty and Kellermann): each bin's step
+  normalised by the inverse of the references' (cross-)power matrix in it, so several
+  references that hear much the same are decorrelated. It runs the filter as one
+  partition (``block`` = ``taps``): cheaper, and slower to follow a change. With one
+  reference it is NLMS in one partition.
 
 The filters learn only while the references are ``adapt_above_db`` above their quiet
 level (the least they have been, rising at most ``FLOOR_RISE_DB_PER_S``): while the
@@ -59,11 +56,11 @@ log = logging.getLogger(__name__)
 FLOOR_RISE_DB_PER_S = 0.2  # how fast the references' quiet level may rise, dB/s
 LEVEL_S = 0.1  # the references' level that is compared with their quiet level is smoothed over this, s
 
-# rls: a bin's power is floored at this fraction of the strongest bin's, so that the
-# bins a tonal reference leaves empty (nothing to learn there), and the directions in
-# which several references hardly differ, do not take huge steps: the whitening spans
-# at most 1 / RLS_FLOOR (10 dB).
-RLS_FLOOR = 0.1
+# A bin's power is floored at this fraction of the strongest bin's, so that the bins a
+# tonal reference leaves empty (nothing to learn there), and the directions in which
+# several references hardly differ, do not take huge steps: the whitening spans at most
+# 1 / FLOOR (10 dB).
+FLOOR = 0.1
 
 
 class Canceller:
@@ -205,15 +202,14 @@ class Canceller:
         louder = np.trace(outer, axis1=1, axis2=2).real > np.trace(power, axis1=1, axis2=2).real
         power[louder] = outer[louder]
         if c.method == "nlms":
-            # Per partition, the sum over the block of e[t] x[t - j]: the per-sample NLMS updates
-            # summed. Normalised by the references' power in their strongest bin (x partitions / 2):
-            # for white noise that is the energy over the last `taps` samples, as per-sample NLMS
-            # has it; for coloured noise it keeps the block update stable where the energy would not.
-            peak = np.trace(power, axis1=1, axis2=2).real.max()
-            step = c.step_size / (peak * self.partitions / 2 + self.taps * c.regularisation)
-            normalised = np.conj(spectra) * step
+            # Per partition, the sum over the block of e[t] x[t - j] (the per-sample LMS updates
+            # summed), each bin's step normalised by the references' power in it (summed over the
+            # references), floored at FLOOR of the strongest bin's.
+            traces = np.trace(power, axis1=1, axis2=2).real  # (bins,)
+            floor = traces.max() * FLOOR + 2 * b * c.regularisation
+            normalised = np.conj(spectra) * (c.step_size / self.partitions / np.maximum(traces, floor))
         else:
-            floor = np.trace(power, axis1=1, axis2=2).real.max() * RLS_FLOOR / self.references \
+            floor = np.trace(power, axis1=1, axis2=2).real.max() * FLOOR / self.references \
                 + 2 * b * c.regularisation
             inverse = np.linalg.inv(power + floor * np.eye(self.references))  # (bins, references, references)
             # Phi^-1 X^* per bin, shared by the partitions: their steps add up to step_size

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # messages published before their acknowledgements are awaited and marked together
 MAX_PASSWORD_BYTES = 4096
+REFUSED_KEY = "publish_refused_id"  # meta: the message the broker refused last
 SENT_KEPT = dt.timedelta(days=1)  # sent messages are remembered this long (what a crash may resend)
 
 
@@ -149,6 +150,7 @@ class Sender:
         import paho.mqtt.client as mqtt
 
         self.close()
+        self._refused.clear()  # paho numbers a new client's messages from 1 again
         m = self.m
         # MQTT 5: a broker that refuses a message (its ACL) says so in the acknowledgement;
         # under 3.1.1 it acknowledges and drops it.
@@ -219,7 +221,12 @@ class Sender:
             self.connect()
         prefix, qos = self.m.topic_prefix, self.m.qos
         sent = 0
+        # The oldest waiting message was refused last time: it goes alone first, so that a
+        # broker still refusing it is not sent the batch behind it again and again.
+        refused_before = store.get_meta(REFUSED_KEY)
         while rows := store.waiting_messages(limit=BATCH):
+            if refused_before is not None and rows[0]["message_id"] == refused_before:
+                rows, refused_before = rows[:1], None
             infos = [self._client.publish(f"{prefix}/{row['topic']}", row["payload"], qos=qos,
                                           retain=bool(row["retain"])) for row in rows]
             acknowledged, failure, refused = [], None, False
@@ -236,6 +243,8 @@ class Sender:
                                f"{self._refused.pop(info.mid)}. Allow this site's user to publish under "
                                f"{prefix}/{topic_level(self.site)}/# (the broker's ACL), or check publish.site")
                     refused = True
+                    with store.transaction():
+                        store.set_meta(REFUSED_KEY, row["message_id"])
                 if failure:
                     break
                 acknowledged.append(row["id"])
