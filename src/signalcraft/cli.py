@@ -450,6 +450,10 @@ def _publish_after_detect(config: Config, output: Path) -> None:
     except SignalcraftError as e:
         log.error("publish: %s", e)
         return
+    except Exception as e:  # whatever the network or the client does, detect's result stands
+        log.error("publish: %s: %s (run with -v for the traceback)", type(e).__name__, e)
+        log.debug("traceback", exc_info=True)
+        return
     if result.error is None:
         log.info("published %d messages to %s:%d", result.sent, config.publish.mqtt.host, config.publish.mqtt.port)
         return
