@@ -68,6 +68,10 @@ SEGMENT_S = 10.0
 # The intermittent source's level at 1 m over a healthy machine's, dB: at 4.5-7.5 m from
 # the microphones it is then about as loud there as the machines (a real nuisance).
 LEVEL_DB = 15.0
+# Downstream, one pump and 2 microphones: a source this loud, with the reference 1 m from
+# it, is about as loud as the pump at the microphones and never makes the simulator turn
+# a recording down (which would change the pump's level between recordings).
+DOWNSTREAM_LEVEL_DB = 9.0
 DCASE = ROOT.parent / "shared" / "data" / "dcase2020"
 CONFIGS = {  # name -> (reference canceller method or None, gating on)
     "gating alone": (None, True),
@@ -222,13 +226,13 @@ def false_alarms(tmp: Path, calibration: int, test: int, canceller: bool) -> dic
         intermittent = k >= calibration  # off while calibrating, then switching on and off
         scene = simulate.default_scene(machines=("pump",), n_mics=2, intermittent=True, references=1,
                                        seconds=SEGMENT_S, seed=500 + k, unit=3, snr_db=None)
-        loud = dataclasses.replace(scene.intermittent, level_db=LEVEL_DB)
+        loud = dataclasses.replace(scene.intermittent, level_db=DOWNSTREAM_LEVEL_DB)
         x, y, z = loud.position
         scene = dataclasses.replace(scene, intermittent=loud if intermittent else None,  # the same geometry
-                                    references=((x - 2.0, y, z),))  # 2 m from the source: nothing turned down
+                                    references=((x - 1.0, y, z),))  # 1 m from the source: nothing turned down
         r = simulate.render(scene)
         if r.labels["level_gain_db"] != 0:  # the limiter would change the machine's level between recordings
-            raise RuntimeError(f"recording {k}: the simulator turned the scene down; lower LEVEL_DB")
+            raise RuntimeError(f"recording {k}: the simulator turned the scene down; lower DOWNSTREAM_LEVEL_DB")
         frames = np.concatenate([r.mixture, r.reference]).T if canceller else r.mixture.T
         path = recordings / f"room-{k:03d}.wav"
         sf.write(path, frames, SR, subtype="FLOAT")
@@ -329,7 +333,7 @@ def main() -> None:
         "",
         f"Downstream, `process` + `detect` (one pump, 2 microphones, denoise off, {calibration} calibration "
         f"segments with the intermittent source off, then {test} normal segments with it switching on and off, "
-        f"{LEVEL_DB:+g} dB at 1 m, the reference 2 m from it):",
+        f"{DOWNSTREAM_LEVEL_DB:+g} dB at 1 m, the reference 1 m from it):",
         "",
         "| | (segment, mic) rows | flagged WARNING or CRITICAL | share | time |",
         "|---|---|---|---|---|",

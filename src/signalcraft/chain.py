@@ -183,9 +183,9 @@ class Chain:
         if self.references:
             reference = {
                 "channels": list(self.references),
-                "levels": [dataclasses.asdict(level(-1, c, v, bad))
-                           for c, v, bad in zip(self.references, lv[m:], nonfinite[m:])],
-                **dataclasses.asdict(self.config.reference),
+                "levels": [{k: x for k, x in dataclasses.asdict(level(0, c, v, bad)).items() if k != "mic"}
+                           for c, v, bad in zip(self.references, lv[m:], nonfinite[m:])],  # not microphones
+                **dataclasses.asdict(self.config.reference), "block": self.canceller.block,  # rls: taps
                 "resets": self.canceller.resets,  # divergences reset since the chain started
             }
         return segment_manifest(

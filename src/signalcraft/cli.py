@@ -460,8 +460,12 @@ def _publish_after_detect(config: Config, output: Path) -> None:
     level = logging.INFO
     if result.refused or result.oldest_age_s > QUIET_OUTAGE_S:
         level = logging.ERROR if result.refused else logging.WARNING
-    log.log(level, "publish: %s; %d messages wait in the outbox (sent %d)", result.error, result.waiting,
-            result.sent)
+    log.log(level, "publish: %s; %s waiting in the outbox (sent %d)", result.error.rstrip("."),
+            _messages(result.waiting), result.sent)
+
+
+def _messages(n: int) -> str:
+    return f"{n} message{'s' * (n != 1)}"
 
 
 def _prune(config: Config, output: Path, dry_run: bool = False):
@@ -684,7 +688,7 @@ def publish(ctx: click.Context, output: Optional[Path], dry_run: bool) -> None:
         return
     result = publish_waiting(config, output)
     if result.error is not None:
-        message = f"{result.error}; {result.waiting} messages wait in the outbox (sent {result.sent})"
+        message = f"{result.error.rstrip('.')}; {_messages(result.waiting)} waiting in the outbox (sent {result.sent})"
         if ctx.obj.quiet and not result.refused and result.oldest_age_s <= QUIET_OUTAGE_S:
             log.info("%s", message)  # a short outage: the log file has it, cron's mail does not
             ctx.exit(ExitCode.FAILURE)

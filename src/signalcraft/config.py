@@ -192,8 +192,9 @@ class ReferenceConfig:
 
     def __post_init__(self):
         _require(16 <= self.taps <= 65536, "taps", "must be between 16 and 65536")
-        _require(8 <= self.block <= self.taps and self.taps % self.block == 0, "block",
-                 "must be at least 8 and divide taps")
+        _require(8 <= self.block <= self.taps, "block", "must be at least 8 and at most taps")
+        _require(self.block > self.taps or self.taps % self.block == 0, "taps",
+                 f"must be a multiple of reference.block ({self.block})")
         limit = 2.0 if self.method == "nlms" else 1.0
         _require(0 < self.step_size < limit or (self.method == "rls" and self.step_size == 1.0), "step_size",
                  f"must be in (0, {limit:g}{']' if self.method == 'rls' else ')'} for {self.method}")

@@ -159,10 +159,12 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
     from .resources import check_noise_clips
 
     d = ctx.config.denoise
+    references = ctx.config.capture.reference_channels
+    need_none = f" (reference channels {list(references)} need none)" if references else ""
     if not d.enabled:
-        return OK, "denoising off (denoise.enabled: false): no clips needed"
+        return OK, "denoising off (denoise.enabled: false): no clips needed" + need_none
     if not d.stationary:
-        return OK, "non-stationary denoising: no clips needed"
+        return OK, "non-stationary denoising: no clips needed" + need_none
     channels = ctx.channels or ctx.config.capture.channels
     if channels is None:
         return SKIP, "capture.channels is null (all inputs): which clips are needed is known once the device is found"
@@ -177,9 +179,7 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
     if checked.other_device:
         return WARN, (f"recorded on another device: {', '.join(checked.other_device)}; record them again on this one "
                       f"with {ctx.command('calibrate-noise', '--force')}")
-    references = ctx.config.capture.reference_channels
-    return OK, f"{len(channels)} clips in {ctx.config.noise.dir}" + (
-        f" (reference channels {list(references)} need none)" if references else "")
+    return OK, f"{len(channels)} clips in {ctx.config.noise.dir}{need_none}"
 
 
 def _check_separator(ctx: _Context) -> tuple[str, str]:
@@ -362,25 +362,29 @@ def _check_publish(ctx: _Context) -> tuple[str, str]:
     m = ctx.config.publish.mqtt
     if m is None:
         return SKIP, "publishing off (publish.mqtt: null)"
-    outbox, waiting, last = "no outbox yet", 0, ""
+    outbox, waiting, last, refused = "no outbox yet", 0, "", False
     state = state_path(ctx.config, ctx.output)
     if state.exists():
         with Store(state, create=False) as store:
             box = store.outbox_status()
             error, error_utc = store.get_meta("publish_last_error"), store.get_meta("publish_last_error_utc")
+            refused = bool(store.get_meta("publish_refused_id"))
         waiting = box["waiting"]
         oldest = f", the oldest from {box['oldest_utc'][:19]} UTC" if box["oldest_utc"] else ""
-        outbox = f"{waiting} messages waiting in the outbox{oldest}"
+        outbox = f"{waiting} message{'s' * (waiting != 1)} waiting in the outbox{oldest}"
         last = f"; the last attempt ({error_utc[:19]} UTC) failed: {error}" if error else ""
     try:
         with Sender(ctx.config, probe=True):
             pass
     except PublishError as e:
         # Out of reach, the site works on and the outbox waits; refused, it never delivers.
-        return (FAIL if e.refused else WARN), f"{e} {outbox}"
+        return (FAIL if e.refused else WARN), f"{str(e).rstrip('.')}; {outbox}"
     send = f"; {ctx.command('publish', '--output', ctx.output)} sends them" if waiting else ""
-    return OK, (f"{m.host}:{m.port} accepts this site ({'TLS, ' if m.tls else ''}user {m.username or 'none'}); "
-                f"{outbox}{send}{last}")
+    detail = (f"{m.host}:{m.port} accepts this site ({'TLS, ' if m.tls else ''}user {m.username or 'none'}); "
+              f"{outbox}{send}{last}")
+    if refused and error:  # connecting works, but the broker's ACL takes nothing of this site's
+        return WARN, detail
+    return OK, detail
 
 
 # Each check returns (status, detail), or a list of them for one line per finding.

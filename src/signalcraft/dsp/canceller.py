@@ -28,10 +28,12 @@ partitions, never a loop over samples:
   partition (``block`` = ``taps``): cheaper, and slower to follow a change. With one
   reference it is NLMS in one partition.
 
-The filters learn only while the references are ``adapt_above_db`` above their quiet
-level (the least they have been, rising at most ``FLOOR_RISE_DB_PER_S``): while the
-noise source is off, what the references hear is the room and the machines themselves,
-and a filter that learnt from that would subtract machine sound. A source already
+The filters learn, and subtract, only while the references are ``adapt_above_db`` above
+their quiet level (the least they have been, rising at most ``FLOOR_RISE_DB_PER_S``):
+while the noise source is off, what the references hear is the room and the machines
+themselves; a filter that learnt from that would subtract machine sound, and the
+filtered reference would only add the reference's room noise, so the audio passes
+unchanged. A source already
 running when the canceller starts is learnt once it has been heard off and on again;
 one that never stops is the noise gate's (record its noise clip with it running).
 
@@ -100,6 +102,7 @@ class Canceller:
         self._blocks = 0  # blocks in the power estimate (its start-up correction)
         self._level: Optional[float] = None  # the references' power, smoothed over LEVEL_S
         self._quiet = np.inf  # their quiet level: the least of that, minimum statistics
+        self._off = False  # the references are at their quiet level: the audio passes unchanged
         self._history: Optional[tuple] = None  # per signal: previous block, spectra, a begun block; see _state
 
     def _state(self, signals: int) -> tuple:
@@ -182,14 +185,17 @@ class Canceller:
         estimate = np.fft.irfft(np.einsum("mprf,kprf->kmf", self.filters, spectra), n=2 * b, axis=2)[..., b:]
         error = d - estimate
         if not adapt:
-            return error
+            return d if self._off else error
         self._history = (x, spectra, begun_d, begun_x)
         c = self.config
         energy = float(np.sum(x[0] ** 2)) / b
         self._level = energy if self._level is None else self._level + self._smoothing * (energy - self._level)
         self._quiet = min(self._quiet * self._floor_rise, self._level)
-        if c.adapt_above_db is not None and self._level <= self._quiet * 10 ** (c.adapt_above_db / 10):
-            return error  # the noise source is off: nothing to learn, and the machines must not be learnt
+        self._off = c.adapt_above_db is not None and self._level <= self._quiet * 10 ** (c.adapt_above_db / 10)
+        if self._off:
+            # The noise source is off: nothing to learn (the machines must not be learnt), and
+            # nothing to subtract (the filtered reference would be the room and the machines).
+            return d
         errors = np.fft.rfft(np.concatenate([np.zeros_like(error[0]), error[0]], axis=1), axis=1)  # (mics, bins)
         spectrum, spectra = spectrum[0], spectra[0]  # the weights learn from the audio, not the shadows
         lam = c.forgetting

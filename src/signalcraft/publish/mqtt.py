@@ -184,6 +184,9 @@ class Sender:
         try:
             client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
         except ssl.SSLCertVerificationError as e:
+            if "mismatch" in (e.verify_message or ""):  # signed by a trusted CA, for another name
+                raise PublishError(f"{self.broker}: its TLS certificate is not for this name ({e.verify_message}). "
+                                   "Set publish.mqtt.host to the name the certificate was made for.") from None
             raise PublishError(f"{self.broker}: its TLS certificate is not trusted ({e.verify_message}). Set "
                                "publish.mqtt.ca_file to the CA that signed it.") from None
         except ssl.SSLError as e:
@@ -195,21 +198,29 @@ class Sender:
         except (socket.timeout, TimeoutError):
             raise PublishError(f"{self.broker}: no answer within {m.timeout_s:g} s (publish.mqtt.timeout_s); is "
                                "the network down?", refused=False) from None
+        except ConnectionResetError as e:
+            if m.tls:  # a plain MQTT listener drops a TLS hello
+                raise PublishError(f"{self.broker}: the connection was cut during the TLS handshake ({e.strerror or e})"
+                                   "; is the port a TLS listener (publish.mqtt.tls, port)?") from None
+            raise PublishError(f"{self.broker}: cannot connect ({e.strerror or e}); is the broker running and the "
+                               "network up?", refused=False) from None
         except OSError as e:
             raise PublishError(f"{self.broker}: cannot connect ({e.strerror or e}); is the broker running and the "
                                "network up?", refused=False) from None
         client.loop_start()
         if not answered.wait(m.timeout_s) or not answer:
             self._stop(client)
+            expects = "a plain MQTT port with publish.mqtt.tls true" if m.tls else \
+                "a TLS port with publish.mqtt.tls false"
             raise PublishError(f"{self.broker}: connected, but no answer to the MQTT handshake within "
-                               f"{m.timeout_s:g} s; is it an MQTT port (and TLS set as the broker expects)?",
-                               refused=False)
+                               f"{m.timeout_s:g} s; is it an MQTT port, and not {expects}?")
         reason = answer[0]
         if reason.is_failure:
             self._stop(client)
-            hint = (" Check publish.mqtt.username and the password in "
-                    f"{m.password_file or ('$' + m.password_env if m.password_env else 'no password set')}."
-                    if int(reason.value) in (4, 5, 134, 135) else "")
+            where = (f"the password in {m.password_file}" if m.password_file else f"the password in ${m.password_env}"
+                     if m.password_env else "that a password is needed (none is set: publish.mqtt.password_file or "
+                     "password_env)")
+            hint = f" Check publish.mqtt.username and {where}." if int(reason.value) in (4, 5, 134, 135) else ""
             raise PublishError(f"{self.broker} refused the connection: {reason}.{hint}")
         self._client = client
 
@@ -223,7 +234,7 @@ class Sender:
         sent = 0
         # The oldest waiting message was refused last time: it goes alone first, so that a
         # broker still refusing it is not sent the batch behind it again and again.
-        refused_before = store.get_meta(REFUSED_KEY)
+        refused_before = store.get_meta(REFUSED_KEY) or None
         while rows := store.waiting_messages(limit=BATCH):
             if refused_before is not None and rows[0]["message_id"] == refused_before:
                 rows, refused_before = rows[:1], None
@@ -255,6 +266,9 @@ class Sender:
             if failure:
                 self.close()
                 raise PublishError(failure, refused=refused)
+        if store.get_meta(REFUSED_KEY):  # everything taken: the refusal is over
+            with store.transaction():
+                store.set_meta(REFUSED_KEY, "")
         return sent
 
     def close(self) -> None:
