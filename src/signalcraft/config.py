@@ -180,7 +180,7 @@ class ReferenceConfig:
     # Smaller follows per-sample NLMS more closely and adapts more often, at more cost.
     block: int = 256
     step_size: float = 0.5  # in (0, 2) for nlms, (0, 1] for rls; larger adapts faster, leaves more residual
-    forgetting: float = 0.98  # rls: weight of the past power estimate per block of `taps` samples
+    forgetting: float = 0.98  # the references' power estimate: weight of the past, per block
     regularisation: float = 1e-8  # power floor of the references, full scale squared (-80 dB)
     # Learn only while the references are this much above their quiet level (the noise
     # source is on), dB; null: always. Off, the references hear the machines, and a

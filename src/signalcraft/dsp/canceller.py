@@ -74,6 +74,8 @@ class Canceller:
     config : ReferenceConfig
     mics, references : int
         Rows of the audio and of the reference passed to each call.
+    sample_rate : int
+        Hz: sets how fast the references' quiet level may rise (FLOOR_RISE_DB_PER_S).
     """
 
     def __init__(self, config: ReferenceConfig, mics: int, references: int, sample_rate: int = 16000):
