@@ -32,6 +32,7 @@ from signalcraft.config import config_from_dict
 from signalcraft.detect import thresholds as th
 from signalcraft.detect.store import Store
 from signalcraft.publish.messages import Outbox, queue_heartbeat, recorder_liveness, status_topic, will_payload
+from signalcraft.segments import folder_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -106,7 +107,11 @@ def messages(config, tmp_path_factory) -> list[Message]:
     out = folder / "out"
     out.mkdir()
     outbox = Outbox(config)
-    start = dt.datetime(2026, 1, 1, 6, 0, tzinfo=dt.timezone.utc)  # an event's time, not today's
+    start = clock.now() - dt.timedelta(hours=1)  # an hour ago: segments already recorded
+
+    def segment(k: int) -> str:  # the folder name of the k-th 10 s segment from start
+        return folder_name(start + dt.timedelta(seconds=10 * k))
+
     queued: dict[str, dict] = {}
     with Store(folder / "signalcraft.sqlite") as store:
         with store.transaction():
@@ -116,17 +121,17 @@ def messages(config, tmp_path_factory) -> list[Message]:
                 flagged = th.CRITICAL if state == th.CRITICAL else th.NORMAL
                 rows = [Row(0, 9.5, 4.0, 6.0, flagged), Row(1, 1.0, 4.0, 6.0, th.NORMAL),
                         Row(2, float("nan"), None, None, th.NORMAL)]  # a score that is not finite
-                outbox.scored(store, "P-101", f"2026-01-01_07-00-{10 * k:02d}", at, state, previous, rows,
+                outbox.scored(store, "P-101", segment(k), at, state, previous, rows,
                               acknowledged=False)
-            outbox.scored(store, "F/201", "2026-01-01_07-00-00", start.isoformat(), th.WARNING, th.NORMAL,
+            outbox.scored(store, "F/201", segment(0), start.isoformat(), th.WARNING, th.NORMAL,
                           [Row(0, None, None, None, th.WARNING)], acknowledged=False)  # no ratio at all
-            outbox.acknowledged(store, 1, "P-101", th.CRITICAL, "2026-01-01_07-00-20", "fitter booked")
+            outbox.acknowledged(store, 1, "P-101", th.CRITICAL, segment(2), "fitter booked")
             outbox.maintenance(store, 1, "P-101", start.isoformat(), "bearing replaced")
         queue_heartbeat(config, out, store)  # the real one: no segments yet, nulls
         for row in store.waiting_messages():
             queued[row["message_id"]] = row
         recorder = recorder_liveness(config, out)
-        alive = {**recorder, "newest_segment": "2026-01-01_07-00-20", "started_utc": start.isoformat(),
+        alive = {**recorder, "newest_segment": segment(2), "started_utc": start.isoformat(),
                  "age_s": 12.5, "alive": True}
         assert set(alive) == set(recorder)
         with store.transaction():  # a heartbeat replaces the waiting one: read it separately

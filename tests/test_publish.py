@@ -131,10 +131,11 @@ def test_with_the_broker_down_detect_is_unaffected_and_publish_delivers_later_in
     assert states[-1] == "NORMAL" and "CRITICAL" in states
 
 
-def fill_outbox(project, config, n: int) -> None:
-    """Queue ``n`` score messages through the product's outbox, as detect would."""
+def fill_outbox(project, config, n: int, start: dt.datetime | None = None) -> None:
+    """Queue ``n`` score messages through the product's outbox, as detect would, for
+    segments every 10 s from ``start`` (default: a day ago)."""
     outbox = Outbox(config)
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)  # an event's time, not today's
+    start = start or clock.now() - dt.timedelta(days=1)
     with Store(project / "out" / "signalcraft.sqlite") as store, store.transaction():
         for k in range(n):
             at = (start + dt.timedelta(seconds=10 * k)).isoformat()
@@ -245,14 +246,15 @@ def test_the_outbox_is_bounded_and_a_repeated_event_is_queued_once(copy, broker)
     config = configure(project, broker)
     broker.stop()
     old = clock.now() - dt.timedelta(days=config.publish.max_outbox_days + 1)
+    events = old - dt.timedelta(hours=1)  # the segments' times
     with clock.frozen(old):
-        fill_outbox(project, config, 5)
+        fill_outbox(project, config, 5, events)
     queued = len(outbox_rows(project))  # 5 scores, and the machine's state once
     assert queued == 6
-    fill_outbox(project, config, 5)  # the same events again: the same message ids
+    fill_outbox(project, config, 5, events)  # the same events again: the same message ids
     assert len(outbox_rows(project)) == queued
     with clock.frozen(old):
-        fill_outbox(project, config, 8)  # 3 more
+        fill_outbox(project, config, 8, events)  # 3 more
     result = publish_waiting(config, project / "out", heartbeat=False)
     assert result.dropped == queued + 3 and result.waiting == 0 and result.error is None  # nothing left to send
 
@@ -295,7 +297,7 @@ def test_publish_says_when_publishing_is_off(copy):
 def test_a_machine_is_announced_with_its_state_and_since_when_once_publishing_is_turned_on(tmp_path):
     config = config_from_dict({"publish": {"site": SITE, "mqtt": {"host": "b"}}})
     outbox = Outbox(config)
-    start = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    start = clock.now() - dt.timedelta(minutes=5)
     with Store(tmp_path / "state.sqlite") as store, store.transaction():
         for k, status in enumerate(["NORMAL", "WARNING", "WARNING", "NORMAL", "NORMAL", "NORMAL"]):
             at = (start + dt.timedelta(seconds=10 * k)).isoformat()
