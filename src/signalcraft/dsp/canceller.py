@@ -86,9 +86,7 @@ class Canceller:
         self.taps = config.taps
         # rls runs the filter as one partition: with several, a tonal reference leaves
         # directions that the per-bin normalisation cannot see, and they drift.
-        self.block = config.taps if config.method == "rls" else min(config.block, config.taps)
-        if config.taps % self.block:
-            raise ValueError(f"reference.taps {config.taps} is not a multiple of reference.block {self.block}")
+        self.block = config.taps if config.method == "rls" else config.block  # ReferenceConfig: block divides taps
         self.partitions = config.taps // self.block
         # The quiet level may rise this much per block (minimum statistics: it follows a
         # quieter room at once, a louder one slowly).

@@ -87,6 +87,7 @@ class Outbox:
 
     def __init__(self, config: Config):
         self.site = site_name(config)
+        self._announced: Optional[set[str]] = None  # machines whose state was queued once (ANNOUNCED_KEY)
 
     @classmethod
     def of(cls, config: Config) -> Optional["Outbox"]:
@@ -114,14 +115,16 @@ class Outbox:
         body = {"segment": segment, "start_utc": start_utc, "state": state,
                 "worst_ratio": max(ratios) if ratios else None, "mics": mics}
         self._queue(store, "score", asset, start_utc, body)
-        announced = json.loads(store.get_meta(ANNOUNCED_KEY) or "[]")
-        if state != previous or asset not in announced:
+        if self._announced is None:  # read once per Outbox (one detect run), not per segment
+            self._announced = set(json.loads(store.get_meta(ANNOUNCED_KEY) or "[]"))
+        if state != previous or asset not in self._announced:
             since = start_utc if state != previous else store.state_since(asset) or start_utc
             self._queue(store, "state", asset, f"{start_utc}/{state}", {
                 **body, "previous": previous, "since_utc": since, "acknowledged": acknowledged,
                 "flagging_mics": [m["mic"] for m in mics if m["status"] != "NORMAL"]}, retain=True)
-            if asset not in announced:
-                store.set_meta(ANNOUNCED_KEY, json.dumps(sorted([*announced, asset])))
+            if asset not in self._announced:
+                self._announced.add(asset)
+                store.set_meta(ANNOUNCED_KEY, json.dumps(sorted(self._announced)))
 
     def acknowledged(self, store, ack_id: int, asset: str, status: str, segment: str, note: str) -> None:
         self._queue(store, "ack", asset, f"{ack_id}/{clock.now_iso()}",
