@@ -123,14 +123,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-def tiny_demucs(sources=("pump", "fan"), samplerate: int = SAMPLE_RATE, audio_channels: int = 1):
+def tiny_demucs(sources=("pump", "fan"), samplerate: int = SAMPLE_RATE, audio_channels: int = 1,
+                resample: bool = True):
     """A real Demucs model with random weights, small enough for a unit test."""
     import torch
     from demucs.demucs import Demucs
 
     torch.manual_seed(0)
     return Demucs(sources=list(sources), audio_channels=audio_channels, samplerate=samplerate,
-                  channels=4, depth=2, segment=1)
+                  channels=4, depth=2, segment=1, resample=resample)
 
 
 @pytest.fixture

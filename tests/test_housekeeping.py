@@ -242,7 +242,7 @@ def test_doctor_names_each_problem(healthy):
 
 def test_doctor_says_what_kind_of_separator_and_refuses_an_array_model_for_other_microphones(healthy, model_repo):
     found = lines(invoke("--config", str(healthy), "doctor").stdout)
-    assert "(per microphone)" in found["separator"]
+    assert "(per microphone, on torch)" in found["separator"]
     save_model(tiny_demucs(audio_channels=4), model_repo, "array4")
     save_model(tiny_demucs(audio_channels=3), model_repo, "array3")
     config = yaml.safe_load(healthy.read_text())  # capture.channels [1, 2, 3, 4]
@@ -251,7 +251,7 @@ def test_doctor_says_what_kind_of_separator_and_refuses_an_array_model_for_other
         healthy.write_text(yaml.safe_dump(config))
         line = lines(invoke("--config", str(healthy), "doctor").stdout)["separator"]
         if ok:
-            assert line.startswith("OK") and "(array model for 4 microphones)" in line, line
+            assert line.startswith("OK") and "(array model for 4 microphones, on torch)" in line, line
         else:
             assert line.startswith("FAIL") and "trained on an array of 3 microphones, but 4 microphone channels are " \
                 "recorded" in line, line  # the message record gives

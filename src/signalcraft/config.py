@@ -561,6 +561,19 @@ REFUSED_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """Which runtime runs the networks: the separator and the detector's scoring path."""
+
+    # torch: the models as trained. onnxruntime: their ONNX exports, written beside them
+    # by `signalcraft export-onnx` (a part that is not a network, such as the online
+    # scorer, stays as it is). Training always uses torch.
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    # With onnxruntime: fp32 exports, or the int8 ones (statically quantised on the
+    # calibration data) where export-onnx wrote them.
+    precision: Literal["fp32", "int8"] = "fp32"
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     """Where log messages go besides stderr."""
 
@@ -591,6 +604,7 @@ class Config:
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     publish: PublishConfig = dataclasses.field(default_factory=PublishConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     # Where this configuration came from (None: built-in defaults). Not a key.
     source: Optional[Path] = dataclasses.field(default=None, compare=False)

@@ -198,7 +198,9 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
         return OK, f"no separation (separation.model: null): one source 'mix' per microphone{machines}"
     mics = separator.info.audio_channels
     kind = f"array model for {mics} microphones" if mics > 1 else "per microphone"
-    return OK, f"{separator.info.file} ({kind}): sources {', '.join(separator.info.sources)}{machines}"
+    runtime = separator.runtime + (f" {ctx.config.compute.precision}" if separator.runtime == "onnxruntime" else "")
+    return OK, (f"{separator.info.file} ({kind}, on {runtime}): sources {', '.join(separator.info.sources)}"
+                f"{machines}")
 
 
 def _check_recorder(ctx: _Context) -> tuple[str, str]:
@@ -279,7 +281,14 @@ def _check_detector(ctx: _Context) -> tuple[str, str]:
         return FAIL, (f"{c.model} is trained but {state} holds no thresholds: run "
                       f"{ctx.command('train-detector', ctx.output)}")
     backlog = " (is detect running from cron?)" if waiting > 100 else ""
-    return WARN if backlog or bad else OK, (f"{c.model.name} ({detector.kind}) trained for "
+    runtime = "torch"
+    if ctx.config.compute.runtime == "onnxruntime":  # a missing or stale export fails, naming the file
+        from .edge.runtime import EdgeScored, OnnxScorer
+
+        onnx = EdgeScored(detector, OnnxScorer(c.model, ctx.config.compute.precision)).onnx
+        runtime = (f"onnxruntime {ctx.config.compute.precision} for {len(onnx.sources)} of {len(detector.sources)} "
+                   "sources" + (f" ({', '.join(onnx.not_exported)} on their own scorer)" if onnx.not_exported else ""))
+    return WARN if backlog or bad else OK, (f"{c.model.name} ({detector.kind}, scoring on {runtime}) trained for "
                                             f"{', '.join(detector.sources)}; {seen} segments seen, {waiting} "
                                             f"waiting for `detect`{backlog}{note}")
 

@@ -79,10 +79,12 @@ def load_separator(config: Config, mics: int, sample_rate: int):
     ModelError
         The model is missing, damaged, or an array model for another number of
         microphones.
+    EdgeError
+        compute.runtime is onnxruntime and the model's export is missing or stale.
     """
     from .separate import ModelError, load_separator as load
 
-    separator = load(config.separation, sample_rate)
+    separator = load(config.separation, sample_rate, config.compute.runtime, config.compute.precision)
     array = separator.info.audio_channels
     if array > 1 and array != mics:
         raise ModelError(

@@ -61,15 +61,20 @@ class Separator:
     so that the level differences between microphones stay."""
 
     def __init__(self, info: SeparatorInfo, model=None, config: Optional[SeparationConfig] = None,
-                 sample_rate: Optional[int] = None):
+                 sample_rate: Optional[int] = None, onnx=None):
         self.info = info
         self.sources = info.sources
         self._model = model
+        self._onnx = onnx  # an edge.runtime.OnnxSeparator: the model's export run by ONNX Runtime
         self._config = config
         self._sample_rate = sample_rate
         if model is not None:
             self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self._onnx is not None else "torch"
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         if self._model is None:
@@ -79,6 +84,8 @@ class Separator:
         from .audio_backend import torchaudio
 
         c, sr, model_sr = self._config, self._sample_rate, self._model.samplerate
+        if self._onnx is not None and model_sr == sr and not c.shifts:
+            return self._separate_onnx(audio)
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if model_sr != sr:
             x = torchaudio.functional.resample(x, sr, model_sr)
@@ -98,6 +105,19 @@ class Separator:
         n = min(out.shape[-1], y.shape[-1])
         out[..., :n] = y[..., :n].cpu().numpy()
         return out
+
+    def _separate_onnx(self, audio: np.ndarray) -> np.ndarray:
+        """``__call__`` through the ONNX export: the same scaling, numpy only."""
+        x = np.ascontiguousarray(audio, dtype=np.float32)
+        if self.info.audio_channels > 1:
+            if x.shape[0] != self.info.audio_channels:
+                raise ValueError(f"the array separator takes {self.info.audio_channels} channels, got {x.shape[0]}")
+            scale = max(float(x.std()), 1e-8)
+            return np.ascontiguousarray((self._onnx(x[None] / scale, overlap=self._config.overlap,
+                                                    segment=self._config.segment)[0] * scale).transpose(1, 0, 2))
+        scale = np.maximum(x.std(axis=-1, keepdims=True), 1e-8)
+        y = self._onnx((x / scale)[:, None, :], overlap=self._config.overlap, segment=self._config.segment)
+        return np.ascontiguousarray(y[:, :, 0, :] * scale[:, None, :])
 
 
 def _sha256(path: Path) -> str:
@@ -134,14 +154,19 @@ def model_file(repo: Path, name: str) -> Path:
                      f"{', '.join(p.name for p in candidates)}. Keep one.")
 
 
-def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
-    """The configured separator, checked against the capture's sample rate.
+def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "torch",
+                   precision: str = "fp32") -> Separator:
+    """The configured separator, checked against the capture's sample rate. With
+    ``runtime`` onnxruntime it runs the model's ONNX export (``export-onnx``), checked
+    against the model file; shifts or another sample rate keep it on torch (logged).
 
     Raises
     ------
     ModelError
         The model is missing, corrupt (checksum), not a demucs model, or at another
         sample rate with ``resample`` off. The message names the file.
+    EdgeError
+        onnxruntime: the export is missing, damaged or of another version of the model.
     """
     if config.model is None:
         return Separator(SeparatorInfo(name=None, sources=(MIX,)))
@@ -171,7 +196,19 @@ def load_separator(config: SeparationConfig, sample_rate: int) -> Separator:
                  model.samplerate, sample_rate)
     info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
                          sha256=_sha256(path), samplerate=model.samplerate, audio_channels=audio_channels)
-    return Separator(info, model, config, sample_rate)
+    onnx = None
+    if runtime == "onnxruntime":
+        if model.samplerate != sample_rate or config.shifts:
+            log.warning("separator %s: %s, which its ONNX export does not do; it runs on torch", config.model,
+                        "resampling" if model.samplerate != sample_rate else "separation.shifts")
+        else:
+            from .edge.runtime import OnnxSeparator
+
+            onnx = OnnxSeparator(path, precision, threads=config.threads)
+            if onnx.sources != tuple(model.sources) or onnx.audio_channels != audio_channels:
+                raise ModelError(f"{onnx.file}: the export's sources or channels are not the model's. Run "
+                                 "`signalcraft export-onnx` again.")
+    return Separator(info, model, config, sample_rate, onnx=onnx)
 
 
 def _model_classes() -> tuple[type, ...]:

@@ -59,6 +59,22 @@ def blocked_scores(kind: type, x: torch.Tensor, source: str, features: dict, con
     return scores
 
 
+class EnsembleScore(torch.nn.Module):
+    """``EnsembleDetector.score`` of one source as a module: float32 dB tensors
+    (N, 1, n_mels, n_frames) -> float64 (N,)."""
+
+    def __init__(self, members: dict[str, torch.nn.Module], standard: dict[str, tuple[float, float]]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members.values())
+        self.register_buffer("mean", torch.tensor([standard[k][0] for k in members], dtype=torch.float64))
+        self.register_buffer("std", torch.tensor([standard[k][1] for k in members], dtype=torch.float64))
+
+    def forward(self, tensors: torch.Tensor) -> torch.Tensor:
+        logs = torch.stack([torch.log(m(tensors) + LOG_FLOOR) for m in self.members], dim=1)
+        top = ((logs - self.mean) / self.std).max(dim=1).values
+        return top.clamp_min(0) + torch.log1p(torch.exp(-top.abs()))  # log(1 + exp(top)), stable
+
+
 @dataclasses.dataclass
 class EnsembleDetector:
     """Member detectors of other kinds, and per source and member the mean and spread
@@ -126,6 +142,22 @@ class EnsembleDetector:
             ``source`` is unknown, or the tensors have the wrong shape.
         """
         return np.logaddexp(0.0, np.max(np.stack(list(self.member_z(source, tensors).values())), axis=0))
+
+    def scoring_module(self, source: str) -> torch.nn.Module:
+        """The scoring path of ``source`` as one module (``EnsembleScore``).
+
+        Raises
+        ------
+        DetectorError
+            A member has no scoring module (``online``).
+        """
+        modules = {}
+        for kind, member in self.members.items():
+            module = getattr(member, "scoring_module", None)
+            if module is None:
+                raise DetectorError(f"ensemble member {kind!r} has no scoring module (it is not a network)")
+            modules[kind] = module(source)
+        return EnsembleScore(modules, self.standard[source]).eval()
 
     def to_data(self) -> dict[str, Any]:
         return {

@@ -234,6 +234,10 @@ class GaussianDetector:
         with torch.no_grad():
             return model(x.to(torch.float32)).numpy()
 
+    def scoring_module(self, source: str) -> nn.Module:
+        """The scoring path of ``source``: its ``GaussianScorer``."""
+        return self.models[source]
+
     def to_data(self) -> dict[str, Any]:
         states = {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                   for s, m in self.models.items()}

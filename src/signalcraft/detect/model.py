@@ -159,7 +159,7 @@ class BandProfile:
     @staticmethod
     def of(tensors: torch.Tensor) -> torch.Tensor:
         """Profiles of tensors of shape = (N, 1, n_mels, n_frames): float64 dB, shape = (N, n_mels)."""
-        return tensors[:, 0].double().median(dim=2).values
+        return median_over_frames(tensors)
 
     @classmethod
     def fit(cls, tensors: torch.Tensor) -> "BandProfile":
@@ -189,6 +189,10 @@ class BandProfile:
         residual = centred - centred @ components.T @ components
         return (residual / self.std.double()).pow(2)
 
+    def module(self) -> "ProfileDeviation":
+        """``deviation`` as an ``nn.Module`` (for export)."""
+        return ProfileDeviation(self)
+
     def to_data(self) -> dict[str, list]:
         return {"mean": self.mean.tolist(), "components": self.components.tolist(), "std": self.std.tolist()}
 
@@ -201,6 +205,57 @@ class BandProfile:
                 or not all(bool(torch.isfinite(t).all()) for t in (mean, std, components)):
             raise ValueError(f"band profile does not have {n_mels} bands with finite levels and positive spreads")
         return cls(mean, components, std)
+
+
+def median_over_frames(tensors: torch.Tensor) -> torch.Tensor:
+    """(N, 1, n_mels, n_frames) -> float64 (N, n_mels): the lower median of each band over
+    frames, the value ``torch.median`` gives, by a sort (which ONNX has; a median it has not)."""
+    n_frames = tensors.shape[-1]
+    return tensors[:, 0].double().sort(dim=2).values[:, :, (n_frames - 1) // 2]
+
+
+class ProfileDeviation(nn.Module):
+    """``BandProfile.deviation`` as a module: tensors -> float64 (N, n_mels)."""
+
+    def __init__(self, profile: BandProfile):
+        super().__init__()
+        self.register_buffer("mean", profile.mean.double())
+        self.register_buffer("components", profile.components.double())
+        self.register_buffer("std", profile.std.double())
+
+    def forward(self, tensors: torch.Tensor) -> torch.Tensor:
+        centred = median_over_frames(tensors) - self.mean
+        residual = centred - centred @ self.components.T @ self.components
+        return (residual / self.std).pow(2)
+
+
+class WorstBands(nn.Module):
+    """Per-band values (N, n_mels) -> the mean of the worst ``fraction`` of bands, (N,)."""
+
+    def __init__(self, n_mels: int, fraction: float = SCORE_BAND_FRACTION):
+        super().__init__()
+        self.worst = max(1, round(fraction * n_mels))
+
+    def forward(self, per_band: torch.Tensor) -> torch.Tensor:
+        return per_band.topk(self.worst, dim=1).values.mean(dim=1)
+
+
+class AutoencoderScore(nn.Module):
+    """The ``autoencoder`` kind's whole scoring path for one source, float32 dB tensors
+    (N, 1, n_mels, n_frames) -> float64 scores (N,): ``Detector.score`` as one module."""
+
+    def __init__(self, model: "ConvAutoencoder", norm: tuple[torch.Tensor, torch.Tensor], profile: BandProfile):
+        super().__init__()
+        self.model = model
+        self.register_buffer("norm_mean", norm[0].float().view(1, 1, -1, 1))
+        self.register_buffer("norm_std", norm[1].float().view(1, 1, -1, 1))
+        self.profile = profile.module()
+        self.worst = WorstBands(model.args.n_mels)
+
+    def forward(self, tensors: torch.Tensor) -> torch.Tensor:
+        xn = (tensors - self.norm_mean) / self.norm_std
+        per_band = (self.model(xn) - xn).double().pow(2).mean(dim=(1, 3)) + self.profile(tensors)
+        return self.worst(per_band)
 
 
 @dataclasses.dataclass
@@ -304,6 +359,11 @@ class Detector:
                 per_band += profile.deviation(batch.cpu())
                 scores.append(per_band.topk(worst, dim=1).values.mean(dim=1))
         return torch.cat(scores).numpy()
+
+    def scoring_module(self, source: str) -> nn.Module:
+        """The scoring path of ``source`` as one module (``AutoencoderScore``), on the CPU."""
+        model = self.models[source]
+        return AutoencoderScore(model, self.norm[source], self.profiles[source]).cpu().eval()
 
 
 def scoring_input(models: dict, source: str, tensors, size: tuple[int, int]) -> tuple[Any, torch.Tensor]:

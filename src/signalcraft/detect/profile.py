@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..config import DetectConfig
-from .model import SCORE_BAND_FRACTION, BandProfile, fit_sources, scoring_input
+from .model import SCORE_BAND_FRACTION, BandProfile, WorstBands, fit_sources, scoring_input
 
 
 @dataclasses.dataclass
@@ -71,6 +72,10 @@ class ProfileDetector:
         profile, x = scoring_input(self.profiles, source, tensors, (self.n_mels, self.n_frames))
         worst = max(1, round(SCORE_BAND_FRACTION * self.n_mels))
         return profile.deviation(x.to(torch.float32)).topk(worst, dim=1).values.mean(dim=1).numpy()
+
+    def scoring_module(self, source: str) -> nn.Module:
+        """The scoring path of ``source`` as one module: profile deviation, worst bands."""
+        return nn.Sequential(self.profiles[source].module(), WorstBands(self.n_mels)).eval()
 
     def to_data(self) -> dict[str, Any]:
         return {

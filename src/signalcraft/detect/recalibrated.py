@@ -73,6 +73,14 @@ class RecalibratedDetector:
             return part.score(source, tensors, state=state)
         return part.score(source, tensors)
 
+    def scoring_module(self, source: str):
+        """The scoring module of the part that scores ``source`` (DetectorError when it has none)."""
+        module = getattr(self.part(source), "scoring_module", None)
+        if module is None:
+            raise DetectorError(f"the {self.part(source).kind} model of {source!r} has no scoring module "
+                                "(it is not a network)")
+        return module(source)
+
     def learn(self, source: str, tensors, state: Optional[dict] = None) -> Optional[dict]:
         part = self.part(source)
         return part.learn(source, tensors, state=state) if getattr(part, "learns_online", False) else state

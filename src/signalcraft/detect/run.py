@@ -130,6 +130,9 @@ def detect(
             log.error("%s: not a usable segment, passed by until its manifest changes: %s", folder.name, error)
             result.rejected += 1
 
+        scoring = _Scoring(config)  # the detector as compute.runtime runs it
+        if detector is not None:
+            scoring(detector)  # a missing or stale export fails now, not at the first new segment
         last_state: dict[str, Optional[str]] = {}  # machine -> its state in its newest scored segment
         outbox = Outbox.of(config)  # None: publishing off
         # Enough may have been collected by a run that was stopped while training.
@@ -151,13 +154,35 @@ def detect(
                 if detector is None:
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, detector, segment, tensors, corrupt, c, result, last_state, outbox)
+                    _score(store, scoring(detector), segment, tensors, corrupt, c, result, last_state, outbox)
             on_segment()
             detector = _train_when_ready(config, output_dir, store, detector, result)
             if detector is not None:
                 detector = _recalibrate_when_ready(config, output_dir, store, detector, result)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
+
+
+class _Scoring:
+    """The detector in use, wrapped for ``compute.runtime`` (onnxruntime: its ONNX
+    export scores, ``edge.runtime.EdgeScored``); wrapped again only when it changes."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._detector = self._wrapped = None
+
+    def __call__(self, detector):
+        if detector is not self._detector:
+            self._detector = self._wrapped = detector
+            if self._config.compute.runtime == "onnxruntime":
+                from ..edge.runtime import EdgeScored, OnnxScorer
+
+                onnx = OnnxScorer(self._config.detect.model, self._config.compute.precision)
+                self._wrapped = EdgeScored(detector, onnx)
+                log.info("scoring with ONNX Runtime (%s): %s%s", self._config.compute.precision,
+                         ", ".join(onnx.sources) or "no source",
+                         "".join(f"; {s} on its own scorer ({r})" for s, r in onnx.not_exported.items()))
+        return self._wrapped
 
 
 def still_rejected(store: Store, output_dir: Path, names: list[str]) -> set[str]:
@@ -339,14 +364,16 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         for m in store.maintenance(pending=True):  # the new detector was fitted on the period chosen
             store.mark_recalibrated(m["source"], at)
 
-    _install(config, store, detector, out_of_fold, commit)
+    _install(config, store, detector, out_of_fold, commit, pooled(loaded))
     return detector
 
 
 def _install(config: Config, store: Store, detector, out_of_fold: dict[tuple[int, str], list[float]],
-             commit: Callable[[str], None]) -> None:
+             commit: Callable[[str], None], tensors_by_source: dict) -> None:
     """Save ``detector`` and the levels fitted on ``out_of_fold`` scores; ``commit(at)``
-    records the rest of the change in the same transaction.
+    records the rest of the change in the same transaction. With ``compute.runtime:
+    onnxruntime`` the new detector is then exported, checked on ``tensors_by_source``
+    (its training tensors).
 
     The detector and its thresholds change together: the new file is written beside the
     old one, the thresholds are committed, and only then is the file renamed into place.
@@ -369,6 +396,11 @@ def _install(config: Config, store: Store, detector, out_of_fold: dict[tuple[int
         raise
     os.replace(staged, c.model)
     log.info("detector saved to %s%s", c.model, f" (the previous one kept as {backup.name})" if backup else "")
+    if config.compute.runtime == "onnxruntime":  # the export of the previous detector no longer fits
+        from ..edge.export import export_detector
+
+        log.info("compute.runtime is onnxruntime: exporting the new detector")
+        export_detector(detector, c.model, tensors_by_source, int8=config.compute.precision == "int8")
 
 
 def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, detector,
@@ -408,6 +440,6 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
             store.clear_scorer_states(source)
             store.mark_recalibrated(source, at)
 
-        _install(config, store, detector, out_of_fold, commit)
+        _install(config, store, detector, out_of_fold, commit, pooled(loaded))
         result.recalibrated.append(source)
     return detector
