@@ -65,6 +65,9 @@ DEVELOPED_HOLD = 10  # segments a developing fault stays at full size
 DCASE = ROOT.parent / "shared" / "data" / "dcase2020"
 
 CHAIN = Chain(config_from_dict({"capture": {"channels": [1]}, "denoise": {"enabled": False}}), (1,), SR)
+# The tensors' feature settings, as `detect` passes them from the manifests (the flux
+# scorer places its cutoff in Hz with them).
+FEATURES = CHAIN.logmel.settings()
 
 
 def clip(kind: str, unit: int, seed: int, snr: float, fault: str | None = None) -> np.ndarray:
@@ -145,7 +148,7 @@ def fitted_levels(train: torch.Tensor, kind: str, config: DetectConfig) -> th.Th
     """Levels as `detect` sets them: the product's cross-fitted scores of the training
     data (one segment per tensor), then its level fit."""
     segments = [{(0, kind): t} for t in train]
-    scores = cross_fit(segments, lambda tensors: fit_detector(tensors, {}, config),
+    scores = cross_fit(segments, lambda tensors: fit_detector(tensors, FEATURES, config),
                        SCORERS[config.scorer.kind].cross_fit_folds)
     return th.fit(np.asarray(scores[(0, kind)]), config)
 
@@ -208,7 +211,7 @@ def real_recordings(config: DetectConfig) -> str:
     audio = [sf.read(f, dtype="float32")[0] for f in files]
     train, held = ours_features(audio[:7]), ours_features(audio[7:])
     state = fitted_levels(train, "machine", config)
-    detector = fit_detector({"machine": train}, {}, config)
+    detector = fit_detector({"machine": train}, FEATURES, config)
     statuses = []
     for s in detector.score("machine", held):
         d = th.decide(state, float(s), config)
@@ -230,8 +233,8 @@ def cold_start_seconds(train: dict[str, torch.Tensor], config: DetectConfig, mic
     segments = [{(m, source): x[k] - float(m) for source, x in train.items() for m in range(mics)}
                 for k in range(n)]
     began = time.monotonic()
-    cross_fit(segments, lambda tensors: fit_detector(tensors, {}, config), SCORERS[config.scorer.kind].cross_fit_folds)
-    fit_detector(pooled(segments), {}, config)
+    cross_fit(segments, lambda tensors: fit_detector(tensors, FEATURES, config), SCORERS[config.scorer.kind].cross_fit_folds)
+    fit_detector(pooled(segments), FEATURES, config)
     return time.monotonic() - began
 
 
@@ -284,7 +287,7 @@ def main() -> None:
                 normal = ours_features(normal_audio)
                 detectors, normals = {}, {}
                 for name, config in configs.items():
-                    detectors[name] = fit_detector({kind: train}, {}, config)
+                    detectors[name] = fit_detector({kind: train}, FEATURES, config)
                     t0 = time.perf_counter()
                     normals[name] = detectors[name].score(kind, normal)
                     score_ms[name].append(1000 * (time.perf_counter() - t0) / len(normal))

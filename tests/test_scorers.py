@@ -13,7 +13,7 @@ import torch
 from signalcraft.config import ConfigError, DetectConfig, ScorerConfig, config_from_dict
 from signalcraft.detect import scorers
 from signalcraft.detect.ensemble import EnsembleDetector
-from signalcraft.detect.gaussian import FrameWindows, ModulationFeatures, ShrunkGaussian
+from signalcraft.detect.gaussian import FluxFeatures, FrameWindows, ModulationFeatures, ShrunkGaussian, flux_first_band
 from signalcraft.detect.model import MODEL_FORMAT, DetectorError, load_detector, save_detector
 from signalcraft.detect.scorers import SCORERS, cross_fit, fit_detector, pooled
 
@@ -41,6 +41,22 @@ def knocked(n: int, seed: int, at: int = 100, frames: int = 4, bands=(150, 200))
     x = spectrogram(n, PUMP_LINES, seed=seed)
     lo, hi = bands
     x[:, :, lo:hi, at:at + frames] += 20.0
+    return x
+
+
+def wandering(n: int, seed: int, fast: bool = False, lo: int = 150, db: float = 2.0) -> torch.Tensor:
+    """Pump tensors whose upper bands (``lo`` up) wander in level together: slowly (a
+    sine of 120 frames, random phase), or, ``fast``, through exactly the same levels in a
+    shuffled order, so each band's median, mean and spread over frames stay as they were
+    and only how fast the level changes from frame to frame is new."""
+    x = spectrogram(n, PUMP_LINES, seed=seed)
+    rng = np.random.default_rng(seed + 1000)
+    t = np.arange(x.shape[-1])
+    for k in range(n):
+        wander = db * np.sin(2 * np.pi * t / 120 + rng.uniform(0, 2 * np.pi))
+        if fast:
+            wander = rng.permutation(wander)
+        x[k, 0, lo:] += torch.from_numpy(wander.astype(np.float32))
     return x
 
 
@@ -235,3 +251,72 @@ def test_the_ensemble_needs_three_tensors_per_source_and_says_so():
     with pytest.raises(DetectorError, match="source 'pump': 2 tensor\\(s\\) to fit on; the ensemble needs at least 3"):
         fit_detector({"pump": spectrogram(2, PUMP_LINES, seed=12)}, FEATURES, kind("ensemble"))
     assert fit_detector({"pump": spectrogram(3, PUMP_LINES, seed=12)}, FEATURES, kind("ensemble")).sources == ("pump",)
+
+
+def test_flux_hears_faster_level_changes_in_the_upper_bands_that_band_levels_do_not():
+    """A slide rail that starts to scrape: its upper bands pass through the same levels
+    as before, but jump between them from frame to frame. Each band's median (profile)
+    and each group's mean and spread (bands) do not move; the flux scorer does."""
+    train = {"pump": wandering(40, seed=1)}
+    normal, fault = wandering(20, seed=100), wandering(20, seed=100, fast=True)
+    for name in ("profile", "bands"):
+        detector = fit_detector(train, FEATURES, kind(name))
+        assert detector.score("pump", fault).max() < 1.5 * detector.score("pump", normal).max(), name
+    flux = fit_detector(train, FEATURES, kind("flux"))
+    assert flux.score("pump", fault).min() > 3 * flux.score("pump", normal).max()
+    # Below the cutoff nothing is read: the same fault under 2.5 kHz goes unheard.
+    low = wandering(20, seed=100, fast=True, lo=0)
+    low[:, :, 150:] = normal[:, :, 150:]
+    assert flux.score("pump", low).max() < 1.5 * flux.score("pump", normal).max()
+
+
+def test_the_flux_cutoff_is_in_hz_and_saved_with_the_detector(fitted, tmp_path):
+    # 2.5 kHz is band 150 of 240 Slaney bands up to 8 kHz, and band 75 of 120; the pairs above it.
+    assert flux_first_band(FEATURES, 2500.0) == 150
+    assert flux_first_band({**FEATURES, "n_mels": 120}, 2500.0) == 75
+    assert flux_first_band({**FEATURES, "f_max": 4000.0}, 2500.0) > 150
+    assert flux_first_band(FEATURES, 0.0) == 0
+    extract = FluxFeatures(240, 240, 150, 2)
+    assert extract.size == 45 and extract(torch.zeros(3, 1, 240, 240)).shape == (3, 45)
+    assert FluxFeatures(240, 240, 151, 2).size == 44  # a last band short of a pair is left out
+    flux = fitted["flux"]
+    data = torch.load(save_detector(flux, tmp_path / "flux.pt"), weights_only=True)
+    assert (data["args"]["first_band"], data["args"]["band_width"]) == (150, 2)
+    # A detector fitted with another cutoff keeps its own bands through the file.
+    other = fit_detector({"pump": spectrogram(40, PUMP_LINES, seed=1)}, FEATURES,
+                         kind("flux", flux_min_hz=1000.0))
+    loaded = load_detector(save_detector(other, tmp_path / "other.pt"))
+    assert loaded.models["pump"].features.first == flux_first_band(FEATURES, 1000.0) < 150
+    x = wandering(4, seed=5, fast=True)
+    assert np.array_equal(loaded.score("pump", x), other.score("pump", x))
+    # An ensemble holding flux goes through the file the same way.
+    ensemble = fit_detector({"pump": spectrogram(20, PUMP_LINES, seed=1)}, FEATURES,
+                            kind("ensemble", members=("profile", "modulation", "flux")))
+    again = load_detector(save_detector(ensemble, tmp_path / "ensemble.pt"), features=FEATURES)
+    assert set(again.members) == {"profile", "modulation", "flux"}
+    assert np.array_equal(again.score("pump", x), ensemble.score("pump", x))
+    # A flux file that does not say which bands it reads is refused, not guessed.
+    del data["args"]["first_band"]
+    torch.save(data, tmp_path / "old.pt")
+    with pytest.raises(DetectorError, match="old.pt: this flux detector file does not say which mel bands.*train-detector"):
+        load_detector(tmp_path / "old.pt")
+
+
+def test_the_flux_cutoff_is_checked_against_the_mel_bands():
+    with pytest.raises(ConfigError, match=r"detect\.scorer\.flux_min_hz: must be 0 Hz or more"):
+        config_from_dict({"detect": {"scorer": {"flux_min_hz": -1}}})
+    with pytest.raises(ConfigError, match=r"detect\.scorer\.flux_min_hz: 8000 Hz is not below the top of the mel "
+                                          r"bands \(8000 Hz: half of capture\.sample_rate\)"):
+        config_from_dict({"detect": {"scorer": {"kind": "flux", "flux_min_hz": 8000}}})
+    with pytest.raises(ConfigError, match=r"detect\.scorer\.flux_min_hz: 5000 Hz .*\(4000 Hz: features\.f_max\)"):
+        config_from_dict({"features": {"f_max": 4000}, "detect": {"scorer": {
+            "kind": "ensemble", "members": ["profile", "flux"], "flux_min_hz": 5000}}})
+    # Unused, it is not in the way; in range, it is taken.
+    assert config_from_dict({"detect": {"scorer": {"kind": "profile", "flux_min_hz": 9000}}}).detect.scorer.kind == "profile"
+    assert config_from_dict({"detect": {"scorer": {"kind": "flux", "flux_min_hz": 3000}}}).detect.scorer.flux_min_hz == 3000
+    # Below f_max but above every band's centre, or without the feature settings: the fit says so.
+    train = {"pump": spectrogram(4, PUMP_LINES, seed=1)}
+    with pytest.raises(DetectorError, match=r"flux_min_hz: 7990 Hz leaves fewer than 2 of the 240 mel bands above it"):
+        fit_detector(train, FEATURES, kind("flux", flux_min_hz=7990.0))
+    with pytest.raises(DetectorError, match=r"needs the feature settings.*f_min, f_max missing"):
+        fit_detector(train, {"n_mels": 240}, kind("flux"))

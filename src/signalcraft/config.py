@@ -319,11 +319,11 @@ class FeaturesConfig:
         _require(-100 <= self.floor_db < 0, "floor_db", "must be in [-100, 0) dB")
 
 
-SCORER_KINDS = ("ensemble", "profile", "modulation", "bands", "frames", "autoencoder", "online")
+SCORER_KINDS = ("ensemble", "profile", "modulation", "bands", "frames", "flux", "autoencoder", "online")
 # Members that fit in about a second: the ensemble cross-fits each member inside each
 # of its own cross-fitting folds, which would train an autoencoder tens of times; and
 # online learning is the online scorer's own.
-ENSEMBLE_MEMBERS = ("profile", "modulation", "bands", "frames")
+ENSEMBLE_MEMBERS = ("profile", "modulation", "bands", "frames", "flux")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,10 +368,17 @@ class ScorerConfig:
     # abnormal counts; profile: each mel band's level against normal, worst bands;
     # modulation: a shrunk Gaussian on how each band group's level fluctuates; bands:
     # the same on each group's level and spread; frames: the same on short windows of
-    # frames, scored by the worst; autoencoder: a convolutional autoencoder and band
-    # profiles; online: River HalfSpaceTrees on band statistics, learning as it goes.
-    kind: Literal["ensemble", "profile", "modulation", "bands", "frames", "autoencoder", "online"] = "ensemble"
+    # frames, scored by the worst; flux: the same on how unsteadily each pair of upper
+    # bands changes level from frame to frame; autoencoder: a convolutional autoencoder
+    # and band profiles; online: River HalfSpaceTrees on band statistics, learning as it
+    # goes.
+    kind: Literal["ensemble", "profile", "modulation", "bands", "frames", "flux", "autoencoder",
+                  "online"] = "ensemble"
     members: tuple[str, ...] = ("profile", "modulation")
+    # The flux scorer reads the mel bands from this frequency up, Hz: friction, rattle
+    # and scraping show up as faster level changes in the upper bands, while the lower
+    # bands of a plant carry the room's own varying hum. Below features.f_max.
+    flux_min_hz: float = 2500.0
     autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
     online: OnlineConfig = dataclasses.field(default_factory=OnlineConfig)
 
@@ -381,6 +388,12 @@ class ScorerConfig:
                      f"{member!r} is not a scorer an ensemble can hold (choose from {', '.join(ENSEMBLE_MEMBERS)})")
         _require(len(set(self.members)) == len(self.members) and len(self.members) >= 1, "members",
                  "must name at least one scorer, each once")
+        _require(math.isfinite(self.flux_min_hz) and self.flux_min_hz >= 0, "flux_min_hz", "must be 0 Hz or more")
+
+    @property
+    def uses_flux(self) -> bool:
+        """Whether the flux scorer runs, alone or as an ensemble member."""
+        return self.kind == "flux" or (self.kind == "ensemble" and "flux" in self.members)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -696,6 +709,13 @@ def config_from_dict(data: Any, path: Optional[Path] = None) -> Config:
         elif config.features.f_min >= nyquist:
             problems.add("features.f_min", f"{config.features.f_min:g} Hz is not below half of "
                          f"capture.sample_rate ({nyquist:g} Hz); lower it.")
+        else:
+            top = config.features.f_max if config.features.f_max is not None else nyquist
+            if config.detect.scorer.uses_flux and not config.detect.scorer.flux_min_hz < top:
+                problems.add("detect.scorer.flux_min_hz",
+                             f"{config.detect.scorer.flux_min_hz:g} Hz is not below the top of the mel bands "
+                             f"({top:g} Hz: " + ("features.f_max" if config.features.f_max is not None
+                                                else "half of capture.sample_rate") + "); lower it.")
     if problems.lines:
         raise ConfigProblems(problems.lines)
     base = path.resolve().parent if path is not None else Path.cwd()

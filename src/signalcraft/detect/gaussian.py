@@ -1,5 +1,6 @@
 """Scorers that describe a segment by a few statistics and score it by how far they
-lie from a shrunk Gaussian of normal operation: ``bands``, ``modulation``, ``frames``.
+lie from a shrunk Gaussian of normal operation: ``bands``, ``modulation``, ``frames``,
+``flux``.
 
 Each kind is a feature module, tensors of shape = (N, 1, n_mels, n_frames) in dB ->
 float64 features, and the same scoring path, an ``nn.Module``:
@@ -18,6 +19,14 @@ float64 features, and the same scoring path, an ``nn.Module``:
   levels, one window per frame. The score is the mean distance of the worst
   ``WORST_FRACTION`` of a segment's windows: a knock, a scrape or a squeal that lasts a
   fraction of a second is not averaged away by the rest of the segment.
+- ``flux`` (``FluxFeatures``): for each pair of adjacent mel bands from
+  ``detect.scorer.flux_min_hz`` up, how unsteadily its level changes from frame to
+  frame: the log of the standard deviation over frames of the frame-to-frame change.
+  Friction, rattle and scraping (a slide rail running dry) make the upper bands' levels
+  jump faster and by more; the lower bands of a plant carry the room's own varying hum,
+  which would only add spread. The first band is found from the cutoff in Hz and the
+  feature settings, so the cutoff means the same at other ``n_mels`` and ``f_max``; it
+  is saved in the detector file with the pair width.
 
 Normal operation is a Gaussian over the features. With tens of calibration segments
 and hundreds or thousands of features the sample covariance is singular, so it is shrunk
@@ -50,6 +59,7 @@ LOG_FLOOR = 1e-6  # added to magnitudes before the log (a band at the floor does
 VAR_FLOOR = 1e-6  # relative floor of the shrunk covariance's identity part
 WINDOW = 5  # frames per window of the frames scorer (about 0.2 s at the default hop)
 WORST_FRACTION = 0.1  # of a segment's windows, averaged for the frames scorer's score
+FLUX_WIDTH = 2  # adjacent mel bands per pair of the flux scorer
 
 
 def _groups(n_mels: int) -> int:
@@ -110,6 +120,55 @@ class FrameWindows(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         level = _group_levels(x, self.groups).unfold(2, self.window, 1)  # (N, groups, windows, window)
         return level.permute(0, 2, 1, 3).reshape(x.shape[0], -1, self.size)
+
+
+class FluxFeatures(nn.Module):
+    """dB tensors, shape = (N, 1, n_mels, n_frames) -> (N, pairs): for each ``width``
+    adjacent mel bands from band ``first`` up, the log of the standard deviation over
+    frames of their mean level's frame-to-frame change. A last band short of a full
+    group is left out."""
+
+    def __init__(self, n_mels: int, n_frames: int, first: int = 0, width: int = FLUX_WIDTH):
+        super().__init__()
+        if not (0 <= first and 1 <= width and first + width <= n_mels and n_frames >= 3):
+            raise ValueError(f"no band group of {width} from band {first} in {n_mels} x {n_frames} tensors")
+        self.first, self.width = int(first), int(width)
+        self.groups = (n_mels - first) // width
+        self.size = self.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, _, n_frames = x.shape
+        bands = x[:, 0, self.first:self.first + self.groups * self.width].double()
+        level = bands.reshape(n, self.groups, self.width, n_frames).mean(dim=2)
+        change = level[:, :, 1:] - level[:, :, :-1]  # plain slicing: exports to ONNX as it is
+        return torch.log(change.std(dim=-1) + LOG_FLOOR)
+
+
+def flux_first_band(features: dict, min_hz: float, width: int = FLUX_WIDTH) -> int:
+    """The first mel band at or above ``min_hz``: the lowest whose centre frequency is
+    ``min_hz`` or more, for tensors made with ``features`` (``LogMel.settings()``:
+    ``n_mels``, ``f_min``, ``f_max``, ``mel_scale``).
+
+    Raises
+    ------
+    DetectorError
+        The settings are missing, or fewer than ``width`` bands lie above ``min_hz``.
+    """
+    import librosa
+
+    missing = [k for k in ("n_mels", "f_min", "f_max") if features.get(k) is None]
+    if missing:
+        raise DetectorError(f"the flux scorer needs the feature settings of the tensors ({', '.join(missing)} "
+                            "missing) to find the bands above detect.scorer.flux_min_hz; pass LogMel.settings().")
+    n_mels, f_min, f_max = int(features["n_mels"]), float(features["f_min"]), float(features["f_max"])
+    # The filterbank has n_mels + 2 points equally spaced in mel; band k peaks at point k + 1.
+    centres = librosa.mel_frequencies(n_mels + 2, fmin=f_min, fmax=f_max,
+                                      htk=features.get("mel_scale", "slaney") == "htk")[1:-1]
+    first = int(np.searchsorted(centres, min_hz, side="left"))
+    if first + width > n_mels:
+        raise DetectorError(f"detect.scorer.flux_min_hz: {min_hz:g} Hz leaves fewer than {width} of the {n_mels} "
+                            f"mel bands above it (they reach {f_max:g} Hz, features.f_max); lower it.")
+    return first
 
 
 class ShrunkGaussian(nn.Module):
@@ -238,6 +297,11 @@ class GaussianDetector:
         """The scoring path of ``source``: its ``GaussianScorer``."""
         return self.models[source]
 
+    @classmethod
+    def _extractor(cls, n_mels: int, n_frames: int, args: dict) -> nn.Module:
+        """The feature module of a saved model, from the file's ``args``."""
+        return cls.extractor(n_mels, n_frames)
+
     def to_data(self) -> dict[str, Any]:
         states = {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                   for s, m in self.models.items()}
@@ -258,7 +322,7 @@ class GaussianDetector:
             if _state_sha256(state) != data["sha256"][source]:
                 raise DetectorError(f"the model of source {source!r} fails its checksum (the file is damaged). "
                                     f"Restore the file or {RETRAIN}.")
-            extract = cls.extractor(n_mels, n_frames)
+            extract = cls._extractor(n_mels, n_frames, data["args"])
             mean, basis = state["gaussian.mean"], state["gaussian.basis"]
             b = float(data["identity"][source])
             if mean.shape != (extract.size,) or basis.ndim != 2 or basis.shape[0] != extract.size \
@@ -288,3 +352,46 @@ class FramesDetector(GaussianDetector):
 
     kind = "frames"
     extractor = FrameWindows
+
+
+class FluxDetector(GaussianDetector):
+    """The scorer of kind ``flux``: how unsteadily each pair of upper bands changes
+    level. The first band and the pair width are saved in the file's ``args``
+    (``first_band``, ``band_width``), so a loaded detector reads the bands it was fitted
+    on whatever ``detect.scorer.flux_min_hz`` says now."""
+
+    kind = "flux"
+    extractor = FluxFeatures
+
+    @classmethod
+    def fit(cls, tensors_by_source: dict[str, torch.Tensor], features: dict, config: DetectConfig):
+        """Fit one Gaussian per source on its normal tensors (at least 2), shape =
+        (N, 1, n_mels, n_frames), on the bands from ``config.scorer.flux_min_hz`` up.
+
+        Raises
+        ------
+        DetectorError
+            No feature settings, a cutoff with too few bands above it, or what
+            ``GaussianDetector.fit`` raises.
+        """
+        first = flux_first_band(dict(features or {}), config.scorer.flux_min_hz)
+
+        def fit_one(x: torch.Tensor, n_mels: int, n_frames: int) -> GaussianScorer:
+            extract = FluxFeatures(n_mels, n_frames, first, FLUX_WIDTH)
+            return GaussianScorer(extract, ShrunkGaussian.fit(extract(x))).eval()
+
+        models, n_mels, n_frames, features, trained_on = fit_sources(cls.kind, tensors_by_source, features, fit_one)
+        return cls(models=models, n_mels=n_mels, n_frames=n_frames, features=features, trained_on=trained_on)
+
+    @classmethod
+    def _extractor(cls, n_mels: int, n_frames: int, args: dict) -> nn.Module:
+        if "first_band" not in args or "band_width" not in args:
+            raise DetectorError(f"this flux detector file does not say which mel bands it reads (no first_band "
+                                f"and band_width); {RETRAIN}.")
+        return FluxFeatures(n_mels, n_frames, int(args["first_band"]), int(args["band_width"]))
+
+    def to_data(self) -> dict[str, Any]:
+        data = super().to_data()
+        extract = next(iter(self.models.values())).features
+        data["args"].update(first_band=extract.first, band_width=extract.width)
+        return data

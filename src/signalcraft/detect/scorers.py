@@ -17,7 +17,7 @@ A scorer kind is a class with
 
 ``detect.scorer.kind`` chooses the kind. Add a kind by writing such a class and listing it
 in ``SCORERS``. The kinds: ``ensemble`` (the default; ``ensemble.py``), ``profile``
-(``profile.py``), ``modulation``, ``bands`` and ``frames`` (``gaussian.py``),
+(``profile.py``), ``modulation``, ``bands``, ``frames`` and ``flux`` (``gaussian.py``),
 ``autoencoder`` (``model.py``) and ``online`` (``online.py``).
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from ..config import DetectConfig
 from .ensemble import EnsembleDetector
-from .gaussian import BandsDetector, FramesDetector, ModulationDetector
+from .gaussian import BandsDetector, FluxDetector, FramesDetector, ModulationDetector
 from .model import Detector
 from .online import OnlineDetector
 from .profile import ProfileDetector
@@ -38,7 +38,8 @@ from .profile import ProfileDetector
 log = logging.getLogger(__name__)
 
 SCORERS: dict[str, type] = {cls.kind: cls for cls in (EnsembleDetector, ProfileDetector, ModulationDetector,
-                                                      BandsDetector, FramesDetector, Detector, OnlineDetector)}
+                                                      BandsDetector, FramesDetector, FluxDetector, Detector,
+                                                      OnlineDetector)}
 
 # One segment's tensors by (mic, source).
 SegmentTensors = dict[tuple[int, str], torch.Tensor]
