@@ -93,6 +93,9 @@ def quantise(fp32: Path, int8: Path, inputs: list[np.ndarray]) -> Optional[dict[
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # the calibrator's own sessions: errors only
     name = session(fp32).get_inputs()[0].name
 
     def make(tmp: Path) -> None:
