@@ -25,6 +25,7 @@ FORMAT = 1
 MAX_MANIFEST_BYTES = 1_000_000
 PRECISIONS = ("fp32", "int8")
 EXPORT = "`signalcraft export-onnx`"
+CHUNKS_PER_RUN = 16  # separator chunks per ONNX Runtime call: as fast as more, a bounded memory
 
 
 class EdgeError(SignalcraftError):
@@ -187,7 +188,8 @@ class OnnxSeparator:
     ``demucs.apply.apply_model`` runs it (``split=True``, no shifts): overlapping chunks
     of the model's segment length, each padded with the audio around it (zeros beyond
     the ends) to the length the model needs, blended with demucs' triangular weights.
-    All chunks of all examples go through the network in one batch."""
+    The chunks of all examples go through the network together, ``CHUNKS_PER_RUN`` at a
+    time (a batch of every chunk of 8 microphones held over a gigabyte of activations)."""
 
     def __init__(self, model_file: Path, precision: str = "fp32", threads: int = 0):
         data = read_manifest(model_file, "separator")
@@ -225,21 +227,24 @@ class OnnxSeparator:
         out = np.zeros((batch, len(self.sources), channels, total), np.float32)
         sum_weight = np.zeros(total, np.float32)
         name = self._session.get_inputs()[0].name
-        for n, group in chunks.items():  # one run per chunk length (all full chunks, then the last)
+        per_run = max(1, CHUNKS_PER_RUN // batch)
+        for n, same_length in chunks.items():  # full chunks, then the last one
             valid = self.valid_length(n)
             delta = valid - n
-            padded = np.zeros((len(group), batch, channels, valid), np.float32)
-            for k, (offset, _) in enumerate(group):
-                start = offset - delta // 2
-                lo, hi = max(0, start), min(total, start + valid)
-                padded[k, :, :, lo - start:hi - start] = mix[:, :, lo:hi]
-            y = self._session.run(None, {name: padded.reshape(-1, channels, valid)})[0]
-            y = y.reshape(len(group), batch, len(self.sources), channels, -1)
-            trim = (y.shape[-1] - n) // 2
-            y = y[..., trim:trim + n]
-            for k, (offset, _) in enumerate(group):
-                out[..., offset:offset + n] += weight[:n] * y[k]
-                sum_weight[offset:offset + n] += weight[:n]
+            for first in range(0, len(same_length), per_run):
+                group = same_length[first:first + per_run]
+                padded = np.zeros((len(group), batch, channels, valid), np.float32)
+                for k, (offset, _) in enumerate(group):
+                    start = offset - delta // 2
+                    lo, hi = max(0, start), min(total, start + valid)
+                    padded[k, :, :, lo - start:hi - start] = mix[:, :, lo:hi]
+                y = self._session.run(None, {name: padded.reshape(-1, channels, valid)})[0]
+                y = y.reshape(len(group), batch, len(self.sources), channels, -1)
+                trim = (y.shape[-1] - n) // 2
+                y = y[..., trim:trim + n]
+                for k, (offset, _) in enumerate(group):
+                    out[..., offset:offset + n] += weight[:n] * y[k]
+                    sum_weight[offset:offset + n] += weight[:n]
         return out / sum_weight
 
 
