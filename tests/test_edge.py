@@ -58,10 +58,10 @@ def test_an_exported_detector_scores_as_torch_does(tmp_path, kind, sources):
         assert "int8" in report["sources"]["pump"]["files"]
         int8 = OnnxScorer(path, "int8").score("pump", new.numpy())
         np.testing.assert_allclose(int8, detector.score("pump", new), rtol=0.05)
-    else:
+    else:  # nothing quantised: compute.precision int8 runs the fp32 file
         assert "int8" not in report["sources"]["pump"]["files"]
-        with pytest.raises(EdgeError, match="no int8 export.*compute.precision: fp32"):
-            OnnxScorer(path, "int8")
+        np.testing.assert_array_equal(OnnxScorer(path, "int8").score("pump", new.numpy()),
+                                      onnx.score("pump", new.numpy()))
 
 
 def test_the_online_scorer_is_named_and_keeps_its_own_forests(tmp_path):
@@ -97,8 +97,14 @@ def test_a_missing_damaged_stale_or_crafted_export_is_refused_naming_the_file(tm
     data = json.loads(text)
     data["sources"]["pump"]["fp32"]["file"] = "../../etc/passwd.onnx"  # outside the model's folder
     manifest.write_text(json.dumps(data))
-    with pytest.raises(EdgeError, match=r"detector\.onnx\.json: damaged ONNX export manifest \(artifact name"):
+    with pytest.raises(EdgeError, match=r"detector\.onnx\.json: damaged ONNX export manifest \(the fp32 file of "
+                                        r"source 'pump' is not detector\.pump\.onnx"):
         OnnxScorer(path)
+    data["sources"] = {}  # a source neither exported nor said why
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(EdgeError, match=r"detector\.onnx\.json: the export has no model of 'fan', 'pump' and "
+                                        r"does not say why"):
+        EdgeScored(detector, OnnxScorer(path))
     manifest.write_text("{not json")
     with pytest.raises(EdgeError, match=r"detector\.onnx\.json: not a readable export manifest"):
         OnnxScorer(path)
@@ -111,7 +117,7 @@ def test_a_missing_damaged_stale_or_crafted_export_is_refused_naming_the_file(tm
         OnnxScorer(path)
 
 
-def test_an_exported_separator_separates_as_torch_does(tmp_path):
+def test_an_exported_separator_separates_as_torch_does(tmp_path, monkeypatch):
     save_model(tiny_demucs(resample=True), tmp_path / "doubled", "tiny")
     with pytest.raises(EdgeError, match="doubles the sample rate inside"):
         export_separator(model_file(tmp_path / "doubled", "tiny"), np.zeros((1, 1, SAMPLE_RATE), np.float32))
@@ -128,7 +134,20 @@ def test_an_exported_separator_separates_as_torch_does(tmp_path):
     expected = on_torch(audio)
     np.testing.assert_allclose(on_onnx(audio), expected, atol=1e-4 * float(np.abs(expected).max()))
 
-    (tmp_path / "tiny.onnx").unlink(missing_ok=True)
+    # An export whose recorded model is not the model (edited, or of another model).
+    text = manifest_path(path).read_text()
+    data = json.loads(text)
+    data["model"]["valid_length"]["depth"] = 1
+    manifest_path(path).write_text(json.dumps(data))
+    with pytest.raises(EdgeError, match=r"not the model's"):
+        load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
+    del data["verified"]  # export-onnx stopped before its check
+    data["model"]["valid_length"]["depth"] = 2
+    manifest_path(path).write_text(json.dumps(data))
+    with pytest.raises(EdgeError, match=r"never checked against torch"):
+        load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
+    manifest_path(path).write_text(text)
+
     for f in tmp_path.glob("*.onnx"):
         f.unlink()
     with pytest.raises(EdgeError, match=r"tiny-\w+\.onnx: ONNX file missing.*export-onnx"):
@@ -136,6 +155,24 @@ def test_an_exported_separator_separates_as_torch_does(tmp_path):
     manifest_path(path).unlink()
     with pytest.raises(EdgeError, match=r"no ONNX export of tiny-\w+\.th"):
         load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
+
+    # A check that fails leaves no export behind, not an unchecked one.
+    monkeypatch.setattr("signalcraft.edge.export.SEPARATION_TOLERANCE", -1.0)
+    with pytest.raises(EdgeError, match="differs from torch's"):
+        export_separator(path, np.zeros((1, 1, SAMPLE_RATE), np.float32) + 0.1, int8=False)
+    assert not list(tmp_path.glob("*.onnx")) and not manifest_path(path).exists()
+
+
+def test_export_onnx_before_the_first_detector_exports_the_separator_alone(tmp_path):
+    save_model(tiny_demucs(resample=False), tmp_path / "models", "tiny")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "capture": {"channels": [1, 2]}, "separation": {"repo": "models", "model": "tiny"},
+        "output": {"dir": "out"}, "compute": {"runtime": "onnxruntime"}}))
+    result = run_cli("--config", str(tmp_path / "config.yaml"), "export-onnx", str(tmp_path / "out"), "--no-int8")
+    assert result.returncode == 0, result.stderr
+    assert "no detector yet, not exported" in result.stdout
+    assert "separator tiny: fp32 tiny-" in result.stdout and "on a test signal" in result.stdout
+    OnnxSeparator(model_file(tmp_path / "models", "tiny"))  # complete and checked
 
 
 def test_detect_on_onnxruntime_gives_the_torch_scores_and_reexports_what_it_trains(calibrated, tmp_path):

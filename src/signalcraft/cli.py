@@ -525,10 +525,10 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
 
 
 def _separator_check_audio(config: Config, segments: list):
-    """Audio to check the separator's export on, (examples, microphones, samples): the
-    raw audio of up to 4 of ``segments`` where it was kept (output.keep_raw), else a
-    seeded test signal (tones in noise): the agreement of two runtimes needs no
-    particular sound, the INT8 calibration does (logged)."""
+    """Audio to check the separator's export on, (examples, microphones, samples), and
+    whether it is a test signal: the raw audio of up to 4 of ``segments`` where it was
+    kept (output.keep_raw), else a seeded test signal (tones in noise). The agreement
+    of two runtimes needs no particular sound; the INT8 calibration does."""
     import numpy as np
     import soundfile as sf
 
@@ -542,35 +542,37 @@ def _separator_check_audio(config: Config, segments: list):
             channels = segment.manifest.channels  # the machine microphones' columns come first
             kept.append(audio[:, :len(channels)].T)
     if kept:
-        return np.stack([k[:, :min(a.shape[-1] for a in kept)] for k in kept])
-    log.info("no raw audio kept (output.keep_raw): the separator's export is checked on a test signal, and its INT8 "
-             "version calibrated on it")
+        return np.stack([k[:, :min(a.shape[-1] for a in kept)] for k in kept]), False
     rng = np.random.default_rng(0)
     t = np.arange(int(10 * rate)) / rate
     tones = sum(np.sin(2 * np.pi * f * t) for f in (50, 120, 997, 3100))
-    return (0.1 * tones + rng.standard_normal((2, mics, t.size))).astype(np.float32)
+    return (0.1 * tones + rng.standard_normal((2, mics, t.size))).astype(np.float32), True
 
 
 @cli.command("export-onnx")
-@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--int8/--no-int8", default=True, show_default=True,
-              help="Also write INT8 versions (static quantisation calibrated on OUTPUT's segments) where it "
-                   "quantises something.")
+              help="Also write INT8 versions (static quantisation) where something quantises; a separator's only "
+                   "when it stays within 20 dB of torch.")
 @click.option("--max-segments", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Check and calibrate on at most this many of OUTPUT's segments, evenly spread.")
+              help="Check the detector's export on at most this many of OUTPUT's segments, evenly spread.")
 @click.pass_context
 def export_onnx(ctx: click.Context, output: Path, int8: bool, max_segments: int) -> None:
     """Export the detector (detect.model) and the separator to ONNX, beside them.
 
     For `compute.runtime: onnxruntime`. Each source's scoring path and the Demucs
     network are written as .onnx files with a manifest (<name>.onnx.json: checksums,
-    feature settings). Every export is run by ONNX Runtime on OUTPUT's calibration
-    segments (all its segments when it has none), evenly spread, and compared with
-    torch; the largest difference is printed, and an FP32 export that disagrees is not
-    written. A part that is not a network (the online scorer) is named and keeps its
-    own scorer. Run it again after `train-detector`; `detect` re-exports a detector it
-    trains itself when compute.runtime is onnxruntime.
-    Exit codes: 0 exported, 1 failed (the message names the file).
+    feature settings). Every export is run by ONNX Runtime and compared with torch,
+    and an FP32 export that disagrees is not written: the detector's on OUTPUT's
+    calibration segments (all its segments when it has none), the separator's on the
+    raw audio of up to 4 of them (kept with output.keep_raw) or else on a test signal,
+    which also calibrates its INT8 version. The largest differences are printed. What
+    is not there yet is skipped: before the first detector is trained, export-onnx
+    exports the separator alone (`detect` exports the detector it trains). A part that
+    is not a network (the online scorer) is named and keeps its own scorer.
+
+    \b
+    Exit codes: 0 exported, 1 failed or nothing to export (the message names the file).
     """
     import numpy as np
 
@@ -578,41 +580,59 @@ def export_onnx(ctx: click.Context, output: Path, int8: bool, max_segments: int)
     from .segments import list_segments
 
     config = _config(ctx)
-    with _output_lock(output, "export-onnx"):
-        from .detect.model import DetectorError, load_detector
-        from .detect.run import state_path
-        from .detect.scorers import pooled
-        from .detect.store import Store
+    chosen: list = []
+    exported = False
+    if output.is_dir():
+        chosen = list_segments(output)
+    if config.detect.model.exists():
+        if not output.is_dir():
+            raise SignalcraftError(f"{output}: no such output folder to check the detector's export on; give the "
+                                   "folder the detector was trained on.")
+        with _output_lock(output, "export-onnx"):
+            from .detect.model import DetectorError, load_detector
+            from .detect.run import state_path
+            from .detect.scorers import pooled
+            from .detect.store import Store
 
-        segments = list_segments(output)
-        calibration = []
-        if state_path(config, output).is_file():
-            with Store(state_path(config, output), create=False) as store:
-                calibration = [s for s in segments if store.phase(s.name) == "calibration"]
-        chosen = calibration or segments
-        if not chosen:
-            raise DetectorError(f"{output}: no segments to check the export on; record some first.")
-        keep = np.unique(np.linspace(0, len(chosen) - 1, min(max_segments, len(chosen))).round().astype(int))
-        chosen = [chosen[k] for k in keep]
-        detector = load_detector(config.detect.model, features=chosen[0].manifest.features)
-        report = export_detector(detector, config.detect.model, pooled([s.load_tensors()[0] for s in chosen]),
-                                 int8=int8)
+            calibration = []
+            if state_path(config, output).is_file():
+                with Store(state_path(config, output), create=False) as store:
+                    calibration = [s for s in chosen if store.phase(s.name) == "calibration"]
+            chosen = calibration or chosen
+            if not chosen:
+                raise DetectorError(f"{output}: no segments to check the detector's export on; give the output "
+                                    "folder the detector was trained on.")
+            keep = np.unique(np.linspace(0, len(chosen) - 1, min(max_segments, len(chosen))).round().astype(int))
+            chosen = [chosen[k] for k in keep]
+            detector = load_detector(config.detect.model, features=chosen[0].manifest.features)
+            report = export_detector(detector, config.detect.model,
+                                     pooled([s.load_tensors()[0] for s in chosen]), int8=int8)
         for source, r in report["sources"].items():
             files = ", ".join(f"{p} {e['file']} ({e['bytes'] / 1e6:.2f} MB)" for p, e in r["files"].items())
             diffs = ", ".join(f"{p} {d:.2g}" for p, d in r["max_relative_difference"].items())
-            _echo(ctx, f"{source}: {files}; largest relative score difference from torch: {diffs}")
+            no_int8 = "; no int8: nothing in its graph quantises" if int8 and "int8" not in r["files"] else ""
+            _echo(ctx, f"{source}: {files}; largest relative score difference from torch: {diffs}{no_int8}")
         for source, reason in report["not_exported"].items():
             _echo(ctx, f"{source}: not exported: {reason}")
+        exported = True
+    else:
+        _echo(ctx, f"{config.detect.model}: no detector yet, not exported (detect exports the one it trains when "
+                   "compute.runtime is onnxruntime)")
     if config.separation.model is not None:
         from .separate import model_file
 
         path = model_file(config.separation.repo, config.separation.model)
-        sep = export_separator(path, _separator_check_audio(config, chosen), overlap=config.separation.overlap,
-                               int8=int8)
+        audio, test_signal = _separator_check_audio(config, chosen)
+        sep = export_separator(path, audio, overlap=config.separation.overlap, int8=int8)
         files = ", ".join(f"{p} {e['file']} ({e['bytes'] / 1e6:.2f} MB)" for p, e in sep["files"].items())
         diffs = ", ".join(f"{p} {d:.2g}" for p, d in sep["max_difference_of_rms"].items())
         _echo(ctx, f"separator {config.separation.model}: {files}; largest difference from torch, of the output's "
-                   f"RMS: {diffs}" + "".join(f"; {p} not kept: {r}" for p, r in sep["refused"].items()))
+                   f"RMS: {diffs}" + "".join(f"; {p} not kept: {r}" for p, r in sep["refused"].items())
+                   + ("; checked and calibrated on a test signal (no raw audio kept: output.keep_raw)"
+                      if test_signal else ""))
+        exported = True
+    if not exported:
+        raise SignalcraftError("nothing to export: no detector yet and no separator (separation.model is null).")
 
 
 @cli.command()

@@ -198,16 +198,17 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
                          sha256=_sha256(path), samplerate=model.samplerate, audio_channels=audio_channels)
     onnx = None
     if runtime == "onnxruntime":
-        if model.samplerate != sample_rate or config.shifts:
-            log.warning("separator %s: %s, which its ONNX export does not do; it runs on torch", config.model,
-                        "resampling" if model.samplerate != sample_rate else "separation.shifts")
+        from .edge.export import not_exportable
+
+        why = not_exportable(model) or ("it resamples" if model.samplerate != sample_rate else None) \
+            or ("separation.shifts is set" if config.shifts else None)
+        if why:
+            log.warning("separator %s runs on torch: %s, which an ONNX export does not do", config.model, why)
         else:
             from .edge.runtime import OnnxSeparator
 
             onnx = OnnxSeparator(path, precision, threads=config.threads)
-            if onnx.sources != tuple(model.sources) or onnx.audio_channels != audio_channels:
-                raise ModelError(f"{onnx.file}: the export's sources or channels are not the model's. Run "
-                                 "`signalcraft export-onnx` again.")
+            onnx.check_model(model)
     return Separator(info, model, config, sample_rate, onnx=onnx)
 
 

@@ -210,6 +210,23 @@ def _run(path: Path, x: np.ndarray, batch: int = 32) -> np.ndarray:
                           ).astype(np.float64)
 
 
+def not_exportable(model) -> Optional[str]:
+    """Why ``model`` (a demucs model) cannot be exported, or None when it can."""
+    from demucs.demucs import Demucs
+
+    if type(model) is not Demucs:
+        return (f"a {type(model).__name__} model: export-onnx exports Demucs (v2) separators, the kind "
+                "train-separator makes by default (train_separator.architecture: demucs)")
+    if model.resample:
+        return ("the model doubles the sample rate inside (demucs' resample), which does not export for chunks of "
+                "any length; train-separator's models run at the capture rate")
+    valid = {"resample": False, "depth": int(model.depth), "kernel_size": int(model.kernel_size),
+             "stride": int(model.stride)}
+    if any(demucs_valid_length(n, **valid) != model.valid_length(n) for n in (1, 100, 1023, 16000, 44100)):
+        return "this demucs pads its input by another rule than export-onnx knows"
+    return None
+
+
 def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25, int8: bool = True
                      ) -> dict[str, Any]:
     """Export the Demucs network of ``model_file`` beside it, checked on ``audio``
@@ -223,86 +240,90 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
         rules and stay on torch), or the export disagrees with torch.
     """
     from demucs.apply import apply_model
-    from demucs.demucs import Demucs
 
     from ..separate import read_model
 
     model_file = Path(model_file)
     model = read_model(model_file).eval()
-    if type(model) is not Demucs:
-        raise EdgeError(f"{model_file}: a {type(model).__name__} model; export-onnx exports Demucs (v2) separators, "
-                        "the kind train-separator makes by default (train_separator.architecture: demucs). This one "
-                        "keeps running on torch.")
-    if model.resample:
-        raise EdgeError(f"{model_file}: the model doubles the sample rate inside (demucs' resample), which does not "
-                        "export for chunks of any length; train-separator's models run at the capture rate. This one "
-                        "keeps running on torch.")
+    why = not_exportable(model)
+    if why:
+        raise EdgeError(f"{model_file}: not exported: {why}. With compute.runtime: onnxruntime it runs on torch "
+                        "(logged); the detector's export does not depend on it.")
     valid = {"resample": bool(model.resample), "depth": int(model.depth), "kernel_size": int(model.kernel_size),
              "stride": int(model.stride)}
-    for n in (1, 100, 1023, 16000, 44100):
-        if demucs_valid_length(n, **valid) != model.valid_length(n):
-            raise EdgeError(f"{model_file}: this demucs pads its input by another rule than export-onnx knows; it "
-                            "keeps running on torch.")
-    length = int(model.samplerate * model.segment)
-    example = torch.zeros(2, model.audio_channels, model.valid_length(length))
-    stem = model_file.stem
-    artifacts = {"fp32": _written(model_file.with_name(f"{stem}.onnx"),
-                                  lambda tmp: _quiet_export(model, example, tmp, time_axis=True))}
-    meta = {"sources": list(model.sources), "samplerate": int(model.samplerate),
-            "audio_channels": int(model.audio_channels), "segment": float(model.segment), "valid_length": valid}
-    # The manifest first (OnnxSeparator reads it), then the check; a failed check removes both.
-    _write_manifest(model_file, {"kind": "separator", "model": meta, "artifacts": artifacts,
-                                 "original": {"file": model_file.name, "sha256": sha256_file(model_file)}})
     audio = np.asarray(audio, dtype=np.float32)
     if audio.shape[1] != model.audio_channels:
         if model.audio_channels != 1:
             raise EdgeError(f"{model_file}: an array model of {model.audio_channels} microphones, checked on audio of "
                             f"{audio.shape[1]}; record the channels it was trained on (capture.channels).")
         audio = audio.reshape(-1, 1, audio.shape[-1])  # a mono model separates each microphone on its own
+    length = int(model.samplerate * model.segment)
+    example = torch.zeros(2, model.audio_channels, model.valid_length(length))
+    stem = model_file.stem
+    meta = {"sources": list(model.sources), "samplerate": int(model.samplerate),
+            "audio_channels": int(model.audio_channels), "segment": float(model.segment), "valid_length": valid}
+    artifacts: dict[str, Any] = {}
+    verified: dict[str, float] = {}
+    refused: dict[str, str] = {}
+
+    def manifest() -> None:
+        _write_manifest(model_file, {"kind": "separator", "model": meta, "artifacts": artifacts, "verified": verified,
+                                     "refused": refused,
+                                     "original": {"file": model_file.name, "sha256": sha256_file(model_file)}})
+
     # Scaled as the separator scales its input (unit standard deviation), and long enough
     # for a last chunk shorter than the others (the export runs it at its own length).
     audio = audio / np.maximum(audio.std(axis=(1, 2), keepdims=True), 1e-8)
-    chunk = int(model.samplerate * model.segment)
-    if audio.shape[-1] % int((1 - overlap) * chunk) == 0 or audio.shape[-1] <= chunk:
-        audio = np.concatenate([audio, audio[..., :chunk // 3 + 1]], axis=-1)
+    if audio.shape[-1] % int((1 - overlap) * length) == 0 or audio.shape[-1] <= length:
+        audio = np.concatenate([audio, audio[..., :length // 3 + 1]], axis=-1)
     x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     with torch.no_grad():
         expected = apply_model(model, x, shifts=0, split=True, overlap=overlap, progress=False).numpy()
     rms = float(np.sqrt(np.mean(expected**2))) or 1.0
 
     def difference(precision: str) -> float:
-        got = OnnxSeparator(model_file, precision)(x.numpy(), overlap=overlap)
+        got = OnnxSeparator(model_file, precision, checking=True)(x.numpy(), overlap=overlap)
         return float(np.max(np.abs(got - expected))) / rms
 
-    verified, refused = {"fp32": difference("fp32")}, {}
-    if not verified["fp32"] <= SEPARATION_TOLERANCE:
-        manifest_path(model_file).unlink()
-        model_file.with_name(artifacts["fp32"]["file"]).unlink()
-        raise EdgeError(f"{model_file}: the ONNX export's separation differs from torch's by {verified['fp32']:.3g} "
-                        "of the output's RMS; not exported.")
-    if int8:
-        inputs = []
-        for k in range(min(CALIBRATION_BATCHES, x.shape[0] * max(1, x.shape[-1] // length))):
-            example_k, offset = divmod(k, max(1, x.shape[-1] // length))
-            chunk = np.zeros((1, model.audio_channels, model.valid_length(length)), np.float32)
-            piece = x[example_k % x.shape[0], :, offset * length:(offset + 1) * length].numpy()
-            chunk[0, :, :piece.shape[-1]] = piece
-            inputs.append(chunk)
-        entry = quantise(model_file.with_name(artifacts["fp32"]["file"]), model_file.with_name(f"{stem}.int8.onnx"),
-                         inputs)
-        if entry is not None:
-            artifacts["int8"] = entry
-            _write_manifest(model_file, {"kind": "separator", "model": meta, "artifacts": artifacts,
-                                         "original": {"file": model_file.name, "sha256": sha256_file(model_file)}})
-            verified["int8"] = difference("int8")
-            if not verified["int8"] <= SEPARATION_INT8_TOLERANCE:
-                log.warning("%s: the INT8 separator differs from torch by %.3g of the output's RMS (more than %g): "
-                            "not kept; use fp32", model_file.name, verified["int8"], SEPARATION_INT8_TOLERANCE)
-                model_file.with_name(artifacts.pop("int8")["file"]).unlink()
-                refused["int8"] = f"differs from torch by {verified['int8']:.3g} of the output's RMS"
-    _write_manifest(model_file, {"kind": "separator", "model": meta, "artifacts": artifacts, "verified": verified,
-                                 "refused": refused,
-                                 "original": {"file": model_file.name, "sha256": sha256_file(model_file)}})
+    # Until the check is done the manifest has no fp32 entry under "verified", which the
+    # runtime refuses; a failure or an interruption removes the export altogether.
+    try:
+        example = torch.zeros(2, model.audio_channels, model.valid_length(length))
+        artifacts["fp32"] = _written(model_file.with_name(f"{stem}.onnx"),
+                                     lambda tmp: _quiet_export(model, example, tmp, time_axis=True))
+        manifest()
+        fp32 = difference("fp32")
+        if not fp32 <= SEPARATION_TOLERANCE:
+            raise EdgeError(f"{model_file}: the ONNX export's separation differs from torch's by {fp32:.3g} of the "
+                            "output's RMS; not exported.")
+        if int8:
+            inputs = []
+            for k in range(min(CALIBRATION_BATCHES, x.shape[0] * max(1, x.shape[-1] // length))):
+                example_k, offset = divmod(k, max(1, x.shape[-1] // length))
+                chunk = np.zeros((1, model.audio_channels, model.valid_length(length)), np.float32)
+                piece = x[example_k % x.shape[0], :, offset * length:(offset + 1) * length].numpy()
+                chunk[0, :, :piece.shape[-1]] = piece
+                inputs.append(chunk)
+            entry = quantise(model_file.with_name(artifacts["fp32"]["file"]),
+                             model_file.with_name(f"{stem}.int8.onnx"), inputs)
+            if entry is not None:
+                artifacts["int8"] = entry
+                manifest()
+                verified["int8"] = difference("int8")
+                if not verified["int8"] <= SEPARATION_INT8_TOLERANCE:
+                    log.warning("%s: the INT8 separator differs from torch by %.3g of the output's RMS (more than %g): "
+                                "not kept; use fp32", model_file.name, verified["int8"], SEPARATION_INT8_TOLERANCE)
+                    model_file.with_name(artifacts.pop("int8")["file"]).unlink()
+                    refused["int8"] = f"differs from torch by {verified['int8']:.3g} of the output's RMS"
+            else:
+                refused["int8"] = "nothing in the graph quantised"
+        verified["fp32"] = fp32
+        manifest()
+    except BaseException:
+        manifest_path(model_file).unlink(missing_ok=True)
+        for entry in artifacts.values():
+            model_file.with_name(entry["file"]).unlink(missing_ok=True)
+        raise
     log.info("exported %s: %s; largest difference from torch, of the output's RMS: %s", model_file.name,
              ", ".join(f"{p} {e['bytes'] / 1e6:.2f} MB" for p, e in artifacts.items()),
              ", ".join(f"{p} {d:.2g}" for p, d in verified.items()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import SignalcraftError
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 MAX_MANIFEST_BYTES = 1_000_000
@@ -124,13 +127,19 @@ def session(path: Path, threads: int = 0):
                         "again.") from None
 
 
-def choose(entries: Any, precision: str, manifest_file: Path, what: str) -> Path:
-    """The checked file of ``precision`` among ``entries`` ({fp32: ..., int8: ...})."""
+def choose(entries: Any, precision: str, manifest_file: Path, what: str, names: dict[str, str]) -> Path:
+    """The checked file of ``precision`` among ``entries`` ({fp32: ..., int8: ...}), each
+    of which must have its name in ``names`` (precision -> file name). A part without an
+    INT8 file (nothing in it quantised, or the result was not kept) runs its FP32 one."""
     _need(isinstance(entries, dict) and "fp32" in entries, manifest_file, f"{what} has no fp32 file")
     if precision not in entries:
-        raise EdgeError(f"{manifest_file}: {what} has no {precision} export (export-onnx quantises only what gains "
-                        "from it; see its report). Set compute.precision: fp32.")
-    return _artifact(manifest_file, entries[precision])
+        log.info("%s: %s has no %s export (export-onnx did not keep one); it runs the fp32 one", manifest_file.name,
+                 what, precision)
+        precision = "fp32"
+    entry = entries[precision]
+    _need(isinstance(entry, dict) and entry.get("file") == names[precision], manifest_file,
+          f"the {precision} file of {what} is not {names[precision]}")
+    return _artifact(manifest_file, entry)
 
 
 class OnnxScorer:
@@ -153,8 +162,12 @@ class OnnxScorer:
                                                                             for v in self.shape), path, "shape")
         self.detector_kind = str(data.get("detector_kind"))
         self.file = path
-        self._sessions = {str(source): session(choose(entries, precision, path, f"source {source!r}"), threads)
-                          for source, entries in sources.items()}
+        stem = Path(detector_file).stem
+        self._sessions = {
+            str(source): session(choose(entries, precision, path, f"source {source!r}",
+                                        {"fp32": f"{stem}.{source}.onnx", "int8": f"{stem}.{source}.int8.onnx"}),
+                                 threads)
+            for source, entries in sources.items()}
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -166,7 +179,11 @@ class OnnxScorer:
             raise EdgeError(f"{self.file}: tensors of shape {list(x.shape)} given, the export takes (N, "
                             f"{', '.join(map(str, self.shape))})")
         run = self._sessions[source]
-        return run.run(None, {run.get_inputs()[0].name: x})[0].astype(np.float64)
+        scores = run.run(None, {run.get_inputs()[0].name: x})[0]
+        if scores.shape != (x.shape[0],):
+            raise EdgeError(f"{self.file}: the export of {source!r} gives scores of shape {list(scores.shape)} for "
+                            f"{x.shape[0]} tensors (not a scoring graph). Run {EXPORT} again.")
+        return scores.astype(np.float64)
 
 
 def demucs_valid_length(length: int, resample: bool, depth: int, kernel_size: int, stride: int) -> int:
@@ -191,7 +208,7 @@ class OnnxSeparator:
     The chunks of all examples go through the network together, ``CHUNKS_PER_RUN`` at a
     time (a batch of every chunk of 8 microphones held over a gigabyte of activations)."""
 
-    def __init__(self, model_file: Path, precision: str = "fp32", threads: int = 0):
+    def __init__(self, model_file: Path, precision: str = "fp32", threads: int = 0, checking: bool = False):
         data = read_manifest(model_file, "separator")
         path = manifest_path(model_file)
         m = data.get("model")
@@ -207,11 +224,26 @@ class OnnxSeparator:
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeError(f"{path}: damaged ONNX export manifest (model: {e!r}). Run {EXPORT} again.") from None
         _need(self.sources and self.samplerate > 0 and self.audio_channels > 0 and self.segment > 0, path, "model")
+        # ``checking``: export-onnx itself, comparing the export with torch before it says so.
+        _need(checking or (isinstance(data.get("verified"), dict) and "fp32" in data["verified"]), path,
+              "never checked against torch (export-onnx did not finish)")
         self.file = path
-        self._session = session(choose(data.get("artifacts"), precision, path, "the separator"), threads)
+        stem = Path(model_file).stem
+        self._session = session(choose(data.get("artifacts"), precision, path, "the separator",
+                                       {"fp32": f"{stem}.onnx", "int8": f"{stem}.int8.onnx"}), threads)
 
     def valid_length(self, length: int) -> int:
         return demucs_valid_length(length, **self._valid)
+
+    def check_model(self, model) -> None:
+        """Refuse an export whose recorded model is not ``model`` (a demucs Demucs)."""
+        recorded = (self.sources, self.samplerate, self.audio_channels, self.segment, self._valid)
+        actual = (tuple(model.sources), int(model.samplerate), int(model.audio_channels), float(model.segment),
+                  dict(resample=bool(model.resample), depth=int(model.depth), kernel_size=int(model.kernel_size),
+                       stride=int(model.stride)))
+        if recorded != actual:
+            raise EdgeError(f"{self.file}: the export's sources, rate, channels, chunk or padding are not the "
+                            f"model's. Run {EXPORT} again.")
 
     def __call__(self, mix: np.ndarray, overlap: float = 0.25, segment: Optional[float] = None) -> np.ndarray:
         """(batch, audio_channels, T) float32 -> (batch, sources, audio_channels, T)."""
@@ -259,6 +291,10 @@ class EdgeScored:
         if onnx.detector_kind != detector.kind:
             raise EdgeError(f"{onnx.file}: an export of a {onnx.detector_kind} detector, the detector is "
                             f"{detector.kind}. Run {EXPORT} again.")
+        missing = [s for s in detector.sources if s not in onnx.sources and s not in onnx.not_exported]
+        if missing:
+            raise EdgeError(f"{onnx.file}: the export has no model of {', '.join(map(repr, missing))} and does not say "
+                            f"why. Run {EXPORT} again.")
         self.detector = detector
         self.onnx = onnx
 
