@@ -92,28 +92,3 @@ def test_non_stationary_gating_of_silence_is_silence():
     audio[1, 32000:] = np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.01
     out = Denoiser(DenoiseConfig(stationary=False), 16000, None)(audio)
     assert np.all(np.isfinite(out)) and not np.any(out[0]) and not np.any(out[1, :16000])
-
-
-def test_all_channels_in_one_pass_gate_as_noisereduce_gates_each_with_its_own_clip():
-    """ClipGate (thresholds computed once, channels batched) against noisereduce's own
-    TorchGate called per channel with that channel's clip, as it is documented."""
-    import torch
-    from noisereduce.torchgate import TorchGate
-
-    from signalcraft.dsp.gate import ClipGate
-
-    rng = np.random.default_rng(3)
-    settings = dict(sr=16000, nonstationary=False, n_std_thresh_stationary=1.5, prop_decrease=1.0, n_fft=2048,
-                    freq_mask_smooth_hz=None, time_mask_smooth_ms=50.0)
-    clips = [torch.from_numpy((scale * rng.standard_normal(16000)).astype(np.float32))[None]
-             for scale in (0.01, 0.1, 1.0)]
-    t = np.arange(32768) / 16000
-    x = torch.from_numpy(np.stack([0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
-                                   for _ in clips]).astype(np.float32))
-    batched = ClipGate(**settings)
-    batched.set_clips(clips)
-    with torch.no_grad():
-        got = batched(x)
-        expected = torch.cat([TorchGate(**settings)(x[k:k + 1], clip) for k, clip in enumerate(clips)])
-    assert not torch.equal(expected[0], expected[2])  # the clips gate differently
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

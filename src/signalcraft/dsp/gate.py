@@ -4,8 +4,7 @@
 Uses noisereduce's torch implementation (``TorchGate``) on the CPU, directly rather than
 through ``noisereduce.reduce_noise``: that wrapper (3.0.x) does not pass the stationary
 threshold on to the torch gate, and in stationary mode it averages a multichannel noise
-clip across channels. Here each channel is gated with its own clip, all channels in one
-pass (``ClipGate``).
+clip across channels. Here each channel is gated with its own clip.
 
 Segment edges: the STFT and the mask smoothing need audio on both sides of every frame.
 At the start of a segment the gate uses the end of the previous segment (kept as
@@ -22,40 +21,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from noisereduce.torchgate import TorchGate
-from noisereduce.torchgate.utils import amp_to_db
 
 from ..config import DenoiseConfig
 from ..errors import ConfigError, NoiseClipError
 
 
 CONTEXT_FFTS = 2  # windows of the previous segment kept as context for the next
-
-
-class ClipGate(TorchGate):
-    """noisereduce's ``TorchGate`` gating all channels in one pass, each against its own
-    noise clip (``set_clips``): the clips' thresholds are computed once, as TorchGate
-    computes them from a clip on every call (mean + n_std_thresh x std over time of
-    each frequency's level in dB), instead of from the clip's STFT on every segment."""
-
-    _thresholds: Optional[torch.Tensor] = None  # (channels, frequencies)
-
-    def set_clips(self, clips: Sequence[torch.Tensor]) -> None:
-        """One clip per channel, float32, shape = (1, samples)."""
-        window = torch.hann_window(self.win_length)
-        thresholds = []
-        for clip in clips:
-            spectrum = torch.stft(clip, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
-                                  return_complex=True, pad_mode="constant", center=True, window=window)
-            std, mean = torch.std_mean(amp_to_db(spectrum).float(), dim=-1)
-            thresholds.append(mean + std * self.n_std_thresh_stationary)
-        self._thresholds = torch.cat(thresholds)
-
-    def _stationary_mask(self, X_db: torch.Tensor, xn: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if xn is None and self._thresholds is not None:
-            if X_db.shape[0] != self._thresholds.shape[0]:
-                raise ValueError(f"{X_db.shape[0]} channels to gate, {self._thresholds.shape[0]} noise clips")
-            return torch.gt(X_db, self._thresholds.to(X_db.dtype).unsqueeze(2))
-        return super()._stationary_mask(X_db, xn)
 
 
 class Denoiser:
@@ -90,12 +61,11 @@ class Denoiser:
                         f"denoise.n_fft {config.n_fft} needs at least {min_len}. Record a longer clip."
                     )
             self._clips = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]
-            self._gate.set_clips(self._clips)
         self._context: Optional[np.ndarray] = None  # the end of the previous segment, (channels, samples)
 
     @staticmethod
-    def _make_gate(config: DenoiseConfig, sample_rate: int) -> "ClipGate":
-        return ClipGate(
+    def _make_gate(config: DenoiseConfig, sample_rate: int) -> TorchGate:
+        return TorchGate(
             sr=sample_rate,
             nonstationary=not config.stationary,
             n_std_thresh_stationary=config.n_std_thresh,
@@ -127,7 +97,10 @@ class Denoiser:
         hop = self._gate.hop_length
         x = torch.nn.functional.pad(torch.from_numpy(x), (0, -x.shape[-1] % hop))
         with torch.no_grad():
-            y = self._gate(x)  # every channel at once, each against its own clip's threshold
+            if self._clips is None:
+                y = self._gate(x)
+            else:
+                y = torch.cat([self._gate(x[k:k + 1], clip) for k, clip in enumerate(self._clips)])
         start = context.shape[1]
         assert y.shape[-1] >= start + n, (y.shape, start, n)
         self._context = audio[:, n - edge:].copy()
