@@ -13,6 +13,7 @@ delete what a killed process left behind without touching a live writer's files.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -53,6 +54,15 @@ def temp_path(path: Path) -> Path:
 def staging_path(folder: Path, name: str) -> Path:
     """A private folder name in ``folder``'s staging area for assembling ``name``."""
     return Path(folder) / STAGING / f"{name}.{tag()}"
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

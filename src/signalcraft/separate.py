@@ -26,6 +26,7 @@ import torch
 from .config import SeparationConfig
 from .compute import torch_device
 from .errors import SignalcraftError
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ class Separator:
         return np.ascontiguousarray(y[:, :, 0, :] * scale[:, None, :])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_file(repo: Path, name: str) -> Path:
     """The file of model ``name`` in ``repo`` (``NAME-<sha8>.th`` or ``NAME.th``).
 
@@ -195,7 +188,7 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
         log.info("separator %s runs at %d Hz: resampling from %d Hz and back", config.model,
                  model.samplerate, sample_rate)
     info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
-                         sha256=_sha256(path), samplerate=model.samplerate, audio_channels=audio_channels)
+                         sha256=sha256_file(path), samplerate=model.samplerate, audio_channels=audio_channels)
     onnx = None
     if runtime == "onnxruntime":
         from .edge.export import not_exportable

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from .. import __version__, clock
-from ..files import atomic_write
-from .runtime import FORMAT, EdgeError, OnnxSeparator, demucs_valid_length, manifest_path, \
-    session, sha256_file
+from ..files import atomic_write, sha256_file
+from .runtime import FORMAT, EdgeError, OnnxSeparator, demucs_valid_length, manifest_path, session
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ since) is refused with the command that makes a new one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import SignalcraftError
+from ..files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ def manifest_path(original: Path) -> Path:
     """Where the export of ``original`` is described: ``<stem>.onnx.json`` beside it."""
     original = Path(original)
     return original.with_name(original.stem + ".onnx.json")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _need(ok: bool, path: Path, what: str) -> None:
