@@ -21,7 +21,7 @@ from signalcraft.edge.export import SCORE_TOLERANCE, export_detector, export_sep
 from signalcraft.edge.runtime import EdgeError, EdgeScored, OnnxScorer, OnnxSeparator, manifest_path
 from signalcraft.separate import load_separator, model_file, save_model
 
-from conftest import SAMPLE_RATE, SETTINGS, add_recordings, run_cli, tiny_demucs
+from conftest import SAMPLE_RATE, SETTINGS, add_recordings, invoke, tiny_demucs
 
 FEATURES = {"kind": "log-mel", "n_mels": 32, "n_frames": 32}
 
@@ -168,7 +168,7 @@ def test_export_onnx_before_the_first_detector_exports_the_separator_alone(tmp_p
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "capture": {"channels": [1, 2]}, "separation": {"repo": "models", "model": "tiny"},
         "output": {"dir": "out"}, "compute": {"runtime": "onnxruntime"}}))
-    result = run_cli("--config", str(tmp_path / "config.yaml"), "export-onnx", str(tmp_path / "out"), "--no-int8")
+    result = invoke("--config", str(tmp_path / "config.yaml"), "export-onnx", str(tmp_path / "out"), "--no-int8")
     assert result.returncode == 0, result.stderr
     assert "no detector yet, not exported" in result.stdout
     assert "separator tiny: fp32 tiny-" in result.stdout and "on a test signal" in result.stdout
@@ -188,14 +188,14 @@ def test_detect_on_onnxruntime_gives_the_torch_scores_and_reexports_what_it_trai
         (project / "config.yaml").write_text(yaml.safe_dump(settings))
         config = config_from_dict(settings, project / "config.yaml")
         if runtime == "onnxruntime":
-            exported = run_cli("--config", str(project / "config.yaml"), "export-onnx", str(project / "out"))
+            exported = invoke("--config", str(project / "config.yaml"), "export-onnx", str(project / "out"))
             assert exported.returncode == 0, exported.stderr
             assert "mix: fp32 detector.mix.onnx" in exported.stdout and "largest relative score difference" \
                 in exported.stdout
-            doctor = run_cli("--config", str(project / "config.yaml"), "doctor", "-o", str(project / "out"))
+            doctor = invoke("--config", str(project / "config.yaml"), "doctor", "-o", str(project / "out"))
             assert "scoring on onnxruntime fp32 for 1 of 1 sources" in doctor.stdout, doctor.stdout
         add_recordings(project, config, [100, 101], fault="bearing", ending=ending)
-        result = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"), "--csv")
+        result = invoke("--config", str(project / "config.yaml"), "detect", str(project / "out"), "--csv")
         assert result.returncode in (3, 4), result.stderr
         runs[runtime] = [row.split(",") for row in result.stdout.strip().splitlines()]
     torch_rows, onnx_rows = runs["torch"], runs["onnxruntime"]
@@ -208,11 +208,11 @@ def test_detect_on_onnxruntime_gives_the_torch_scores_and_reexports_what_it_trai
     # detector file is refused by detect, naming the file.
     project = tmp_path / "onnxruntime"
     before = json.loads(manifest_path(project / "detector.pt").read_text())["original"]["sha256"]
-    retrained = run_cli("--config", str(project / "config.yaml"), "train-detector", str(project / "out"))
+    retrained = invoke("--config", str(project / "config.yaml"), "train-detector", str(project / "out"))
     assert retrained.returncode == 0, retrained.stderr
     OnnxScorer(project / "detector.pt")  # fresh: made from the new file
     assert json.loads(manifest_path(project / "detector.pt").read_text())["original"]["sha256"] != before
     backup = next(project.glob("detector.pt.*.bak"))
     shutil.copyfile(backup, project / "detector.pt")
-    stale = run_cli("--config", str(project / "config.yaml"), "detect", str(project / "out"))
+    stale = invoke("--config", str(project / "config.yaml"), "detect", str(project / "out"))
     assert stale.returncode == 1 and "detector.onnx.json" in stale.stderr and "export-onnx" in stale.stderr

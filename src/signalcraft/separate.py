@@ -80,13 +80,13 @@ class Separator:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         if self._model is None:
             return audio[:, None, :].copy()
+        if self._onnx is not None:  # load_separator chose it: same rate, no shifts
+            return self._separate_onnx(audio)
         from demucs.apply import apply_model
 
         from .audio_backend import torchaudio
 
         c, sr, model_sr = self._config, self._sample_rate, self._model.samplerate
-        if self._onnx is not None and model_sr == sr and not c.shifts:
-            return self._separate_onnx(audio)
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if model_sr != sr:
             x = torchaudio.functional.resample(x, sr, model_sr)
