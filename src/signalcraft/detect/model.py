@@ -32,6 +32,7 @@ and their SHA-256) and loads with ``torch.load(weights_only=True)``; no class is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -184,10 +185,7 @@ class BandProfile:
         """Squared standardised deviation per band of each tensor's profile from normal,
         the common directions left out: float64, shape = (N, n_mels); about 1 per band
         for a normal tensor."""
-        centred = self.of(tensors) - self.mean.double()
-        components = self.components.double()
-        residual = centred - centred @ components.T @ components
-        return (residual / self.std.double()).pow(2)
+        return _deviation(tensors, self.mean.double(), self.components.double(), self.std.double())
 
     def module(self) -> "ProfileDeviation":
         """``deviation`` as an ``nn.Module`` (for export)."""
@@ -207,6 +205,15 @@ class BandProfile:
         return cls(mean, components, std)
 
 
+def _deviation(tensors: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, std: torch.Tensor
+               ) -> torch.Tensor:
+    """Squared standardised deviation per band of each tensor's profile, the common
+    directions left out (``BandProfile.deviation``; float64 ``mean``, ``components``, ``std``)."""
+    centred = median_over_frames(tensors) - mean
+    residual = centred - centred @ components.T @ components
+    return (residual / std).pow(2)
+
+
 def median_over_frames(tensors: torch.Tensor) -> torch.Tensor:
     """(N, 1, n_mels, n_frames) -> float64 (N, n_mels): the lower median of each band over
     frames, the value ``torch.median`` gives, by a sort (which ONNX has; a median it has not)."""
@@ -224,9 +231,7 @@ class ProfileDeviation(nn.Module):
         self.register_buffer("std", profile.std.double())
 
     def forward(self, tensors: torch.Tensor) -> torch.Tensor:
-        centred = median_over_frames(tensors) - self.mean
-        residual = centred - centred @ self.components.T @ self.components
-        return (residual / self.std).pow(2)
+        return _deviation(tensors, self.mean, self.components, self.std)
 
 
 class WorstBands(nn.Module):
@@ -345,25 +350,19 @@ class Detector:
         model, x = scoring_input(self.models, source, tensors, (self.args.n_mels, self.args.n_frames))
         if x.shape[0] == 0:
             return np.zeros(0, np.float64)
-        mean, std = (v.view(1, 1, -1, 1) for v in self.norm[source])
-        profile = self.profiles[source]
-        worst = max(1, round(SCORE_BAND_FRACTION * self.args.n_mels))
         device = next(model.parameters()).device
-        model.eval()
-        scores = []
+        path = self._scoring_path(source).to(device)  # shares the model's weights, where they are
         with torch.no_grad():
-            for batch in x.split(SCORE_BATCH):
-                batch = batch.to(torch.float32)
-                xn = (batch.to(device) - mean.to(device)) / std.to(device)  # a new tensor
-                per_band = (model(xn) - xn).double().pow(2).mean(dim=(1, 3)).cpu()  # (batch, n_mels)
-                per_band += profile.deviation(batch.cpu())
-                scores.append(per_band.topk(worst, dim=1).values.mean(dim=1))
-        return torch.cat(scores).numpy()
+            return torch.cat([path(batch.to(device, torch.float32)).cpu() for batch in x.split(SCORE_BATCH)]).numpy()
+
+    def _scoring_path(self, source: str) -> "AutoencoderScore":
+        self.models[source].eval()
+        return AutoencoderScore(self.models[source], self.norm[source], self.profiles[source]).eval()
 
     def scoring_module(self, source: str) -> nn.Module:
-        """The scoring path of ``source`` as one module (``AutoencoderScore``), on the CPU."""
-        model = self.models[source]
-        return AutoencoderScore(model, self.norm[source], self.profiles[source]).cpu().eval()
+        """The scoring path of ``source`` as one module (``AutoencoderScore``), a copy on
+        the CPU (the detector's own model stays where it is)."""
+        return copy.deepcopy(self._scoring_path(source)).cpu().eval()
 
 
 def scoring_input(models: dict, source: str, tensors, size: tuple[int, int]) -> tuple[Any, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import DetectConfig
-from .model import SCORE_BAND_FRACTION, BandProfile, WorstBands, fit_sources, scoring_input
+from .model import BandProfile, WorstBands, fit_sources, scoring_input
 
 
 @dataclasses.dataclass
@@ -69,9 +69,9 @@ class ProfileDetector:
         DetectorError
             ``source`` is unknown, or the tensors have the wrong shape.
         """
-        profile, x = scoring_input(self.profiles, source, tensors, (self.n_mels, self.n_frames))
-        worst = max(1, round(SCORE_BAND_FRACTION * self.n_mels))
-        return profile.deviation(x.to(torch.float32)).topk(worst, dim=1).values.mean(dim=1).numpy()
+        _, x = scoring_input(self.profiles, source, tensors, (self.n_mels, self.n_frames))
+        with torch.no_grad():
+            return self.scoring_module(source)(x.to(torch.float32)).numpy()
 
     def scoring_module(self, source: str) -> nn.Module:
         """The scoring path of ``source`` as one module: profile deviation, worst bands."""
