@@ -33,7 +33,7 @@ def autoencoder(**settings) -> DetectConfig:
     return DetectConfig(scorer=ScorerConfig(kind="autoencoder", autoencoder=AutoencoderConfig(**settings)))
 
 
-SMALL = autoencoder(channels=8, epochs=12, batch_size=8, learning_rate=2e-3, seed=0)
+SMALL = autoencoder(channels=8, epochs=6, batch_size=8, learning_rate=2e-3, seed=0)
 
 
 def spectrogram(n: int, lines=PUMP_LINES, seed: int = 0, gain_db: float = 0.0, extra_lines=(),
@@ -58,7 +58,7 @@ def spectrogram(n: int, lines=PUMP_LINES, seed: int = 0, gain_db: float = 0.0, e
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    data = {"pump": spectrogram(32, PUMP_LINES, seed=1), "fan": spectrogram(16, FAN_LINES, seed=2)}
+    data = {"pump": spectrogram(24, PUMP_LINES, seed=1), "fan": spectrogram(12, FAN_LINES, seed=2)}
     return train_detector_models(data, FEATURES, SMALL, progress=False, device="cpu")
 
 
@@ -84,7 +84,7 @@ def test_the_autoencoder_returns_the_shape_it_is_given():
 
 def test_detector_is_trained_per_source_with_its_data_recorded(detector):
     assert set(detector.models) == {"pump", "fan"} and detector.args.channels == SMALL.scorer.autoencoder.channels
-    assert detector.trained_on["pump"]["tensors"] == 32 and detector.trained_on["fan"]["tensors"] == 16
+    assert detector.trained_on["pump"]["tensors"] == 24 and detector.trained_on["fan"]["tensors"] == 12
     assert all(not m.training for m in detector.models.values())
     mean, std = detector.norm["pump"]
     assert mean.shape == std.shape == (N_MELS,)  # per band, from the training tensors, not per tensor
