@@ -7,10 +7,10 @@ random weights, which do not change the cost), the same audio and the same noise
 and all write their tensors to disk.
 
 - signalcraft: `chain.Chain` as `record` runs it: torch spectral gating per channel,
-  the separator over all channels at once (`compute.runtime: torch`: demucs'
-  `apply_model`; `onnxruntime`: the model's export from `edge.export`, every chunk of
-  every channel in one batch), one torchaudio log-mel over all (channel, source) pairs,
-  atomic export.
+  the separator over all channels (each channel's segment in one pass, the default
+  `separation.segment: whole`; `compute.runtime: torch`: demucs' `apply_model`;
+  `onnxruntime`: the model's export from `edge.export`), one torchaudio log-mel over
+  all (channel, source) pairs, atomic export.
 - prototype: for each channel in turn: `noisereduce.reduce_noise` (numpy, stationary,
   the channel's clip), `apply_model` on that channel, a librosa mel per source, save.
 
@@ -44,7 +44,7 @@ from signalcraft.capture import Segment
 from signalcraft.config import config_from_dict
 from signalcraft.noise import NoiseClip, save_clip
 from signalcraft.chain import Chain
-from signalcraft.config import TrainSeparatorConfig
+from signalcraft.config import SeparationConfig, TrainSeparatorConfig
 from signalcraft.edge.export import export_separator
 from signalcraft.separate import model_file, read_model, save_model
 from signalcraft.training.separator import build_model
@@ -133,9 +133,9 @@ def main() -> None:
         save_clip(NoiseClip(clip, SR, k + 1, "bench", dt.datetime.now(dt.timezone.utc)), work / "noise")
     bundled, which = separator_model()
     torch.manual_seed(0)
-    small = build_model(TrainSeparatorConfig(channels=16), tuple(SOURCES), SR)
+    wide = build_model(TrainSeparatorConfig(channels=32), tuple(SOURCES), SR)
     models = {"default": (bundled.eval(), which),
-              "16-channel": (small.eval(), "the default architecture at 16 channels, random weights")}
+              "32-channel": (wide.eval(), "the default architecture at 32 channels, random weights")}
     segment = Segment(audio=audio, sample_rate=SR, start_time=dt.datetime.now(dt.timezone.utc), start_frame=0,
                       device="bench", channels=tuple(range(1, MICS + 1)))
     times: dict[tuple[str, str], list[float]] = {}
@@ -191,9 +191,12 @@ def main() -> None:
     body = f"""## Preprocessing chain speed (scripts/bench_pipeline.py)
 
 One segment of {MICS} channels x {SECONDS:g} s at {SR} Hz through spectral gating, a
-4-source Demucs v2 model (depth 4, chunks of 1 s with overlap 0.25) and 1x240x240
-log-mels, tensors written to disk, for two models: the default one and the default
-architecture at 16 channels (a quarter of the computation). Audio: {source}.
+4-source Demucs v2 model (depth 4) and 1x240x240 log-mels, tensors written to disk, for
+two models: the default one and the default architecture at 32 channels (the earlier
+bundled width, four times the computation). The chain separates as configured by default
+(`separation.segment: {SeparationConfig().segment}`: each microphone's segment in one
+pass); the prototype in demucs' chunks of the model's {float(bundled.segment):g} s with
+overlap 0.25. Audio: {source}.
 Median of {args.runs} runs after a warm-up, all interleaved; torch threads:
 {torch.get_num_threads()}; ONNX Runtime: its own pool. The separators' exports differ from
 torch by at most {difference:.2g} of their output's RMS.

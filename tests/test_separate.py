@@ -124,3 +124,22 @@ def test_a_model_saved_in_half_precision_is_half_the_file_and_separates_alike(tm
     b = load_separator(SeparationConfig(repo=tmp_path / "half", model="m"), SAMPLE_RATE)(audio)
     assert b.dtype == np.float32
     np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("segment,per_pass,passes", [("whole", 16.0, [(3, 20000)]), ("whole", 2.0, [(1, 20000)] * 3),
+                                                     (None, 16.0, [(3, 16000), (3, 8000)])])
+def test_whole_segments_go_through_the_network_in_one_pass_each(tmp_path, monkeypatch, segment, per_pass, passes):
+    """``separation.segment: whole``: each microphone's segment is one example of its
+    whole length (nothing chunked or cross-faded), at most SECONDS_PER_PASS of audio per
+    pass; null: chunks of the model's training length (1 s, overlapping by a quarter),
+    every microphone's chunk in one batch."""
+    monkeypatch.setattr("signalcraft.separate.SECONDS_PER_PASS", per_pass)
+    save_model(tiny_demucs(), tmp_path, "tiny")
+    separator = load_separator(config(tmp_path, segment=segment), SAMPLE_RATE)
+    seen = []
+    separator._model.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    audio = (0.05 * np.random.default_rng(0).standard_normal((3, 20000))).astype(np.float32)
+    out = separator(audio)
+    assert out.shape == (3, 2, 20000) and np.isfinite(out).all()
+    # (examples, samples) per pass
+    assert seen == [(examples, 1, separator._model.valid_length(n)) for examples, n in passes]

@@ -31,6 +31,7 @@ from .files import sha256_file
 log = logging.getLogger(__name__)
 
 MIX = "mix"  # the one source when no separator is configured
+SECONDS_PER_PASS = 16.0  # audio through the network at once, s (a bounded memory)
 
 
 class ModelError(SignalcraftError):
@@ -69,9 +70,26 @@ class Separator:
         self._onnx = onnx  # an edge.runtime.OnnxSeparator: the model's export run by ONNX Runtime
         self._config = config
         self._sample_rate = sample_rate
+        self._whole = False  # a segment in one pass (separation.segment: whole)
         if model is not None:
             self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
+            from demucs.demucs import Demucs
+
+            self._whole = config.segment == "whole" and type(model) is Demucs
+            if config.segment == "whole" and not self._whole:
+                log.info("separator %s: a %s model separates in chunks of its training length (%g s), not whole "
+                         "segments", config.model, type(model).__name__, float(model.segment))
+
+    def _chunks(self, samples: int) -> tuple[Optional[float], float]:
+        """(chunk length in s or None for the model's own, overlap) for ``samples`` at
+        the model's rate: the whole of them as one chunk, or ``separation.segment``."""
+        if self._whole:
+            if self._config.shifts:  # apply_model pads for its shifts by half a second each side
+                samples += 2 * int(0.5 * self._model.samplerate)
+            return (samples + 0.5) / self._model.samplerate, 0.0  # int(rate * length) is samples
+        segment = self._config.segment
+        return (None if segment == "whole" else segment), self._config.overlap
 
     @property
     def runtime(self) -> str:
@@ -96,9 +114,13 @@ class Separator:
         # (batch, audio channels, samples): the whole array as one example, or each channel as its own.
         scale = (x.std() if array else x.std(dim=-1, keepdim=True)).clamp_min(1e-8)
         batch = (x / scale)[None] if array else (x / scale)[:, None, :]
+        segment, overlap = self._chunks(x.shape[-1])
+        # At most SECONDS_PER_PASS of audio through the network at once (bounded memory).
+        group = max(1, int(SECONDS_PER_PASS // (segment or float(self._model.segment))))  # examples per pass
         with torch.no_grad():
-            y = apply_model(self._model, batch, shifts=c.shifts, split=True, overlap=c.overlap, segment=c.segment,
-                            device=self._device, progress=False)  # (batch, sources, audio channels, samples)
+            y = torch.cat([apply_model(self._model, part, shifts=c.shifts, split=True, overlap=overlap,
+                                       segment=segment, device=self._device, progress=False)
+                           for part in batch.split(group)])  # (batch, sources, audio channels, samples)
         y = (y[0].transpose(0, 1) if array else y[:, :, 0, :]) * (scale if array else scale[:, None, :])
         if model_sr != sr:
             y = torchaudio.functional.resample(y, model_sr, sr)
@@ -110,14 +132,15 @@ class Separator:
     def _separate_onnx(self, audio: np.ndarray) -> np.ndarray:
         """``__call__`` through the ONNX export: the same scaling, numpy only."""
         x = np.ascontiguousarray(audio, dtype=np.float32)
+        segment, overlap = self._chunks(x.shape[-1])
         if self.info.audio_channels > 1:
             if x.shape[0] != self.info.audio_channels:
                 raise ValueError(f"the array separator takes {self.info.audio_channels} channels, got {x.shape[0]}")
             scale = max(float(x.std()), 1e-8)
-            return np.ascontiguousarray((self._onnx(x[None] / scale, overlap=self._config.overlap,
-                                                    segment=self._config.segment)[0] * scale).transpose(1, 0, 2))
+            return np.ascontiguousarray((self._onnx(x[None] / scale, overlap, segment)[0]
+                                         * scale).transpose(1, 0, 2))
         scale = np.maximum(x.std(axis=-1, keepdims=True), 1e-8)
-        y = self._onnx((x / scale)[:, None, :], overlap=self._config.overlap, segment=self._config.segment)
+        y = self._onnx((x / scale)[:, None, :], overlap, segment)
         return np.ascontiguousarray(y[:, :, 0, :] * scale[:, None, :])
 
 

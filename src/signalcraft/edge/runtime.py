@@ -1,8 +1,8 @@
 """Running ONNX exports with ONNX Runtime: numpy in, numpy out, no torch.
 
 An export (``export.py``) is a JSON manifest beside the original model file
-(``detector.pt`` -> ``detector.onnx.json``, ``plant-0390f396.th`` ->
-``plant-0390f396.onnx.json``) naming its ONNX files with their SHA-256, the SHA-256 of
+(``detector.pt`` -> ``detector.onnx.json``, ``plant-b237e74a.th`` ->
+``plant-b237e74a.onnx.json``) naming its ONNX files with their SHA-256, the SHA-256 of
 the original it was made from, and what is needed to run it. Nothing in it is trusted:
 the manifest is checked field by field, every ONNX file against its checksum before
 ONNX Runtime parses it, and an export of another original (the model was retrained
@@ -28,7 +28,7 @@ FORMAT = 1
 MAX_MANIFEST_BYTES = 1_000_000
 PRECISIONS = ("fp32", "int8")
 EXPORT = "`signalcraft export-onnx`"
-CHUNKS_PER_RUN = 16  # separator chunks per ONNX Runtime call: as fast as more, a bounded memory
+SECONDS_PER_RUN = 16.0  # separator audio per ONNX Runtime call, s: as fast as more, a bounded memory
 
 
 class EdgeError(SignalcraftError):
@@ -195,10 +195,11 @@ def demucs_valid_length(length: int, resample: bool, depth: int, kernel_size: in
 class OnnxSeparator:
     """A Demucs model's ONNX export run over a whole segment in chunks, as
     ``demucs.apply.apply_model`` runs it (``split=True``, no shifts): overlapping chunks
-    of the model's segment length, each padded with the audio around it (zeros beyond
-    the ends) to the length the model needs, blended with demucs' triangular weights.
-    The chunks of all examples go through the network together, ``CHUNKS_PER_RUN`` at a
-    time (a batch of every chunk of 8 microphones held over a gigabyte of activations)."""
+    of the model's segment length (or of ``segment`` seconds: the whole segment as one
+    chunk), each padded with the audio around it (zeros beyond the ends) to the length
+    the model needs, blended with demucs' triangular weights. The chunks of all examples
+    go through the network together, ``SECONDS_PER_RUN`` of audio at a time (a batch of
+    every chunk of 8 microphones held over a gigabyte of activations)."""
 
     def __init__(self, model_file: Path, precision: str = "fp32", threads: int = 0, checking: bool = False):
         data = read_manifest(model_file, "separator")
@@ -251,24 +252,24 @@ class OnnxSeparator:
         out = np.zeros((batch, len(self.sources), channels, total), np.float32)
         sum_weight = np.zeros(total, np.float32)
         name = self._session.get_inputs()[0].name
-        per_run = max(1, CHUNKS_PER_RUN // batch)
         for n, same_length in chunks.items():  # full chunks, then the last one
             valid = self.valid_length(n)
             delta = valid - n
-            for first in range(0, len(same_length), per_run):
-                group = same_length[first:first + per_run]
-                padded = np.zeros((len(group), batch, channels, valid), np.float32)
-                for k, (offset, _) in enumerate(group):
-                    start = offset - delta // 2
-                    lo, hi = max(0, start), min(total, start + valid)
-                    padded[k, :, :, lo - start:hi - start] = mix[:, :, lo:hi]
-                y = self._session.run(None, {name: padded.reshape(-1, channels, valid)})[0]
-                y = y.reshape(len(group), batch, len(self.sources), channels, -1)
-                trim = (y.shape[-1] - n) // 2
-                y = y[..., trim:trim + n]
-                for k, (offset, _) in enumerate(group):
-                    out[..., offset:offset + n] += weight[:n] * y[k]
-                    sum_weight[offset:offset + n] += weight[:n]
+            padded = np.zeros((len(same_length), batch, channels, valid), np.float32)
+            for k, (offset, _) in enumerate(same_length):
+                start = offset - delta // 2
+                lo, hi = max(0, start), min(total, start + valid)
+                padded[k, :, :, lo - start:hi - start] = mix[:, :, lo:hi]
+            examples = padded.reshape(-1, channels, valid)  # (chunk, example) pairs
+            per_run = max(1, int(SECONDS_PER_RUN * self.samplerate // valid))
+            y = np.concatenate([self._session.run(None, {name: examples[k:k + per_run]})[0]
+                                for k in range(0, len(examples), per_run)])
+            y = y.reshape(len(same_length), batch, len(self.sources), channels, -1)
+            trim = (y.shape[-1] - n) // 2
+            y = y[..., trim:trim + n]
+            for k, (offset, _) in enumerate(same_length):
+                out[..., offset:offset + n] += weight[:n] * y[k]
+                sum_weight[offset:offset + n] += weight[:n]
         return out / sum_weight
 
 
