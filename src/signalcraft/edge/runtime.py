@@ -28,7 +28,7 @@ FORMAT = 1
 MAX_MANIFEST_BYTES = 1_000_000
 PRECISIONS = ("fp32", "int8")
 EXPORT = "`signalcraft export-onnx`"
-SECONDS_PER_RUN = 16.0  # separator audio per ONNX Runtime call, s: as fast as more, a bounded memory
+SECONDS_PER_RUN = 16.0  # separator audio per ONNX Runtime call, s: a bounded memory (more per call was slower)
 
 
 class EdgeError(SignalcraftError):
