@@ -147,13 +147,15 @@ def test_an_exported_separator_separates_as_torch_does(exported_separator, tmp_p
     report = json.loads(manifest_path(path).read_text())
     assert report["verified"]["fp32"] < 1e-3
     rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal((3, 2 * SAMPLE_RATE + 123))).astype(np.float32)  # a last, shorter chunk
-    config = SeparationConfig(repo=tmp_path / "models", model="tiny", device="cpu")
-    on_torch = load_separator(config, SAMPLE_RATE)
-    on_onnx = load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
-    assert (on_torch.runtime, on_onnx.runtime) == ("torch", "onnxruntime")
-    expected = on_torch(audio)
-    np.testing.assert_allclose(on_onnx(audio), expected, atol=1e-4 * float(np.abs(expected).max()))
+    audio = (0.1 * rng.standard_normal((3, 2 * SAMPLE_RATE + 123))).astype(np.float32)
+    # Whole segments in one pass (the default), and the model's chunks with a last, shorter one.
+    for segment in ("whole", None):
+        config = SeparationConfig(repo=tmp_path / "models", model="tiny", device="cpu", segment=segment)
+        on_torch = load_separator(config, SAMPLE_RATE)
+        on_onnx = load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
+        assert (on_torch.runtime, on_onnx.runtime) == ("torch", "onnxruntime")
+        expected = on_torch(audio)
+        np.testing.assert_allclose(on_onnx(audio), expected, atol=1e-4 * float(np.abs(expected).max()))
 
     # An export whose recorded model is not the model (edited, or of another model).
     text = manifest_path(path).read_text()
