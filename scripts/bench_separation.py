@@ -52,7 +52,7 @@ import yaml
 from benchlib import ROOT, write_section
 from signalcraft import simulate
 from signalcraft.config import SeparationConfig, config_from_dict
-from signalcraft.separate import load_separator, model_file
+from signalcraft.separate import load_separator, model_file, read_model
 from signalcraft.training.separator import NOISE_DIR, si_sdr, train_separator
 
 SR = 16000  # Hz
@@ -232,7 +232,13 @@ def mono_recordings(data: Path, sources: list[str]) -> dict[str, list[np.ndarray
 
 
 def model_facts(repo: Path, name: str) -> str:
+    """The model's recipe and training from its checkpoint, which must hold the model's
+    own weights (a checkpoint left from another training run says nothing of it)."""
+    path = model_file(repo, name)
+    weights = read_model(path).state_dict()
     ckpt = torch.load(repo / "checkpoints" / f"{name}.pt", weights_only=True)
+    if any(k not in ckpt["model"] or ckpt["model"][k].shape != v.shape for k, v in weights.items()):
+        return f"`{name}` ({path.name}): its checkpoint is of another model, so how it was trained is not known here"
     c = ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values() if v.is_floating_point())
     return (f"`{name}`: {c['architecture']}, {c['channels']} channels, depth {c['depth']}, "

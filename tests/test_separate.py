@@ -126,13 +126,15 @@ def test_a_model_saved_in_half_precision_is_half_the_file_and_separates_alike(tm
     np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max())
 
 
-@pytest.mark.parametrize("segment,per_pass,passes", [("whole", 16.0, [(3, 20000)]), ("whole", 2.0, [(1, 20000)] * 3),
-                                                     (None, 16.0, [(3, 16000), (3, 8000)])])
+@pytest.mark.parametrize("segment,per_pass,passes", [
+    ("whole", 16.0, [(3, 20000)]), ("whole", 2.0, [(1, 20000)] * 3),
+    ("whole", 1.0, [(1, 16000), (1, 8000)] * 3),  # longer than a pass: chunks of a pass
+    (None, 16.0, [(3, 16000), (3, 8000)])])
 def test_whole_segments_go_through_the_network_in_one_pass_each(tmp_path, monkeypatch, segment, per_pass, passes):
     """``separation.segment: whole``: each microphone's segment is one example of its
     whole length (nothing chunked or cross-faded), at most SECONDS_PER_PASS of audio per
-    pass; null: chunks of the model's training length (1 s, overlapping by a quarter),
-    every microphone's chunk in one batch."""
+    pass (a longer segment in chunks of that length); null: chunks of the model's
+    training length (1 s, overlapping by a quarter), every microphone's chunk in one batch."""
     monkeypatch.setattr("signalcraft.separate.SECONDS_PER_PASS", per_pass)
     save_model(tiny_demucs(), tmp_path, "tiny")
     separator = load_separator(config(tmp_path, segment=segment), SAMPLE_RATE)

@@ -219,7 +219,8 @@ class SeparationConfig:
     # machine maps to is not exported. null: every source of the model, by its own name.
     assets: Optional[dict[str, str]] = None
     # How a segment goes through the model. "whole": in one pass, no chunks (a Demucs v2
-    # network takes any length; HDemucs and HTDemucs keep their training length). A
+    # network takes any length; HDemucs and HTDemucs keep their training length; over
+    # separate.SECONDS_PER_PASS, chunks of that length). A
     # number: chunks of that many seconds, cross-faded over ``overlap``. null: chunks of
     # the model's training length.
     segment: Union[float, Literal["whole"], None] = "whole"
@@ -232,7 +233,7 @@ class SeparationConfig:
 
     def __post_init__(self):
         _require(self.segment in (None, "whole") or self.segment > 0, "segment",
-                 "must be a positive number of seconds, whole or null")
+                 f"must be a positive number of seconds, whole or null, got {self.segment!r}")
         _require(0 <= self.overlap < 1, "overlap", "must be in [0, 1)")
         _require(self.shifts >= 0, "shifts", "must be 0 or more")
         _require(self.threads >= 0, "threads", "must be 0 or more")

@@ -83,11 +83,15 @@ class Separator:
 
     def _chunks(self, samples: int) -> tuple[Optional[float], float]:
         """(chunk length in s or None for the model's own, overlap) for ``samples`` at
-        the model's rate: the whole of them as one chunk, or ``separation.segment``."""
+        the model's rate: the whole of them as one chunk (segments longer than
+        SECONDS_PER_PASS in chunks of that length), or ``separation.segment``."""
         if self._whole:
-            if self._config.shifts:  # apply_model pads for its shifts by half a second each side
-                samples += 2 * int(0.5 * self._model.samplerate)
-            return (samples + 0.5) / self._model.samplerate, 0.0  # int(rate * length) is samples
+            rate = self._model.samplerate
+            if self._config.shifts:  # apply_model pads for its shifts by up to half a second
+                samples += 2 * int(0.5 * rate)
+            if samples > SECONDS_PER_PASS * rate:
+                return SECONDS_PER_PASS, self._config.overlap
+            return (samples + 0.5) / rate, 0.0  # int(rate * length) is samples
         segment = self._config.segment
         return (None if segment == "whole" else segment), self._config.overlap
 
