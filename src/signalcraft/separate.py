@@ -91,7 +91,7 @@ class Separator:
                 samples += 2 * int(0.5 * rate)
             if samples > SECONDS_PER_PASS * rate:
                 return SECONDS_PER_PASS, self._config.overlap
-            return (samples + 0.5) / rate, 0.0  # int(rate * length) is samples
+            return one_pass_seconds(samples, rate), 0.0
         segment = self._config.segment
         return (None if segment == "whole" else segment), self._config.overlap
 
@@ -146,6 +146,12 @@ class Separator:
         scale = np.maximum(x.std(axis=-1, keepdims=True), 1e-8)
         y = self._onnx((x / scale)[:, None, :], overlap, segment)
         return np.ascontiguousarray(y[:, :, 0, :] * scale[:, None, :])
+
+
+def one_pass_seconds(samples: int, rate: int) -> float:
+    """The chunk length, s, that demucs' ``apply_model`` (and ``OnnxSeparator``) turns
+    into exactly ``samples`` samples at ``rate``: the whole input as one chunk."""
+    return (samples + 0.5) / rate  # int(rate * length) is samples
 
 
 def model_file(repo: Path, name: str) -> Path:

@@ -26,7 +26,7 @@ import torch
 
 from .. import __version__, clock
 from ..files import atomic_write, sha256_file
-from .runtime import FORMAT, EdgeError, OnnxSeparator, demucs_valid_length, manifest_path, session
+from .runtime import FORMAT, EdgeError, OnnxSeparator, demucs_padding, demucs_valid_length, manifest_path, session
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,7 @@ def not_exportable(model) -> Optional[str]:
     if model.resample:
         return ("the model doubles the sample rate inside (demucs' resample), which does not export for chunks of "
                 "any length; train-separator's models run at the capture rate")
-    valid = {"resample": False, "depth": int(model.depth), "kernel_size": int(model.kernel_size),
-             "stride": int(model.stride)}
+    valid = demucs_padding(model)
     if any(demucs_valid_length(n, **valid) != model.valid_length(n) for n in (1, 100, 1023, 16000, 44100)):
         return "this demucs pads its input by another rule than export-onnx knows"
     return None
@@ -230,7 +229,8 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
                      ) -> dict[str, Any]:
     """Export the Demucs network of ``model_file`` beside it, checked on ``audio``
     (float32, (examples, audio_channels, samples) at the model's rate): ONNX Runtime
-    through ``OnnxSeparator`` against demucs' ``apply_model``.
+    through ``OnnxSeparator`` against demucs' ``apply_model``, in the model's chunks and
+    with each example in one pass; the larger difference counts.
 
     Raises
     ------
@@ -240,7 +240,7 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
     """
     from demucs.apply import apply_model
 
-    from ..separate import read_model
+    from ..separate import one_pass_seconds, read_model
 
     model_file = Path(model_file)
     model = read_model(model_file).eval()
@@ -248,8 +248,7 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
     if why:
         raise EdgeError(f"{model_file}: not exported: {why}. With compute.runtime: onnxruntime it runs on torch "
                         "(logged); the detector's export does not depend on it.")
-    valid = {"resample": bool(model.resample), "depth": int(model.depth), "kernel_size": int(model.kernel_size),
-             "stride": int(model.stride)}
+    valid = demucs_padding(model)
     audio = np.asarray(audio, dtype=np.float32)
     if audio.shape[1] != model.audio_channels:
         if model.audio_channels != 1:
@@ -257,7 +256,6 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
                             f"{audio.shape[1]}; record the channels it was trained on (capture.channels).")
         audio = audio.reshape(-1, 1, audio.shape[-1])  # a mono model separates each microphone on its own
     length = int(model.samplerate * model.segment)
-    example = torch.zeros(2, model.audio_channels, model.valid_length(length))
     stem = model_file.stem
     meta = {"sources": list(model.sources), "samplerate": int(model.samplerate),
             "audio_channels": int(model.audio_channels), "segment": float(model.segment), "valid_length": valid}
@@ -276,13 +274,18 @@ def export_separator(model_file: Path, audio: np.ndarray, overlap: float = 0.25,
     if audio.shape[-1] % int((1 - overlap) * length) == 0 or audio.shape[-1] <= length:
         audio = np.concatenate([audio, audio[..., :length // 3 + 1]], axis=-1)
     x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    # Both ways the separator runs: in the model's chunks, and each example in one pass
+    # (separation.segment: whole).
+    ways = {"chunks": (overlap, None), "whole": (0.0, one_pass_seconds(x.shape[-1], model.samplerate))}
     with torch.no_grad():
-        expected = apply_model(model, x, shifts=0, split=True, overlap=overlap, progress=False).numpy()
-    rms = float(np.sqrt(np.mean(expected**2))) or 1.0
+        expected = {way: apply_model(model, x, shifts=0, split=True, overlap=o, segment=seg, progress=False).numpy()
+                    for way, (o, seg) in ways.items()}
+    rms = float(np.sqrt(np.mean(expected["chunks"] ** 2))) or 1.0
 
     def difference(precision: str) -> float:
-        got = OnnxSeparator(model_file, precision, checking=True)(x.numpy(), overlap=overlap)
-        return float(np.max(np.abs(got - expected))) / rms
+        run = OnnxSeparator(model_file, precision, checking=True)
+        return max(float(np.max(np.abs(run(x.numpy(), o, seg) - expected[way]))) / rms
+                   for way, (o, seg) in ways.items())
 
     # Until the check is done the manifest has no fp32 entry under "verified", which the
     # runtime refuses; a failure or an interruption removes the export altogether.

@@ -192,6 +192,13 @@ def demucs_valid_length(length: int, resample: bool, depth: int, kernel_size: in
     return int(length)
 
 
+def demucs_padding(model) -> dict[str, Any]:
+    """The settings of a Demucs v2 ``model`` that ``demucs_valid_length`` takes (what an
+    export records of how the model pads its input)."""
+    return {"resample": bool(model.resample), "depth": int(model.depth), "kernel_size": int(model.kernel_size),
+            "stride": int(model.stride)}
+
+
 class OnnxSeparator:
     """A Demucs model's ONNX export run over a whole segment in chunks, as
     ``demucs.apply.apply_model`` runs it (``split=True``, no shifts): overlapping chunks
@@ -232,8 +239,7 @@ class OnnxSeparator:
         """Refuse an export whose recorded model is not ``model`` (a demucs Demucs)."""
         recorded = (self.sources, self.samplerate, self.audio_channels, self.segment, self._valid)
         actual = (tuple(model.sources), int(model.samplerate), int(model.audio_channels), float(model.segment),
-                  dict(resample=bool(model.resample), depth=int(model.depth), kernel_size=int(model.kernel_size),
-                       stride=int(model.stride)))
+                  demucs_padding(model))
         if recorded != actual:
             raise EdgeError(f"{self.file}: the export's sources, rate, channels, chunk or padding are not the "
                             f"model's. Run {EXPORT} again.")
