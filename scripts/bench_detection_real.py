@@ -22,8 +22,8 @@ For each slider id and each scorer kind (``detect.scorer.kind``), through the in
    where an accumulating rule would carry the faulty clips' evidence over to them.
 
 From the CSVs: AUC and pAUC(0.1) of the scores (healthy against faulty), anomalies and
-normals flagged (WARNING or CRITICAL), how many faulty clips pass before the first
-CRITICAL, and the wall time of the cold start. Side by side, on exactly the
+normals flagged (WARNING or CRITICAL), the position of the first CRITICAL in the
+faulty stream, and the wall time of the cold start. Side by side, on exactly the
 same split: the DCASE 2020 baseline re-implemented (scripts/bench_detection.py), and two
 simple references computed on the very tensors signalcraft exported: a shrunk
 (Ledoit-Wolf) Mahalanobis distance on each band's mean and standard deviation over
@@ -175,7 +175,7 @@ def slider(mid: str, scorers: list[str], seed: int, members: list[str] | None = 
             began = time.monotonic()
             run(config, "detect", str(work / "out"))
             cold = time.monotonic() - began
-            calibrated = {s.name for s in list_segments(work / "out")}
+            calibration_names = {s.name for s in list_segments(work / "out")}
             after = base + 10 * (len(train_files) + 5)
             rows = {(kind, cusum): found for kind, files in (("healthy", test_normal), ("faulty", faulty))
                     for cusum, found in stream(work, Path(tmp) / kind, files, after).items()}
@@ -191,7 +191,7 @@ def slider(mid: str, scorers: list[str], seed: int, members: list[str] | None = 
                 "first_critical": first_critical(rows["faulty", True]),
             }
             if "refs" not in out:  # the same tensors whatever the scorer
-                train = tensors(work / "out", calibrated)
+                train = tensors(work / "out", calibration_names)
                 test = {kind: tensors(Path(tmp) / kind / "out", {r["folder"] for r in rows[kind, True]})
                         for kind in ("healthy", "faulty")}
                 out["refs"] = references(train, test["healthy"], test["faulty"])
