@@ -16,10 +16,10 @@ segments, the state carried from one to the next as `record` does:
 
 The canceller is linear for given filters, so the intermittent noise and the machines go
 through it as shadows of the input (``Canceller.with_shadows``): what becomes of each is
-exact. Through the gate, what a part adds is the gate's output of everything less its
-output without that part. The noise clip for gating is the room alone, recorded with the
-machines and the intermittent source off (as `calibrate-noise` is told to), rendered
-separately.
+exact. The gate is linear too for the gain it decides on the whole input: each part
+passes through that gain (``Denoiser.with_shadows``). The noise clip for gating is the
+same room alone (the same installation, another recording), with the machines and the
+intermittent source off, as `calibrate-noise` is told to record it.
 
 Real machine sound: the ten real DCASE 2020 normal clips of one machine
 (../shared/data/dcase2020, factory noise included) as the machine microphones (two clips
@@ -60,7 +60,7 @@ import yaml
 from benchlib import ROOT, write_section
 from signalcraft import simulate
 from signalcraft.chain import Chain
-from signalcraft.config import ReferenceConfig, config_from_dict
+from signalcraft.config import DenoiseConfig, ReferenceConfig, config_from_dict
 from signalcraft.noise import NoiseClip, save_clips
 
 SR = 16000
@@ -101,20 +101,14 @@ def measure(chain: Chain, audio, reference, v, v_ref, m, m_ref) -> dict:
     """Noise removed (after the first CONVERGE_S, and in them) and machine energy kept by the
     chain's stages before separation, run over consecutive segments (state carried).
 
-    The canceller is linear in its input for given filters: the intermittent noise (v at
-    the microphones, v_ref at the reference) and the machines (m, m_ref) go through it as
-    shadows (``Canceller.with_shadows``), so what becomes of each is exact. The gate is
-    not linear: what a part adds to the gate's output is the gate's output of everything
-    less its output without that part (a gate of its own for each, the same settings).
+    Each stage is linear in its input for the filters or the gain it has settled on: the
+    intermittent noise (v at the microphones, v_ref at the reference) and the machines
+    (m, m_ref) go through the canceller with its filters as they stand
+    (``Canceller.with_shadows``) and through the gate with the gain it decided on the
+    whole input (``Denoiser.with_shadows``), so what becomes of each part is exact.
     """
-    from signalcraft.dsp.gate import Denoiser
-
     n = round(SEGMENT_S * SR)
     chain.reset()
-    gates = None
-    if chain.denoiser is not None:
-        clips = None if chain.noise_clips is None else [c.audio for c in chain.noise_clips]
-        gates = [chain.denoiser, *(Denoiser(chain.config.denoise, SR, clips) for _ in range(2))]
     noise_left, machines_left = [], []
     for k in range(0, audio.shape[1] - n + 1, n):
         s = slice(k, k + n)
@@ -123,9 +117,8 @@ def measure(chain: Chain, audio, reference, v, v_ref, m, m_ref) -> dict:
                                                              [(v[:, s], v_ref[:, s]), (m[:, s], m_ref[:, s])])
         else:
             out, out_v, out_m = audio[:, s], v[:, s], m[:, s]
-        if gates is not None:
-            gated, without_v, without_m = (g(x) for g, x in zip(gates, (out, out - out_v, out - out_m)))
-            out_v, out_m = gated - without_v, gated - without_m
+        if chain.denoiser is not None:
+            out, out_v, out_m = chain.denoiser.with_shadows(out, [out_v, out_m])
         noise_left.append(out_v)
         machines_left.append(out_m)
     noise_left, machines_left = np.concatenate(noise_left, axis=1), np.concatenate(machines_left, axis=1)
@@ -142,6 +135,26 @@ def measure(chain: Chain, audio, reference, v, v_ref, m, m_ref) -> dict:
     return {"removed_db": removed(later), "removed_first_db": removed(first), "kept": kept}
 
 
+def ideal_mask_kept(audio: np.ndarray, m: np.ndarray, n_fft: int) -> float:
+    """What a gate that knew the truth would keep of the machines (``m`` in ``audio``)
+    after the first CONVERGE_S: it passes exactly the bins of the gate's STFT where the
+    machines are louder than everything else (the ideal binary mask). A reference, not a
+    method: a gate keeps more only by passing bins where the rest is the louder."""
+    import torch
+
+    settle = min(round(CONVERGE_S * SR), audio.shape[1] - round(SEGMENT_S * SR))
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+
+    def stft(x):
+        return torch.stft(torch.from_numpy(np.ascontiguousarray(x[:, settle:], dtype=np.float64)), n_fft,
+                          n_fft // 4, window=window, return_complex=True)
+
+    machines, rest = stft(m), stft(audio - m)
+    passed = torch.istft(machines * (machines.abs() > rest.abs()), n_fft, n_fft // 4, window=window,
+                         length=audio.shape[1] - settle).numpy()
+    return float(np.sum(passed ** 2) / np.sum(m[:, settle:] ** 2))
+
+
 def simulated_rooms(seeds, seconds: float, noise_dir: Path):
     """Yield (label, twins, intermittent at mics, machines at mics) per room."""
     for seed, rt60 in seeds:
@@ -155,7 +168,7 @@ def simulated_rooms(seeds, seconds: float, noise_dir: Path):
             SKIPPED.append(seed)
             continue
         room = simulate.render(dataclasses.replace(full, machines=(), intermittent=None, seconds=SEGMENT_S,
-                                                   seed=seed + 10_000))
+                                                   seed=seed + 10_000, unit=seed))  # the same room, later
         gain = 10 ** (renders["A"].labels["level_gain_db"] / 20)  # the room as loud as in the scene
         clips = [NoiseClip(row * gain, SR, ch + 1, "simulated room", dt.datetime.now(dt.timezone.utc))
                  for ch, row in enumerate(room.mixture)]
@@ -289,13 +302,19 @@ def main() -> None:
                              "reference": parts["reference"] - parts["v_ref"],
                              "v": np.zeros_like(parts["v"]), "v_ref": np.zeros_like(parts["v_ref"])}
                     rows["source off: gating"] = measure(chain, **quiet)
+                    per_frame = config_from_dict({**settings(method, gating, clip_dir, mics),
+                                                  "denoise": {"decision_ms": None, "n_std_thresh": 1.5}})
+                    rows["source off: per-frame gating"] = measure(
+                        Chain(per_frame, tuple(range(1, mics + 1)), SR, ()), **quiet)
+                    rows["source off: ideal mask"] = {"kept": ideal_mask_kept(quiet["audio"], parts["m"],
+                                                                              chain.config.denoise.n_fft)}
             print(f"{label}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
             results.append((label, rows))
         cost = {method: canceller_cost(method, 4, 3 if options.quick else 7) for method in ("nlms", "rls")}
         calibration, test = (10, 10) if options.quick else (30, 30)
         downstream = {flag: false_alarms(tmp, calibration, test, flag) for flag in (False, True)}
 
-    d = ReferenceConfig()
+    d, g = ReferenceConfig(), DenoiseConfig()
     lines = [
         "## Intermittent noise and the reference canceller (scripts/bench_denoise.py)",
         "",
@@ -307,13 +326,14 @@ def main() -> None:
         f"after the first {CONVERGE_S:g} s (in them, while the filter converges, in brackets). *Kept*: the energy "
         "the machines add to the output over their energy at the microphones, after the first "
         f"{CONVERGE_S:g} s. The noise and the machines pass the canceller as "
-        "shadows of the input (the same filters, exact); through the gate, a part's share is the output less the "
-        f"output without it. Default settings ({d.taps} taps, nlms blocks of {d.block}, step {d.step_size:g}; rls "
+        "shadows of the input (the same filters, exact), and through the gate with the gain it decided on the whole "
+        f"input (exact too). Default settings ({d.taps} taps, nlms blocks of {d.block}, step {d.step_size:g}; rls "
         f"forgetting {d.forgetting:g}; learning while the reference is {d.adapt_above_db:g} dB above its quiet "
-        "level).",
+        f"level; gating: n_std_thresh {g.n_std_thresh:g}, decision over {g.decision_ms:g} ms).",
         "",
-        "| room | " + " | ".join(CONFIGS) + " | NLMS + gating vs gating alone | gating, source off |",
-        "|---|" + "---|" * (len(CONFIGS) + 2),
+        "| room | " + " | ".join(CONFIGS) + " | NLMS + gating vs gating alone | gating, source off | per-frame "
+        "gating, source off | ideal mask, source off |",
+        "|---|" + "---|" * (len(CONFIGS) + 4),
     ]
     for label, rows in results:
         cells = [f"{rows[name]['removed_db']:.1f} dB ({rows[name]['removed_first_db']:.1f}), kept "
@@ -324,8 +344,9 @@ def main() -> None:
             met = gain >= 10 and rows["NLMS + gating"]["kept"] >= 0.9
             verdict = (f"{gain:+.1f} dB, kept {100 * rows['NLMS + gating']['kept']:.0f}% "
                        f"({'met' if met else 'missed'})")
-        off = f"kept {100 * rows['source off: gating']['kept']:.0f}%" if "source off: gating" in rows else "n/a"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} | {off} |")
+        off = [f"kept {100 * rows[key]['kept']:.0f}%" if key in rows else "n/a"
+               for key in ("source off: gating", "source off: per-frame gating", "source off: ideal mask")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} | " + " | ".join(off) + " |")
     lines += [
         "",
         "Target: NLMS + gating removes at least 10 dB more of the intermittent noise than gating alone and keeps at "
@@ -335,7 +356,12 @@ def main() -> None:
            "separated exactly. " if SKIPPED else "")
         + "*Gating, source off*: what the gate keeps of the machines in the same "
         "room with the intermittent source off, the gate's own cost (a loud noise holds the gate open, so gating "
-        "alone keeps more of the machines while the source is on). The real-machine row has no noise clip to gate "
+        "alone keeps more of the machines while the source is on). *Per-frame gating*: the same, deciding on each "
+        "STFT frame alone as noisereduce does (`denoise.decision_ms: null`, `n_std_thresh: 1.5`, the settings "
+        "before the averaged decision). *Ideal mask, source off*: what a gate that knew "
+        "the truth would keep there, passing exactly the bins (of the gate's STFT) where the machines are louder than "
+        "the room (the ideal binary mask). A gate keeps more than that only by also passing bins where the room is "
+        "the louder. The real-machine row has no noise clip to gate "
         "against (no machines-off recording exists for those clips): the canceller alone.",
         "",
         "Canceller cost while learning, 4 microphones, 1 reference, 10 s segments, median: NLMS "

@@ -60,6 +60,7 @@ def test_environment_variable_names_the_file(tmp_path, monkeypatch):
         ({"capture": {"sample_format": "int8"}}, "capture.sample_format: must be one of 'int16', 'int32', 'float32'"),
         ({"capture": 3}, "capture: expected a mapping of keys, got an integer"),
         ({"noise": {"clip_level": 2}}, "noise.clip_level: must be in (0, 1]"),
+        ({"denoise": {"decision_ms": 0}}, "denoise.decision_ms: must be positive, or null"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

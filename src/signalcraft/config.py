@@ -148,8 +148,13 @@ class DenoiseConfig:
     stationary: bool = True
     prop_decrease: float = 1.0  # 1.0 removes gated noise fully, 0.5 halves it
     n_fft: int = 2048  # STFT size, samples (128 ms at 16 kHz: resolves machine harmonics)
-    # A bin is signal when it exceeds the noise mean by this many standard deviations.
-    n_std_thresh: float = 1.5
+    # A bin is signal when its power, averaged over decision_ms, exceeds the noise clip's
+    # mean of the same average by this many standard deviations of it.
+    n_std_thresh: float = 1.75
+    # Averaging of the power before the decision, ms (dsp.gate): a machine's steady sound
+    # near the room's level passes. null: decide on each STFT frame alone (noisereduce's
+    # own decision), which drops more of the machines in reverberant rooms.
+    decision_ms: Optional[float] = 400.0
     # Mask smoothing. Smoothing across frequency spreads the gate of the surrounding
     # noise over steady machine tones and erases them: keep it null unless the room
     # noise is itself tonal.
@@ -160,6 +165,7 @@ class DenoiseConfig:
         _require(0 <= self.prop_decrease <= 1, "prop_decrease", "must be in [0, 1]")
         _require(self.n_fft >= 16, "n_fft", "must be at least 16")
         _require(self.n_std_thresh > 0, "n_std_thresh", "must be positive")
+        _require(self.decision_ms is None or self.decision_ms > 0, "decision_ms", "must be positive, or null")
 
 
 @dataclasses.dataclass(frozen=True)
