@@ -164,29 +164,30 @@ class Denoiser:
         if len(self._context) != len(signals) or any(c is not None and c.shape[0] != audio.shape[0]
                                                      for c in self._context):
             self._context = [None] * len(signals)  # not the stream the context came from
+        n = audio.shape[-1]
+        edge = min(self._edge, n - 1)
         outputs = []
         for k in range(audio.shape[0]):
             gate = self._gates[k if self.config.stationary else 0]
             gate.held = None
             rows = []
             for j, signal in enumerate(signals):
-                rows.append(self._gate_row(gate, signal[k], self._context[j], k))
+                rows.append(self._gate_row(gate, signal[k], self._context[j], k, edge))
                 gate.held = gate.last  # the shadows pass through the audio's mask
             gate.held = None
             outputs.append(rows)
-        n = audio.shape[-1]
-        edge = min(self._edge, n - 1)
         self._context = [np.ascontiguousarray(s[:, n - edge:], dtype=np.float32) for s in signals]
         # The non-stationary gate divides by the signal's own statistics: on digital
         # silence (a dead channel, a muted input) they are 0/0. Gated silence is silence.
         return [np.nan_to_num(np.stack([rows[j] for rows in outputs]), nan=0.0, posinf=0.0, neginf=0.0)
                 for j in range(len(signals))]
 
-    def _gate_row(self, gate: _Gate, row: np.ndarray, context: Optional[np.ndarray], channel: int) -> np.ndarray:
-        """One channel of one signal with its context: (samples,) -> (samples,) float32."""
+    @staticmethod
+    def _gate_row(gate: _Gate, row: np.ndarray, context: Optional[np.ndarray], channel: int, edge: int) -> np.ndarray:
+        """One channel of one signal with ``edge`` samples of context each side: (samples,)
+        -> (samples,) float32."""
         n = row.shape[-1]
         row = np.ascontiguousarray(row, dtype=np.float32)
-        edge = min(self._edge, n - 1)
         before = row[1:edge + 1][::-1] if context is None or context.shape[-1] != edge else context[channel]
         ahead = row[-edge - 1:-1][::-1]  # mirrored end
         x = np.concatenate([before, row, ahead])
