@@ -10,8 +10,10 @@ sources):
 2. Simulated, array: the demo's room (pump, fan and motor where they stand, 4
    microphones, a new installation and recording per mixture), with 2 of the machines
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
-   on each machine recorded alone where it stands) beside the per-microphone model run
-   on each channel. SI-SDR is over every source at every microphone.
+   on each machine recorded alone where it stands), with its spatial filter as `record`
+   runs it (the room's covariance from a noise clip of the same installation) and its
+   network alone, beside the per-microphone model run on each channel. SI-SDR is over
+   every source at every microphone.
 3. Real recordings, one microphone: the DCASE 2020 slide rail (id 00, normal clips) and
    machine A of ../shared/data/dcase2020, isolated clips. A per-microphone model is
    trained here, with the product's train-separator and the recipe of
@@ -186,6 +188,13 @@ def array_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[
     return with_room(stems.sum(0), rendering.background, background), stems.astype(np.float32)
 
 
+def room_clip(seed: int) -> np.ndarray:
+    """The noise clip of the installation of ``seed``: its room recorded at another time
+    with the machines off (another seed of the same unit), (mics, samples)."""
+    scene = simulate.default_scene(machines=ROOM, n_mics=MICS, seconds=SECONDS, seed=seed + 1, unit=seed)
+    return simulate.render(scene).background.astype(np.float32)
+
+
 # --- Runs ---------------------------------------------------------------------------------
 def timed(fn: Callable, times: list[float]):
     began = time.perf_counter()
@@ -236,6 +245,10 @@ def model_facts(repo: Path, name: str) -> str:
     own weights (a checkpoint left from another training run says nothing of it)."""
     path = model_file(repo, name)
     weights = read_model(path).state_dict()
+    if not (repo / "checkpoints" / f"{name}.pt").is_file():
+        params = sum(v.numel() for v in weights.values() if v.is_floating_point())
+        return (f"`{name}` ({path.name}, {params / 1e6:.2f} M parameters): its checkpoint is not in {repo}, so how "
+                "it was trained is not known here")
     ckpt = torch.load(repo / "checkpoints" / f"{name}.pt", weights_only=True)
     if any(k not in ckpt["model"] or ckpt["model"][k].shape != v.shape for k, v in weights.items()):
         return f"`{name}` ({path.name}): its checkpoint is of another model, so how it was trained is not known here"
@@ -267,6 +280,10 @@ def simulated_mono(repo: Path, name: str, data: Path, n: int) -> tuple[str, list
 
 def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tuple[str, list, dict]:
     array = load_separator(SeparationConfig(repo=repo, model=name), SR)
+    if not array.spatial:
+        sys.exit(f"{model_file(repo, name)}: the array model carries no spatial covariances; rebuild it with "
+                 "scripts/build_demo_separator.sh array")
+    network = load_separator(SeparationConfig(repo=repo, model=name, spatial_iterations=0), SR)
     per_mic = load_separator(SeparationConfig(repo=repo, model=mono), SR)
     a_src, m_src = list(array.sources), list(per_mic.sources)
     dictionaries = nmf_dictionaries(mono_recordings(data, a_src))
@@ -274,8 +291,14 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
     def by_mic(fn):  # a per-microphone method on every channel: (n, mics, samples)
         return lambda mix, refs, kinds: np.stack([fn(mix[m], refs[:, m], kinds) for m in range(mix.shape[0])], 1)
 
+    def placed(mixture, seed):  # as `record` does: the spatial filter knows the room from its noise clip
+        array.set_room(room_clip(seed))
+        return mixture
+
     methods = {
         "array model": lambda mix, refs, kinds: array(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
+        "array network alone": lambda mix, refs, kinds:
+            network(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
         "per-microphone model": by_mic(lambda x, r, kinds: per_mic(x[None])[0][[m_src.index(k) for k in kinds]]),
         "NMF": by_mic(lambda x, r, kinds: nmf_separate(x, dictionaries, a_src)[[a_src.index(k) for k in kinds]]),
         "oracle multichannel Wiener": lambda mix, refs, kinds: multichannel_wiener(mix, refs),
@@ -283,8 +306,9 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
     }
     conditions = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
                   for kinds in (("pump", "fan"), ROOM) for bg in (False, True)]
+    seed = lambda kinds, k: TEST_SEED + 500 + 100 * len(kinds) + k  # noqa: E731
     rows, times = score_rows(conditions,
-                             lambda kinds, bg, k: array_mixture(kinds, TEST_SEED + 500 + 100 * len(kinds) + k, bg),
+                             lambda kinds, bg, k: placed(array_mixture(kinds, seed(kinds, k), bg), seed(kinds, k)),
                              methods, n)
     return model_facts(repo, name), rows, times
 
@@ -379,11 +403,16 @@ Time per 10 s of audio: model {ms(mono_times['trained model']):.0f} ms, NMF {ms(
 
 ### Simulated, array (the demo room, 4 microphones)
 
-Model {array_facts}. The per-microphone model is `{args.mono}` above, run on each channel.
+Model {array_facts}. "array model" is what `record` runs: the network, then the
+multichannel Wiener filter with the spatial covariances learnt from the training
+recordings (separation.spatial_iterations 2) and the room's from a noise clip of the same
+installation; "array network alone" is the network without it. The per-microphone model
+is `{args.mono}` above, run on each channel.
 
 {table(array_rows, list(array_rows[0][1]), "machines running, background")}
 
-Time per 10 s of all 4 microphones: array model {ms(array_times['array model']):.0f} ms, per-microphone
+Time per 10 s of all 4 microphones: array model {ms(array_times['array model']):.0f} ms (network alone
+{ms(array_times['array network alone']):.0f} ms), per-microphone
 model {ms(array_times['per-microphone model']):.0f} ms, NMF {ms(array_times['NMF']):.0f} ms.
 
 ### Real recordings, one microphone

@@ -61,6 +61,7 @@ def test_environment_variable_names_the_file(tmp_path, monkeypatch):
         ({"capture": 3}, "capture: expected a mapping of keys, got an integer"),
         ({"noise": {"clip_level": 2}}, "noise.clip_level: must be in (0, 1]"),
         ({"denoise": {"decision_ms": 0}}, "denoise.decision_ms: must be positive, or null"),
+        ({"separation": {"spatial_iterations": -1}}, "separation.spatial_iterations: must be 0 (off) to 10"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

@@ -243,15 +243,21 @@ def test_doctor_names_each_problem(healthy):
 def test_doctor_says_what_kind_of_separator_and_refuses_an_array_model_for_other_microphones(healthy, model_repo):
     found = lines(invoke("--config", str(healthy), "doctor").stdout)
     assert "(per microphone, on torch)" in found["separator"]
+    import torch
+
+    from signalcraft.dsp.spatial import N_FFT
+
     save_model(tiny_demucs(audio_channels=4), model_repo, "array4")
+    placed = torch.eye(4, dtype=torch.complex64).expand(2, N_FFT // 2 + 1, 4, 4) / 4
+    save_model(tiny_demucs(audio_channels=4), model_repo, "placed4", spatial=placed)
     save_model(tiny_demucs(audio_channels=3), model_repo, "array3")
     config = yaml.safe_load(healthy.read_text())  # capture.channels [1, 2, 3, 4]
-    for name, ok in (("array4", True), ("array3", False)):
+    for name, kind in (("array4", "no spatial filter"), ("placed4", "spatial filter 2 iterations"), ("array3", None)):
         config["separation"]["model"] = name
         healthy.write_text(yaml.safe_dump(config))
         line = lines(invoke("--config", str(healthy), "doctor").stdout)["separator"]
-        if ok:
-            assert line.startswith("OK") and "(array model for 4 microphones, on torch)" in line, line
+        if kind:
+            assert line.startswith("OK") and f"(array model for 4 microphones, {kind}, on torch)" in line, line
         else:
             assert line.startswith("FAIL") and "trained on an array of 3 microphones, but 4 microphone channels are " \
                 "recorded" in line, line  # the message record gives

@@ -326,6 +326,25 @@ def test_write_training_set_writes_mono_clips_per_machine_type_and_noise(tmp_pat
     assert not np.allclose(a, b)
 
 
+def test_an_array_training_set_is_recorded_where_the_machines_stand_in_the_scenes_room(tmp_path):
+    """Each clip at every microphone, in the default scene's (free-field) room, within
+    ARRAY_JITTER_M of where that scene puts the machine: what an array separator learns
+    the machines' places from."""
+    data = sim.write_training_set(tmp_path / "data", sources=("pump", "fan"), clips_per_source=4, seconds=0.5,
+                                  noise_clips=2, seed=1, n_mics=3)
+    layout = sim.default_scene(machines=("pump", "fan"), n_mics=3)
+    manifest = json.loads((data / "simulated-seed1.json").read_text())
+    assert all(c["reverb_rt60_s"] is None for c in manifest["clips"])
+    for machine in layout.machines:
+        stands = float(np.linalg.norm(np.subtract(machine.position, layout.mics[0])))
+        clips = [c for c in manifest["clips"] if c["source"] == machine.kind]
+        assert len(clips) == 4
+        for clip in clips:  # mic 0's distance moves by at most the jitter's diagonal
+            assert abs(clip["distance_m"] - stands) <= np.sqrt(3) * sim.ARRAY_JITTER_M + 1e-9
+        assert len({round(c["distance_m"], 6) for c in clips}) == 4  # each clip placed again
+    assert all(sf.info(p).channels == 3 for p in data.rglob("*.wav"))
+
+
 # --- Command line ---------------------------------------------------------------------
 def test_cli_writes_a_scene_and_prints_where(tmp_path):
     out = tmp_path / "scene"

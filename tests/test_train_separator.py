@@ -10,7 +10,8 @@ import torch
 
 from signalcraft.config import config_from_dict
 from signalcraft.errors import ExitCode
-from signalcraft.separate import load_separator, model_file
+from signalcraft.dsp.spatial import N_FFT
+from signalcraft.separate import load_separator, model_file, read_package
 from signalcraft.training.separator import (
     NotBetterError, TrainingDataError, checkpoint_path, load_training_data, si_sdr, snr_loss, train_separator,
 )
@@ -54,6 +55,7 @@ def test_trains_exports_and_the_chain_loads_it(tmp_path):
 
     separator = load_separator(dataclasses.replace(config.separation, model="tiny"), SR)
     assert separator.sources == ("hum", "whine")
+    assert read_package(result.model_path)[1] is None and not separator.spatial  # a mono model places nothing
     assert separator(np.zeros((2, 8000), np.float32) + 0.01).shape == (2, 2, 8000)
 
     from demucs.pretrained import get_model
@@ -238,6 +240,10 @@ def test_an_array_model_trains_on_the_array_and_exports_every_source_at_every_mi
     assert trained.returncode == 0, trained.stderr
     assert "array mode: one model for 2 microphones" in trained.stderr
     assert get_model("tiny", repo=tmp_path / "models").audio_channels == 2  # demucs' own packaging
+    # Where each machine stands, learnt from its recordings alone on the array, travels in the file.
+    assert "spatial covariances of 2 sources learnt" in trained.stderr
+    spatial = read_package(model_file(tmp_path / "models", "tiny"))[1]
+    assert spatial.shape == (2, N_FFT // 2 + 1, 2, 2) and torch.isfinite(spatial).all()
 
     scene = tmp_path / "scene"
     assert invoke("simulate", "--out", str(scene), "--seconds", "2", "--mics", "2").returncode == 0

@@ -108,10 +108,25 @@ class Chain:
         clips = None if self.noise_clips is None else [clip.audio for clip in self.noise_clips]
         self.denoiser = Denoiser(d, sample_rate, clips) if d.enabled else None
         self.separator = load_separator(config, len(self.channels), sample_rate)
+        if self.separator.spatial:
+            self._place_room()
         self.stages = [s for s in (self.canceller, self.denoiser, self.separator) if s is not None]
         self.exports = exported_sources(config, self.separator.sources)
         self.logmel = LogMel(config.features, sample_rate, round(config.capture.segment_seconds * sample_rate))
         self._follows: Optional[tuple[str, int]] = None  # (device, frame) a segment that follows on starts at
+
+    def _place_room(self) -> None:
+        """Give the spatial filter the room's covariance from the noise clips, when they
+        were recorded on all microphones at once."""
+        from .noise import together
+
+        room = None if self.noise_clips is None else together(self.noise_clips)
+        if room is not None:
+            self.separator.set_room(room)
+        else:
+            log.info("spatial filter: %s; the room's part is estimated in each segment",
+                     "no noise clips (denoising is off)" if self.noise_clips is None
+                     else "the noise clips were not recorded together")
 
     @property
     def names(self) -> tuple[str, ...]:

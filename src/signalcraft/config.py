@@ -232,6 +232,10 @@ class SeparationConfig:
     segment: Union[float, Literal["whole"], None] = "whole"
     overlap: float = 0.25  # overlap between chunks, fraction
     shifts: int = 0  # random-shift passes averaged (slower, slightly better)
+    # An array model with spatial covariances (train-separator in array mode stores
+    # them): iterations of the multichannel Wiener filter on its output, which puts
+    # each sound back at the machine it came from (dsp.spatial). 0: the network alone.
+    spatial_iterations: int = 2
     threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
     device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present
     # A model trained at another sample rate: resample to it and back (True) or refuse.
@@ -242,6 +246,7 @@ class SeparationConfig:
                  f"must be a positive number of seconds, whole or null, got {self.segment!r}")
         _require(0 <= self.overlap < 1, "overlap", "must be in [0, 1)")
         _require(self.shifts >= 0, "shifts", "must be 0 or more")
+        _require(0 <= self.spatial_iterations <= 10, "spatial_iterations", "must be 0 (off) to 10")
         _require(self.threads >= 0, "threads", "must be 0 or more")
         if self.assets is not None:
             from .segments.layout import valid_source

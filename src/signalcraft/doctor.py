@@ -198,6 +198,9 @@ def _check_separator(ctx: _Context) -> tuple[str, str]:
         return OK, f"no separation (separation.model: null): one source 'mix' per microphone{machines}"
     mics = separator.info.audio_channels
     kind = f"array model for {mics} microphones" if mics > 1 else "per microphone"
+    if mics > 1:
+        kind += (f", spatial filter {separator.info.spatial_iterations} iterations" if separator.spatial
+                 else ", no spatial filter")
     runtime = separator.runtime + (f" {ctx.config.compute.precision}" if separator.runtime == "onnxruntime" else "")
     return OK, (f"{separator.info.file} ({kind}, on {runtime}): sources {', '.join(separator.info.sources)}"
                 f"{machines}")

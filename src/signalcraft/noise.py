@@ -85,6 +85,15 @@ def check_clip(audio: np.ndarray, config: NoiseConfig) -> list[str]:
     return problems
 
 
+def together(clips: Sequence[NoiseClip]) -> Optional[np.ndarray]:
+    """The clips as one recording of all their channels, float32, shape = (channels,
+    samples), when they were recorded at once (one `calibrate-noise`: same start and
+    length); else None."""
+    if not clips or len({(c.recorded_at, c.audio.shape[-1], c.sample_rate) for c in clips}) != 1:
+        return None
+    return np.stack([c.audio for c in clips])
+
+
 def clip_path(noise_dir: Path, channel: int) -> Path:
     """Where the clip of 1-based device channel ``channel`` lives."""
     return Path(noise_dir) / f"channel_{channel}.pt"

@@ -9,6 +9,11 @@ A mono model separates each microphone channel on its own; an array model
 every microphone. Like ``demucs.separate``, the input is scaled to unit standard
 deviation for the model (each channel, or the array as a whole) and scaled back
 afterwards; models trained by signalcraft see the same scaling.
+
+An array model trained by signalcraft also carries each source's spatial covariance,
+learnt from its training recordings (``dsp.spatial``), under the package key
+``spatial`` (demucs' own loader ignores it). Its output then goes through the
+multichannel Wiener filter of ``dsp.spatial`` (``separation.spatial_iterations``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .files import sha256_file
 log = logging.getLogger(__name__)
 
 MIX = "mix"  # the one source when no separator is configured
+SPATIAL_KEY = "spatial"  # the package entry of an array model's spatial covariances
+SPATIAL_FORMAT = 1
 SECONDS_PER_PASS = 16.0  # audio through the network at once, s (a bounded memory)
 
 
@@ -50,6 +57,8 @@ class SeparatorInfo:
     # 1: each microphone separated on its own; more: an array model that takes this many
     # microphones at once.
     audio_channels: int = 1
+    # Multichannel Wiener iterations on the array model's output (dsp.spatial); 0: none.
+    spatial_iterations: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"sources": list(self.sources)}
@@ -71,6 +80,8 @@ class Separator:
         self._config = config
         self._sample_rate = sample_rate
         self._whole = False  # a segment in one pass (separation.segment: whole)
+        self._spatial: Optional[torch.Tensor] = None  # (sources, freq, mics, mics) with spatial filtering
+        self._room: Optional[torch.Tensor] = None  # (freq, mics, mics): the room's, from set_room
         if model is not None:
             self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
@@ -94,6 +105,41 @@ class Separator:
             return one_pass_seconds(samples, rate), 0.0
         segment = self._config.segment
         return (None if segment == "whole" else segment), self._config.overlap
+
+    def use_spatial(self, covariances: torch.Tensor) -> None:
+        """Filter the array model's output with these spatial covariances, complex64,
+        shape = (sources, freq, mics, mics) (``dsp.spatial``), for
+        ``info.spatial_iterations`` iterations."""
+        self._spatial = covariances.to(self._device)
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the output goes through the multichannel Wiener filter."""
+        return self._spatial is not None and self.info.spatial_iterations > 0
+
+    def set_room(self, noise: np.ndarray) -> None:
+        """The room's spatial covariance for the filter, from float32 audio recorded on
+        all microphones at once with the machines off, shape = (mics, samples), at the
+        capture's rate (the noise clips). Without it, each segment's own rest is used."""
+        from .audio_backend import torchaudio
+        from .dsp.spatial import covariance
+
+        x = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32))
+        if self._sample_rate != self._model.samplerate:
+            x = torchaudio.functional.resample(x, self._sample_rate, self._model.samplerate)
+        self._room = covariance([x.numpy()], self.info.audio_channels).to(self._device)
+
+    def _filter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The array model's output (sources, mics, samples) for its input x (mics,
+        samples), both at the model's rate, through the spatial filter when it is on
+        (and the audio is at least one of its frames long)."""
+        from .dsp.spatial import N_FFT, wiener
+
+        if not self.spatial or x.shape[-1] < N_FFT:
+            return y
+
+        return wiener(x.to(self._device), y.to(self._device), self._spatial, self._room,
+                      self.info.spatial_iterations)
 
     @property
     def runtime(self) -> str:
@@ -125,7 +171,10 @@ class Separator:
             y = torch.cat([apply_model(self._model, part, shifts=c.shifts, split=True, overlap=overlap,
                                        segment=segment, device=self._device, progress=False)
                            for part in batch.split(group)])  # (batch, sources, audio channels, samples)
-        y = (y[0].transpose(0, 1) if array else y[:, :, 0, :]) * (scale if array else scale[:, None, :])
+        if array:
+            y = self._filter(x, y[0] * scale).transpose(0, 1)  # (mics, sources, samples)
+        else:
+            y = y[:, :, 0, :] * scale[:, None, :]
         if model_sr != sr:
             y = torchaudio.functional.resample(y, model_sr, sr)
         out = np.zeros((audio.shape[0], len(self.sources), audio.shape[-1]), np.float32)
@@ -141,8 +190,8 @@ class Separator:
             if x.shape[0] != self.info.audio_channels:
                 raise ValueError(f"the array separator takes {self.info.audio_channels} channels, got {x.shape[0]}")
             scale = max(float(x.std()), 1e-8)
-            return np.ascontiguousarray((self._onnx(x[None] / scale, overlap, segment)[0]
-                                         * scale).transpose(1, 0, 2))
+            y = torch.from_numpy(np.ascontiguousarray(self._onnx(x[None] / scale, overlap, segment)[0] * scale))
+            return np.ascontiguousarray(self._filter(torch.from_numpy(x), y).cpu().numpy().transpose(1, 0, 2))
         scale = np.maximum(x.std(axis=-1, keepdims=True), 1e-8)
         y = self._onnx((x / scale)[:, None, :], overlap, segment)
         return np.ascontiguousarray(y[:, :, 0, :] * scale[:, None, :])
@@ -199,7 +248,7 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
     if config.threads:
         torch.set_num_threads(config.threads)
     path = model_file(config.repo, config.model)
-    model = read_model(path)
+    model, spatial = read_package(path)
     model.eval()
     from .segments.layout import valid_source
 
@@ -220,8 +269,13 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
             )
         log.info("separator %s runs at %d Hz: resampling from %d Hz and back", config.model,
                  model.samplerate, sample_rate)
+    if spatial is None and audio_channels > 1 and config.spatial_iterations:
+        log.info("separator %s carries no spatial covariances: its output is not spatially filtered (retrain it "
+                 "with `signalcraft train-separator` to add them)", config.model)
+    iterations = config.spatial_iterations if spatial is not None else 0
     info = SeparatorInfo(name=config.model, sources=tuple(model.sources), file=path.name,
-                         sha256=sha256_file(path), samplerate=model.samplerate, audio_channels=audio_channels)
+                         sha256=sha256_file(path), samplerate=model.samplerate, audio_channels=audio_channels,
+                         spatial_iterations=iterations)
     onnx = None
     if runtime == "onnxruntime":
         from .edge.export import not_exportable
@@ -235,7 +289,10 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
 
             onnx = OnnxSeparator(path, precision, threads=config.threads)
             onnx.check_model(model)
-    return Separator(info, model, config, sample_rate, onnx=onnx)
+    separator = Separator(info, model, config, sample_rate, onnx=onnx)
+    if spatial is not None:
+        separator.use_spatial(spatial)
+    return separator
 
 
 def _model_classes() -> tuple[type, ...]:
@@ -248,8 +305,14 @@ def _model_classes() -> tuple[type, ...]:
 
 
 def read_model(path: Path) -> torch.nn.Module:
+    """The demucs model of a file in demucs' packaged format (``read_package``)."""
+    return read_package(path)[0]
+
+
+def read_package(path: Path) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
     """A demucs model from a file in demucs' packaged format (``save_model``, demucs'
-    own training), read without running any code from the file.
+    own training), read without running any code from the file, and its spatial
+    covariances (complex64, shape = (sources, freq, mics, mics)) when it carries them.
 
     The file is unpickled with ``weights_only=True``: only tensors, plain containers
     and the demucs model classes are allowed, so a crafted file that would run code
@@ -260,8 +323,9 @@ def read_model(path: Path) -> torch.nn.Module:
     Raises
     ------
     ModelError
-        Checksum mismatch, damaged, holding anything but a demucs model, or not
-        buildable from its arguments. The message names the file.
+        Checksum mismatch, damaged, holding anything but a demucs model, not
+        buildable from its arguments, or with spatial covariances that do not fit
+        it. The message names the file.
     """
     import pickle
 
@@ -294,18 +358,57 @@ def read_model(path: Path) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # demucs warns about arguments of other versions it drops
-            return load_model(package)
+            model = load_model(package)
     except Exception as e:
         raise ModelError(f"{path}: cannot build the separator from its file ({type(e).__name__}: "
                          f"{str(e)[:200]}). {retrain}") from None
+    spatial = package.get(SPATIAL_KEY)
+    return model, (None if spatial is None else _spatial(spatial, model, path, retrain))
 
 
-def save_model(model: torch.nn.Module, repo: Path, name: str, half: bool = False) -> Path:
+def _spatial(entry, model: torch.nn.Module, path: Path, retrain: str) -> torch.Tensor:
+    """The package's spatial covariances, checked against the model: complex64,
+    shape = (sources, freq, mics, mics)."""
+    from .dsp.spatial import N_FFT
+
+    def bad(why: str) -> ModelError:
+        return ModelError(f"{path}: its spatial covariances {why}. {retrain}")
+
+    if not (isinstance(entry, dict) and entry.get("format") == SPATIAL_FORMAT and entry.get("n_fft") == N_FFT
+            and isinstance(entry.get("covariance"), torch.Tensor)):
+        raise bad(f"are not of format {SPATIAL_FORMAT} with n_fft {N_FFT}")
+    R = entry["covariance"]
+    mics, want = model.audio_channels, (len(model.sources), N_FFT // 2 + 1, model.audio_channels,
+                                        model.audio_channels, 2)
+    if mics < 2 or R.dtype != torch.float32 or tuple(R.shape) != want:
+        raise bad(f"have shape {tuple(R.shape)} ({R.dtype}); the model needs {want} (float32)")
+    if not torch.isfinite(R).all():
+        raise bad("hold values that are not finite")
+    R = torch.view_as_complex(R.contiguous())
+    trace = torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1)
+    if not (torch.allclose(R, R.conj().transpose(-1, -2), atol=1e-5)
+            and torch.allclose(trace, torch.ones_like(trace), atol=1e-3)):
+        raise bad("are not Hermitian with trace 1 at every frequency")
+    return R
+
+
+def spatial_entry(covariances: torch.Tensor) -> dict:
+    """The package entry (``SPATIAL_KEY``) for spatial covariances, complex, shape =
+    (sources, freq, mics, mics)."""
+    from .dsp.spatial import N_FFT
+
+    return {"format": SPATIAL_FORMAT, "n_fft": N_FFT,
+            "covariance": torch.view_as_real(covariances.to(torch.complex64).cpu()).contiguous()}
+
+
+def save_model(model: torch.nn.Module, repo: Path, name: str, half: bool = False,
+               spatial: Optional[torch.Tensor] = None) -> Path:
     """Save a demucs model in demucs' own packaged format as ``repo/NAME-<sha8>.th``,
     loadable by ``load_separator`` and by ``python -m demucs.separate --repo REPO -n NAME``.
     With ``half`` the weights are stored in half precision (demucs' own option: half the
-    file; the model loads and runs in float32). Written atomically; older files of the
-    same name are removed after."""
+    file; the model loads and runs in float32). ``spatial``: an array model's spatial
+    covariances, complex, shape = (sources, freq, mics, mics), stored beside. Written
+    atomically; older files of the same name are removed after."""
     import io
 
     from demucs.states import get_state
@@ -314,6 +417,8 @@ def save_model(model: torch.nn.Module, repo: Path, name: str, half: bool = False
 
     args, kwargs = model._init_args_kwargs  # recorded by demucs' @capture_init
     package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=half)}
+    if spatial is not None:
+        package[SPATIAL_KEY] = spatial_entry(spatial)
     buf = io.BytesIO()
     torch.save(package, buf)
     data = buf.getvalue()

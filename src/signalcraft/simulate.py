@@ -146,7 +146,10 @@ MIC_SPACING_M = 1.0  # default layout: microphones on a line along x, m
 MIC_HEIGHT_M = 1.5  # m
 MACHINE_SPACING_M = 2.0  # default layout: machines along x, alternating sides, m
 MACHINE_SIDE_M = 1.5  # distance of the machine row from the microphone line, m
-ARRAY_JITTER_M = 0.25  # array training clips: a machine's place varies by up to this, m
+# Array training clips: a machine recorded again where it stands is within this of its
+# place, m. Where each machine stands is what an array separator learns (dsp.spatial):
+# in bench_separation's room, 5 cm of movement cost its spatial filter 3 dB, 10 cm 6 dB.
+ARRAY_JITTER_M = 0.02
 MACHINE_HEIGHT_M = 0.5  # acoustic centre of a floor-mounted machine, m
 
 # --- Levels ----------------------------------------------------------------------------
@@ -1468,11 +1471,12 @@ def write_training_set(
     0.2-1.2 s (half each), with a fault in ``fault_fraction`` of the clips. WAV files are
     mono 32-bit float.
 
-    With ``n_mics``: training data for an array separator (``train_separator.array``).
-    Each clip is one machine alone recorded on the ``default_scene`` array of ``n_mics``
-    microphones, from where that scene puts a machine of its type (the order of
-    ``sources``) give or take ``ARRAY_JITTER_M``, one channel per microphone; the
-    background clips are the room at every microphone.
+    With ``n_mics``: training data for an array separator (``train_separator.array``),
+    recorded in one installation. Each clip is one machine alone recorded on the
+    ``default_scene`` array of ``n_mics`` microphones, from where that scene puts a
+    machine of its type (the order of ``sources``) give or take ``ARRAY_JITTER_M``, in
+    that scene's room (free field), one channel per microphone; the background clips
+    are the room at every microphone.
 
     Returns
     -------
@@ -1506,7 +1510,8 @@ def write_training_set(
         angle, dist = r.uniform(0, 2 * np.pi), r.uniform(0.5, 4.0)
         rt60 = r.uniform(0.2, 1.2)
         position = (dist * math.cos(angle), dist * math.sin(angle), MACHINE_HEIGHT_M)
-        return int(r.integers(2**31)), position, r.uniform(-6.0, 6.0), rt60 if r.random() < 0.5 else None, r
+        reverberant = r.random() < 0.5
+        return int(r.integers(2**31)), position, r.uniform(-6.0, 6.0), rt60 if reverberant and not placed else None, r
 
     jobs: list[tuple[Path, Scene, Optional[str]]] = []
     for source in sources:

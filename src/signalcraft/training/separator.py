@@ -333,6 +333,7 @@ def train_separator(
     if resume and not ckpt.exists():
         raise StorageError(f"{ckpt}: no checkpoint to resume. Run without --resume to start training.")
     data = load_training_data(data_dir, sr, c)
+    spatial = spatial_covariances(data)  # before training: a source it cannot place stops it now
     device = torch_device(c.device, "train_separator.device")
     samples = round(c.segment_seconds * sr)
     torch.manual_seed(c.seed)
@@ -421,11 +422,36 @@ def train_separator(
         log.error("%s; exported anyway (--force)", message)
     best = copy.deepcopy(model).cpu()
     best.load_state_dict(state["best_state"])
-    path = save_model(best, config.separation.repo, c.name, half=c.export_half)
+    path = save_model(best, config.separation.repo, c.name, half=c.export_half, spatial=spatial)
     log.info("exported %s (validation SI-SDR %.2f dB, SI-SDRi %.2f dB); stopped: %s", path, state["best"],
              state["best_sdri"], reason)
     return TrainResult(path, data.sources, state["epoch"], state["step"], seconds, state["best"],
                        state["best_sdri"], reason)
+
+
+def spatial_covariances(data: TrainingData) -> Optional[torch.Tensor]:
+    """In array mode, each source's spatial covariance per frequency (``dsp.spatial``)
+    from all its recordings alone on the array, training and validation: complex64,
+    shape = (sources, freq, mics, mics). None for a mono model.
+
+    Raises
+    ------
+    TrainingDataError
+        A source has no recording long enough to learn it from.
+    """
+    if data.channels < 2:
+        return None
+    from ..dsp.spatial import N_FFT, covariance
+
+    out = []
+    for source, train, valid in zip(data.sources, data.train, data.valid):
+        try:
+            out.append(covariance(train + valid, data.channels))
+        except ValueError:
+            raise TrainingDataError(f"source {source!r}: no recording of at least {N_FFT} samples on all "
+                                    f"{data.channels} microphones to learn where it stands from.") from None
+    log.info("spatial covariances of %d sources learnt from their recordings on the array", len(out))
+    return torch.stack(out)
 
 
 def _save_checkpoint(path, c, sources, model, optimizer, rng, state) -> None:
