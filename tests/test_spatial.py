@@ -60,6 +60,25 @@ def test_the_filter_places_each_sound_at_the_machine_it_came_from():
     assert with_clip > without > base
 
 
+def test_where_the_network_hears_nothing_of_a_machine_its_direction_decides(monkeypatch):
+    """A sound the network gives wholly to one machine (as a fault it never heard) goes
+    back to the machine it came from: the power floor lets the direction decide."""
+    import signalcraft.dsp.spatial as spatial
+
+    learnt = [room(seed) for seed in (1, 2)]
+    R = torch.stack([covariance([r[name] for r in learnt], MICS) for name in ("pump", "fan")])
+    test = room(7)
+    images = np.stack([test["pump"], test["fan"]])
+    images /= np.sqrt((images ** 2).mean(axis=(1, 2), keepdims=True))
+    mix = images.sum(0)
+    deaf = torch.from_numpy(np.stack([mix, np.zeros_like(mix)]))  # all of it the pump's, none the fan's
+    out = wiener(torch.from_numpy(mix), deaf, R, iterations=2).numpy()
+    assert gain_db(out[1:], images[1:], mix) > 20 and gain_db(out[:1], images[:1], mix) > 20
+    monkeypatch.setattr(spatial, "POWER_FLOOR", 0.0)
+    out = wiener(torch.from_numpy(mix), deaf, R, iterations=2).numpy()
+    assert gain_db(out[1:], images[1:], mix) < 1  # without it the fan stays silent
+
+
 def test_covariances_are_hermitian_with_unit_trace_and_need_usable_recordings():
     R = covariance([room(1, 1.0)["pump"]], MICS)
     assert R.shape == (N_FFT // 2 + 1, MICS, MICS) and R.dtype == torch.complex64
@@ -104,7 +123,8 @@ def test_a_mono_model_has_no_spatial_filter(model_repo):
 @pytest.mark.parametrize("damage, message", [
     ("shape", "have shape (2, 1025, 3, 3, 2)"),
     ("nan", "hold values that are not finite"),
-    ("asymmetric", "are not Hermitian with trace 1"),
+    ("asymmetric", "are not positive semi-definite Hermitian"),
+    ("indefinite", "are not positive semi-definite Hermitian"),
     ("format", "are not of format 1"),
 ])
 def test_damaged_covariances_are_refused_naming_the_file(tmp_path, damage, message):
@@ -119,6 +139,8 @@ def test_damaged_covariances_are_refused_naming_the_file(tmp_path, damage, messa
         entry["covariance"][0, 5, 0, 0, 0] = float("nan")
     elif damage == "asymmetric":
         entry["covariance"][0, 5, 0, 1, 0] = 0.5
+    elif damage == "indefinite":  # Hermitian, trace 1, a negative eigenvalue
+        entry["covariance"][0, 5, :, :, 0] = torch.diag(torch.tensor([1.0, 1.0, -0.5, -0.5]))
     else:
         entry["format"] = 99
     args, kwargs = model._init_args_kwargs

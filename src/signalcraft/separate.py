@@ -137,7 +137,6 @@ class Separator:
 
         if not self.spatial or x.shape[-1] < N_FFT:
             return y
-
         return wiener(x.to(self._device), y.to(self._device), self._spatial, self._room,
                       self.info.spatial_iterations)
 
@@ -183,7 +182,7 @@ class Separator:
         return out
 
     def _separate_onnx(self, audio: np.ndarray) -> np.ndarray:
-        """``__call__`` through the ONNX export: the same scaling, numpy only."""
+        """``__call__`` through the ONNX export: the same scaling (and spatial filter)."""
         x = np.ascontiguousarray(audio, dtype=np.float32)
         segment, overlap = self._chunks(x.shape[-1])
         if self.info.audio_channels > 1:
@@ -387,8 +386,9 @@ def _spatial(entry, model: torch.nn.Module, path: Path, retrain: str) -> torch.T
     R = torch.view_as_complex(R.contiguous())
     trace = torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1)
     if not (torch.allclose(R, R.conj().transpose(-1, -2), atol=1e-5)
-            and torch.allclose(trace, torch.ones_like(trace), atol=1e-3)):
-        raise bad("are not Hermitian with trace 1 at every frequency")
+            and torch.allclose(trace, torch.ones_like(trace), atol=1e-3)
+            and torch.linalg.eigvalsh(R).min() >= -1e-4):
+        raise bad("are not positive semi-definite Hermitian matrices of trace 1 at every frequency")
     return R
 
 

@@ -147,8 +147,9 @@ MIC_HEIGHT_M = 1.5  # m
 MACHINE_SPACING_M = 2.0  # default layout: machines along x, alternating sides, m
 MACHINE_SIDE_M = 1.5  # distance of the machine row from the microphone line, m
 # Array training clips: a machine recorded again where it stands is within this of its
-# place, m. Where each machine stands is what an array separator learns (dsp.spatial):
-# in bench_separation's room, 5 cm of movement cost its spatial filter 3 dB, 10 cm 6 dB.
+# place (each axis), m. Where each machine stands is what an array separator learns
+# (dsp.spatial): in bench_separation's room, clips scattered over 5 cm instead of 2 cm
+# cost its spatial filter 2 dB, over 10 cm 5 dB.
 ARRAY_JITTER_M = 0.02
 MACHINE_HEIGHT_M = 0.5  # acoustic centre of a floor-mounted machine, m
 

@@ -10,7 +10,8 @@ previous one (a reconnect, a dropped segment, another file).
 - ``canceller``: reference-microphone noise cancellation (NLMS, RLS).
 - ``gate``: spectral gating of each channel against its own noise clip (noisereduce).
 - the separator (``signalcraft.separate.Separator``) and the log-mel features
-  (``signalcraft.features.LogMel``) are stateless stages of the same shape.
+  (``signalcraft.features.LogMel``) are stateless stages of the same shape; ``spatial``
+  holds the multichannel Wiener filter an array separator runs on its output.
 
 ``signalcraft.chain`` composes them from the configuration and the resources that
 ``signalcraft.resources`` loads and checks.
