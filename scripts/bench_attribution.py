@@ -16,8 +16,9 @@ segments and reads `detect --csv`:
 
 Per case: which assets have at least one WARNING or CRITICAL row (any microphone), and
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
-the same run: the array model (all microphones in, every source at every microphone),
-the per-microphone model, if given, and no separation (one `mix` stream per microphone:
+the same run: the array model (all microphones in, every source at every microphone,
+then its spatial filter), the same network without the filter
+(separation.spatial_iterations 0), the per-microphone model, if given, and no separation (one `mix` stream per microphone:
 it can say that something is wrong, never which machine).
 
     python scripts/bench_attribution.py [--array plant_array] [--mono plant] [--repo models/separator]
@@ -90,13 +91,15 @@ def stage(segments: list[np.ndarray], folder: Path, start: float) -> list[Path]:
     return out
 
 
-def calibrated_project(work: Path, repo: Path, model: Optional[str]) -> Path:
-    """A project folder calibrated on CALIBRATION normal segments; returns its config."""
+def calibrated_project(work: Path, repo: Path, model: Optional[str], separation: Optional[dict] = None) -> Path:
+    """A project folder calibrated on CALIBRATION normal segments; returns its config.
+    ``separation``: more settings of that section."""
     work.mkdir(parents=True)
     settings = {
         "capture": {"channels": list(range(1, MICS + 1)), "sample_rate": SR, "segment_seconds": SEGMENT_S},
         "noise": {"dir": "noise_samples"},
-        "separation": ({"repo": str(repo), "model": model, "assets": ASSETS} if model else {"model": None}),
+        "separation": ({"repo": str(repo), "model": model, "assets": ASSETS, **(separation or {})} if model
+                       else {"model": None}),
         "detect": {"model": "detector.pt", "calibration_segments": CALIBRATION},
         "output": {"dir": "out"},
         "log": {"file": None},
@@ -155,22 +158,25 @@ def main() -> None:
                         help="one fault case and one busy shift, to check the set-up (not for the figures)")
     args = parser.parse_args()
 
-    separators = [(f"array model `{args.array}`", args.array)]
+    # (label, model, more separation settings): the array model as `record` runs it, its
+    # network without the spatial filter, and the references.
+    separators = [(f"array model `{args.array}`", args.array, None),
+                  (f"array network `{args.array}` alone", args.array, {"spatial_iterations": 0})]
     if args.mono:
-        separators.append((f"per-microphone model `{args.mono}`", args.mono))
-    separators.append(("no separation", None))
+        separators.append((f"per-microphone model `{args.mono}`", args.mono, None))
+    separators.append(("no separation", None, None))
     all_cases = cases()
     if args.quick:
         all_cases = [all_cases[0], all_cases[-1]]
     results: dict[str, list] = {}
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        for label, model in separators:
-            calibrated = calibrated_project(Path(tmp) / f"cal-{model}", args.repo, model)
+        for j, (label, model, more) in enumerate(separators):
+            calibrated = calibrated_project(Path(tmp) / f"cal-{j}", args.repo, model, more)
             results[label] = []
             for k, (name, faulty, recipes) in enumerate(all_cases):
                 segments = [recording(s, f, r) for s, f, r in recipes]
-                rows = case(calibrated, Path(tmp) / f"case-{model}-{k}", segments)
+                rows = case(calibrated, Path(tmp) / f"case-{j}-{k}", segments)
                 crit = Counter(r["source"] for r in rows if r["status"] == "CRITICAL")
                 results[label].append((name, faulty, flagged(rows, "WARNING") | set(crit), set(crit), crit))
                 print(f"{label} | {name}: CRITICAL {dict(crit)}, WARNING {sorted(flagged(rows, 'WARNING'))}",
