@@ -18,8 +18,9 @@ Per case: which assets have at least one WARNING or CRITICAL row (any microphone
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
 then its spatial filter), the same network without the filter
-(separation.spatial_iterations 0), the per-microphone model, if given, and no separation (one `mix` stream per microphone:
-it can say that something is wrong, never which machine).
+(separation.spatial_iterations 0), the per-microphone model, if given, and no
+separation (one `mix` stream per microphone: it can say that something is wrong, never
+which machine).
 
     python scripts/bench_attribution.py [--array plant_array] [--mono plant] [--repo models/separator]
 """
