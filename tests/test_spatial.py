@@ -195,3 +195,25 @@ def test_audio_shorter_than_a_frame_passes_the_network_output_unfiltered(tmp_pat
     mix = short["pump"] + short["fan"]
     assert mix.shape[-1] < N_FFT
     np.testing.assert_array_equal(filtered(mix), alone(mix))
+
+
+def test_on_onnx_runtime_the_array_model_is_filtered_as_on_torch(tmp_path):
+    """The spatial filter follows the network on either runtime."""
+    from signalcraft.edge.export import export_separator
+    from signalcraft.separate import model_file
+
+    learnt = room(1)
+    R = torch.stack([covariance([learnt[name]], MICS) for name in ("pump", "fan")])
+    save_model(tiny_demucs(audio_channels=MICS, resample=False), tmp_path, "tiny", spatial=R)
+    test = room(5, 2.0)
+    mix = test["pump"] + test["fan"]
+    export_separator(model_file(tmp_path, "tiny"), mix[None], int8=False)
+    config = SeparationConfig(repo=tmp_path, model="tiny", device="cpu")
+    on_torch = load_separator(config, SAMPLE_RATE)
+    on_onnx = load_separator(config, SAMPLE_RATE, runtime="onnxruntime")
+    alone = load_separator(SeparationConfig(repo=tmp_path, model="tiny", device="cpu", spatial_iterations=0),
+                           SAMPLE_RATE, runtime="onnxruntime")
+    assert on_onnx.runtime == "onnxruntime" and on_onnx.spatial and not alone.spatial
+    expected = on_torch(mix)
+    np.testing.assert_allclose(on_onnx(mix), expected, atol=1e-3 * float(np.abs(expected).max()))
+    assert not np.allclose(alone(mix), expected)

@@ -69,10 +69,12 @@ class Separator:
     samples). Without a model it passes each channel through as the source "mix". A
     mono model separates each channel on its own (scaled to unit standard deviation); an
     array model (``info.audio_channels`` > 1) takes all channels at once, scaled together
-    so that the level differences between microphones stay."""
+    so that the level differences between microphones stay, and with ``spatial`` (its
+    sources' spatial covariances, complex64, (sources, freq, mics, mics)) its output goes
+    through the multichannel Wiener filter for ``info.spatial_iterations`` iterations."""
 
     def __init__(self, info: SeparatorInfo, model=None, config: Optional[SeparationConfig] = None,
-                 sample_rate: Optional[int] = None, onnx=None):
+                 sample_rate: Optional[int] = None, onnx=None, spatial: Optional[torch.Tensor] = None):
         self.info = info
         self.sources = info.sources
         self._model = model
@@ -80,11 +82,13 @@ class Separator:
         self._config = config
         self._sample_rate = sample_rate
         self._whole = False  # a segment in one pass (separation.segment: whole)
-        self._spatial: Optional[torch.Tensor] = None  # (sources, freq, mics, mics) with spatial filtering
+        self._spatial: Optional[torch.Tensor] = None  # (sources, freq, mics, mics): the array model's
         self._room: Optional[torch.Tensor] = None  # (freq, mics, mics): the room's, from set_room
         if model is not None:
             self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
+            if spatial is not None:
+                self._spatial = spatial.to(self._device)
             from demucs.demucs import Demucs
 
             self._whole = config.segment == "whole" and type(model) is Demucs
@@ -105,12 +109,6 @@ class Separator:
             return one_pass_seconds(samples, rate), 0.0
         segment = self._config.segment
         return (None if segment == "whole" else segment), self._config.overlap
-
-    def use_spatial(self, covariances: torch.Tensor) -> None:
-        """Filter the array model's output with these spatial covariances, complex64,
-        shape = (sources, freq, mics, mics) (``dsp.spatial``), for
-        ``info.spatial_iterations`` iterations."""
-        self._spatial = covariances.to(self._device)
 
     @property
     def spatial(self) -> bool:
@@ -288,10 +286,7 @@ def load_separator(config: SeparationConfig, sample_rate: int, runtime: str = "t
 
             onnx = OnnxSeparator(path, precision, threads=config.threads)
             onnx.check_model(model)
-    separator = Separator(info, model, config, sample_rate, onnx=onnx)
-    if spatial is not None:
-        separator.use_spatial(spatial)
-    return separator
+    return Separator(info, model, config, sample_rate, onnx=onnx, spatial=spatial)
 
 
 def _model_classes() -> tuple[type, ...]:

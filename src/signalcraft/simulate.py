@@ -1660,7 +1660,8 @@ def from_options(
                                          ("--intermittent", intermittent), ("--references", references)) if v]
         if scene_only:
             raise ConfigError(f"{', '.join(scene_only)}: describe one scene; leave them out with "
-                              "--training-set (its clips draw their own distances and rooms).")
+                              "--training-set (its clips draw their own distances and rooms; with --mics "
+                              "each machine stands where the default room puts it).")
         folder = write_training_set(out, **_given(sources=kinds, clips_per_source=clips, n_mics=mics), **common)
         return [folder / s for s in (kinds or MACHINE_TYPES)] + [folder / NOISE_DIR]
     if clips is not None:
