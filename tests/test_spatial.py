@@ -79,6 +79,30 @@ def test_where_the_network_hears_nothing_of_a_machine_its_direction_decides(monk
     assert gain_db(out[1:], images[1:], mix) < 1  # without it the fan stays silent
 
 
+def test_what_the_network_leaves_out_goes_to_its_machine_when_the_room_level_is_known():
+    """A sound the network does not reproduce at all (a fault's new tone it never heard)
+    is in the rest of the mixture. With the room's power measured on a clip of the room,
+    the filter gives it to the machine it comes from; with the room's power taken from
+    that rest, the room keeps it."""
+    from signalcraft.dsp.spatial import power
+
+    learnt = [room(seed) for seed in (1, 2)]
+    R = torch.stack([covariance([r[name] for r in learnt], MICS) for name in ("pump", "fan")])
+    test = room(7)
+    images = np.stack([test["pump"], test["fan"]])
+    images /= np.sqrt((images ** 2).mean(axis=(1, 2), keepdims=True))
+    rng = np.random.default_rng(4)
+    clip = (0.03 * rng.standard_normal(images.shape[1:])).astype(np.float32)  # the room, machines off
+    mix = (images.sum(0) + 0.03 * rng.standard_normal(clip.shape)).astype(np.float32)
+    missed = torch.from_numpy(np.stack([np.zeros_like(mix), images[1]]))  # the pump left out, the fan right
+    room_R = covariance([clip], MICS)
+    measured = wiener(torch.from_numpy(mix), missed, R, room_R, 2, power(clip)).numpy()
+    rest = wiener(torch.from_numpy(mix), missed, R, room_R, 2).numpy()
+    assert gain_db(measured[:1], images[:1], mix) > 15 > gain_db(rest[:1], images[:1], mix) + 5
+    assert gain_db(measured[1:], images[1:], mix) > 15
+    assert power(clip).shape == (N_FFT // 2 + 1,) and power(clip).dtype == torch.float32
+
+
 def test_covariances_are_hermitian_with_unit_trace_and_need_usable_recordings():
     R = covariance([room(1, 1.0)["pump"]], MICS)
     assert R.shape == (N_FFT // 2 + 1, MICS, MICS) and R.dtype == torch.complex64
