@@ -17,10 +17,13 @@ segments and reads `detect --csv`:
 Per case: which assets have at least one WARNING or CRITICAL row (any microphone), and
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
-then its spatial filter), the same network without the filter
-(separation.spatial_iterations 0), the per-microphone model, if given, and no
-separation (one `mix` stream per microphone: it can say that something is wrong, never
-which machine).
+then its spatial filter), the same with the room's power capped at its level in the
+noise clips (separation.room_headroom 1), the array model scored without
+`detect.attribution` (a stream's rise left out where another stream of its microphone
+gained more), the same network without
+the filter (separation.spatial_iterations 0), the per-microphone model, if given, and
+no separation (one `mix` stream per microphone: it can say that something is wrong,
+never which machine).
 
     python scripts/bench_attribution.py [--array plant_array] [--mono plant] [--repo models/separator]
 """
@@ -92,16 +95,17 @@ def stage(segments: list[np.ndarray], folder: Path, start: float) -> list[Path]:
     return out
 
 
-def calibrated_project(work: Path, repo: Path, model: Optional[str], separation: Optional[dict] = None) -> Path:
+def calibrated_project(work: Path, repo: Path, model: Optional[str], separation: Optional[dict] = None,
+                       detect: Optional[dict] = None) -> Path:
     """A project folder calibrated on CALIBRATION normal segments; returns its config.
-    ``separation``: more settings of that section."""
+    ``separation``, ``detect``: more settings of those sections."""
     work.mkdir(parents=True)
     settings = {
         "capture": {"channels": list(range(1, MICS + 1)), "sample_rate": SR, "segment_seconds": SEGMENT_S},
         "noise": {"dir": "noise_samples"},
         "separation": ({"repo": str(repo), "model": model, "assets": ASSETS, **(separation or {})} if model
                        else {"model": None}),
-        "detect": {"model": "detector.pt", "calibration_segments": CALIBRATION},
+        "detect": {"model": "detector.pt", "calibration_segments": CALIBRATION, **(detect or {})},
         "output": {"dir": "out"},
         "log": {"file": None},
     }
@@ -159,21 +163,25 @@ def main() -> None:
                         help="one fault case and one busy shift, to check the set-up (not for the figures)")
     args = parser.parse_args()
 
-    # (label, model, more separation settings): the array model as `record` runs it, its
-    # network without the spatial filter, and the references.
-    separators = [(f"array model `{args.array}`", args.array, None),
-                  (f"array network `{args.array}` alone", args.array, {"spatial_iterations": 0})]
+    # (label, model, more separation settings, more detect settings): the array model as
+    # `record` runs it and `detect` scores it, the same without attribution in `detect`,
+    # its network without the spatial filter, and the references.
+    separators = [(f"array model `{args.array}`", args.array, None, None),
+                  (f"array model `{args.array}`, separation.room_headroom 1", args.array, {"room_headroom": 1.0},
+                   None),
+                  (f"array model `{args.array}`, detect.attribution off", args.array, None, {"attribution": False}),
+                  (f"array network `{args.array}` alone", args.array, {"spatial_iterations": 0}, None)]
     if args.mono:
-        separators.append((f"per-microphone model `{args.mono}`", args.mono, None))
-    separators.append(("no separation", None, None))
+        separators.append((f"per-microphone model `{args.mono}`", args.mono, None, None))
+    separators.append(("no separation", None, None, None))
     all_cases = cases()
     if args.quick:
         all_cases = [all_cases[0], all_cases[-1]]
     results: dict[str, list] = {}
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        for j, (label, model, more) in enumerate(separators):
-            calibrated = calibrated_project(Path(tmp) / f"cal-{j}", args.repo, model, more)
+        for j, (label, model, more, detect) in enumerate(separators):
+            calibrated = calibrated_project(Path(tmp) / f"cal-{j}", args.repo, model, more, detect)
             results[label] = []
             for k, (name, faulty, recipes) in enumerate(all_cases):
                 segments = [recording(s, f, r) for s, f, r in recipes]
@@ -215,7 +223,8 @@ def main() -> None:
     body = f"""## Attribution: which machine alarms (scripts/bench_attribution.py)
 
 The demo's room (P-101 pump, F-201 fan, M-301 motor, {MICS} microphones, factory background
-at its fixed level, denoising on) through `process` and `detect`: calibrated on
+at its fixed level, denoising on) through `process` and `detect` (attribution on unless
+said otherwise): calibrated on
 {CALIBRATION} normal segments of {SEGMENT_S:g} s, then {TEST_SEGMENTS} segments per case, each case from
 the same calibrated state. {len([c for c in all_cases if c[1]])} fault cases (every machine with every fault it can
 have, present in every test segment), one normal case and 3 busy shifts (background

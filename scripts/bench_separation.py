@@ -165,10 +165,14 @@ def equal(stems: np.ndarray) -> np.ndarray:
     return 0.05 * stems / (np.sqrt(np.mean(stems ** 2, axis=axes, keepdims=True)) + 1e-12)
 
 
+def room_gain(machines: np.ndarray, room: np.ndarray) -> float:
+    """The gain that puts ``room`` at 0 dB against the machines' sum."""
+    return float(np.sqrt(np.mean(machines ** 2) / (np.mean(room ** 2) + 1e-20)))
+
+
 def with_room(machines: np.ndarray, room: np.ndarray, background: bool) -> np.ndarray:
     """The machines' sum plus, with ``background``, the room at 0 dB against it."""
-    room = room * np.sqrt(np.mean(machines ** 2) / (np.mean(room ** 2) + 1e-20))
-    return (machines + room * background).astype(np.float32)
+    return (machines + room_gain(machines, room) * room * background).astype(np.float32)
 
 
 def mono_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -179,20 +183,24 @@ def mono_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[n
     return with_room(stems.sum(0), rendering.background[0], background), stems.astype(np.float32)
 
 
-def array_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[np.ndarray, np.ndarray]:
+def array_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """The demo room at every microphone with only ``kinds`` running (the others where
-    they always stand, off): (mics, samples) and the images (n, mics, samples)."""
+    they always stand, off): (mics, samples), the images (n, mics, samples), and the gain
+    that put the room at 0 dB against the machines (also without ``background``: the room
+    is then missing from the mixture, not from the noise clip)."""
     scene = simulate.default_scene(machines=ROOM, n_mics=MICS, seconds=SECONDS, seed=seed)
     rendering = simulate.render(scene)
     stems = equal(np.stack([rendering.stems[m.name] for m in scene.machines if m.kind in kinds]).astype(np.float64))
-    return with_room(stems.sum(0), rendering.background, background), stems.astype(np.float32)
+    return (with_room(stems.sum(0), rendering.background, background), stems.astype(np.float32),
+            room_gain(stems.sum(0), rendering.background))
 
 
-def room_clip(seed: int) -> np.ndarray:
+def room_clip(seed: int, gain: float) -> np.ndarray:
     """The noise clip of the installation of ``seed``: its room recorded at another time
-    with the machines off (another seed of the same unit), (mics, samples)."""
+    with the machines off (another seed of the same unit), at the gain of the mixtures'
+    room (one recording chain), (mics, samples)."""
     scene = simulate.default_scene(machines=ROOM, n_mics=MICS, seconds=SECONDS, seed=seed + 1, unit=seed)
-    return simulate.render(scene).background.astype(np.float32)
+    return (gain * simulate.render(scene).background).astype(np.float32)
 
 
 # --- Runs ---------------------------------------------------------------------------------
@@ -292,8 +300,9 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
         return lambda mix, refs, kinds: np.stack([fn(mix[m], refs[:, m], kinds) for m in range(mix.shape[0])], 1)
 
     def placed(mixture, seed):  # as `record` does: the spatial filter knows the room from its noise clip
-        array.set_room(room_clip(seed))
-        return mixture
+        mix, images, gain = mixture
+        array.set_room(room_clip(seed, gain))
+        return mix, images
 
     methods = {
         "array model": lambda mix, refs, kinds: array(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),

@@ -62,6 +62,8 @@ def test_environment_variable_names_the_file(tmp_path, monkeypatch):
         ({"noise": {"clip_level": 2}}, "noise.clip_level: must be in (0, 1]"),
         ({"denoise": {"decision_ms": 0}}, "denoise.decision_ms: must be positive, or null"),
         ({"separation": {"spatial_iterations": -1}}, "separation.spatial_iterations: must be 0 (off) to 10"),
+        ({"separation": {"room_headroom": 0.5}}, "separation.room_headroom: must be null or a number from 1 to 1e6"),
+        ({"detect": {"attribution": "yes"}}, "detect.attribution"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

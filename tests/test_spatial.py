@@ -79,11 +79,11 @@ def test_where_the_network_hears_nothing_of_a_machine_its_direction_decides(monk
     assert gain_db(out[1:], images[1:], mix) < 1  # without it the fan stays silent
 
 
-def test_what_the_network_leaves_out_goes_to_its_machine_when_the_room_level_is_known():
+def test_what_the_network_leaves_out_goes_to_its_machine_when_the_room_is_capped():
     """A sound the network does not reproduce at all (a fault's new tone it never heard)
-    is in the rest of the mixture. With the room's power measured on a clip of the room,
-    the filter gives it to the machine it comes from; with the room's power taken from
-    that rest, the room keeps it."""
+    is in the rest of the mixture. With the room's power capped at its level on a clip
+    of the room, the filter gives it to the machine it comes from; with the room's power
+    taken from that rest, the room keeps it."""
     from signalcraft.dsp.spatial import power
 
     learnt = [room(seed) for seed in (1, 2)]
@@ -209,6 +209,25 @@ def test_the_chain_gives_the_filter_the_room_from_noise_clips_recorded_together(
     out = chain.separator(test["pump"] + test["fan"])
     chain.separator.set_room(noise)
     assert np.array_equal(chain.separator(test["pump"] + test["fan"]), out) != apart
+
+
+def test_room_headroom_caps_the_room_only_when_set(tmp_path):
+    spatial_model(tmp_path)
+    noise = (0.003 * np.random.default_rng(0).standard_normal((MICS, SAMPLE_RATE))).astype(np.float32)
+    test = room(5, 2.0)
+    mix = test["pump"] + test["fan"]
+    out = {}
+    for headroom in (None, 1.0):
+        separator = load_separator(SeparationConfig(repo=tmp_path, model="tiny", room_headroom=headroom),
+                                   SAMPLE_RATE)
+        before = separator(mix)
+        separator.set_room(noise)
+        out[headroom] = separator(mix)
+        assert not np.array_equal(out[headroom], before)  # the room's covariance from the clip, either way
+    # The untrained network leaves most of the machines to the rest: capped, the room
+    # cannot take it, and the machines' outputs hold more of the mixture.
+    held = {h: float((o.sum(1) ** 2).mean()) for h, o in out.items()}
+    assert held[1.0] > 5 * held[None]
 
 
 def test_audio_shorter_than_a_frame_passes_the_network_output_unfiltered(tmp_path):

@@ -201,6 +201,7 @@ def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
     with sqlite3.connect(path) as db:  # as signalcraft with schema version 1 left it
         db.execute("DROP TABLE rejected")
         db.execute("DROP TABLE scorer_states")
+        db.execute("DROP TABLE band_levels")
         db.execute("ALTER TABLE alerts DROP COLUMN ack_id")
         for table in ("acks", "labels", "maintenance"):
             db.execute(f"DROP TABLE {table}")
@@ -212,6 +213,8 @@ def test_an_older_state_file_is_upgraded_in_place_and_keeps_its_data(path):
         assert store.get_scorer_state(0, "pump") == {"counter": 3}
         store.add_maintenance("pump", NOW, "bearing replaced")
         assert [m["note"] for m in store.maintenance(pending=True)] == ["bearing replaced"]
+        store.set_band_levels([{"mic": 0, "source": "pump", "db": [-20.0, -30.0]}], NOW)
+        assert store.band_levels() == [{"mic": 0, "source": "pump", "db": [-20.0, -30.0]}]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()

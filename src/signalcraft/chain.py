@@ -116,10 +116,11 @@ class Chain:
         self._follows: Optional[tuple[str, int]] = None  # (device, frame) a segment that follows on starts at
 
     def _place_room(self) -> None:
-        """Give the spatial filter the room's covariance and level from the noise clips,
-        when they were recorded on all microphones at once. The clips as recorded, not
-        gated: where the gate closes, the mixture is gone and the room's level does not
-        matter; where it opens, the room is there at the level recorded."""
+        """Give the spatial filter the room from the noise clips, when they were
+        recorded on all microphones at once: its covariance and (for
+        ``separation.room_headroom``) its level. The clips as recorded, not gated: where
+        the gate closes, the mixture is gone and the room's level does not matter; where
+        it opens, the room is there at the level recorded."""
         from .noise import together
 
         room = None if self.noise_clips is None else together(self.noise_clips)

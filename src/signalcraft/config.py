@@ -236,6 +236,12 @@ class SeparationConfig:
     # them): iterations of the multichannel Wiener filter on its output, which puts
     # each sound back at the machine it came from (dsp.spatial). 0: the network alone.
     spatial_iterations: int = 2
+    # With noise clips recorded together: the room's power in each time-frequency bin is
+    # at most this many times its mean in the clips, and what the network leaves of the
+    # mixture beyond that goes to the machines by where it comes from (a fault's new
+    # tone, which the network never heard). null: the room takes all that the network
+    # leaves (dsp.spatial, docs/benchmarks.md for the trade-off).
+    room_headroom: Optional[float] = None
     threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
     device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present
     # A model trained at another sample rate: resample to it and back (True) or refuse.
@@ -247,6 +253,8 @@ class SeparationConfig:
         _require(0 <= self.overlap < 1, "overlap", "must be in [0, 1)")
         _require(self.shifts >= 0, "shifts", "must be 0 or more")
         _require(0 <= self.spatial_iterations <= 10, "spatial_iterations", "must be 0 (off) to 10")
+        _require(self.room_headroom is None or 1 <= self.room_headroom <= 1e6, "room_headroom",
+                 f"must be null or a number from 1 to 1e6, got {self.room_headroom!r}")
         _require(self.threads >= 0, "threads", "must be 0 or more")
         if self.assets is not None:
             from .segments.layout import valid_source
@@ -470,6 +478,10 @@ class DetectConfig:
     # 60 segments of 10 s are 10 minutes of audio.
     calibration_segments: int = 60
     device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
+    # Where another machine's stream at the same microphone gained more new power in a
+    # mel band, a stream's rise there is taken as a leak of that machine's sound and left
+    # out before scoring (detect/attribution.py). Takes effect when the detector trains.
+    attribution: bool = True
     scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
     levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)

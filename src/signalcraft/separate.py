@@ -84,7 +84,7 @@ class Separator:
         self._whole = False  # a segment in one pass (separation.segment: whole)
         self._spatial: Optional[torch.Tensor] = None  # (sources, freq, mics, mics): the array model's
         self._room: Optional[torch.Tensor] = None  # (freq, mics, mics): the room's, from set_room
-        self._room_power: Optional[torch.Tensor] = None  # (freq,): the room's, from set_room
+        self._room_cap: Optional[torch.Tensor] = None  # (freq,): the room's most power, from set_room
         if model is not None:
             self._device = torch_device(config.device, "separation.device")
             self._model.to(self._device)
@@ -117,10 +117,11 @@ class Separator:
         return self._spatial is not None and self.info.spatial_iterations > 0
 
     def set_room(self, noise: np.ndarray) -> None:
-        """The room's spatial covariance and power per frequency for the filter, from
-        float32 audio recorded on all microphones at once with the machines off, shape
-        = (mics, samples), at the capture's rate (the noise clips). Without it, each
-        segment's own rest is used."""
+        """The room's spatial covariance for the filter (and, with
+        ``separation.room_headroom``, the most power it takes in a bin), from float32
+        audio recorded on all microphones at once with the machines off, shape = (mics,
+        samples), at the capture's rate (the noise clips). Without it, each segment's own
+        rest is used."""
         from .audio_backend import torchaudio
         from .dsp.spatial import covariance, power
 
@@ -128,7 +129,8 @@ class Separator:
         if self._sample_rate != self._model.samplerate:
             x = torchaudio.functional.resample(x, self._sample_rate, self._model.samplerate)
         self._room = covariance([x.numpy()], self.info.audio_channels).to(self._device)
-        self._room_power = power(x.numpy()).to(self._device)
+        if self._config.room_headroom is not None:
+            self._room_cap = (self._config.room_headroom * power(x.numpy())).to(self._device)
 
     def _filter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The array model's output (sources, mics, samples) for its input x (mics,
@@ -139,7 +141,7 @@ class Separator:
         if not self.spatial or x.shape[-1] < N_FFT:
             return y
         return wiener(x.to(self._device), y.to(self._device), self._spatial, self._room,
-                      self.info.spatial_iterations, self._room_power)
+                      self.info.spatial_iterations, self._room_cap)
 
     @property
     def runtime(self) -> str:

@@ -42,6 +42,7 @@ from ..files import keep_backup, temp_path
 from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
+from .attribution import Levels, attribute, fit_levels, levels_from_data, levels_to_data
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
@@ -137,6 +138,7 @@ def detect(
         outbox = Outbox.of(config)  # None: publishing off
         # Enough may have been collected by a run that was stopped while training.
         detector = _train_when_ready(config, output_dir, store, detector, result)
+        levels = _levels(store, c, detector is not None)
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
             result.segments += 1
@@ -154,11 +156,15 @@ def detect(
                 if detector is None:
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, scoring(detector), segment, tensors, corrupt, c, result, last_state, outbox)
+                    _score(store, scoring(detector), segment, attribute(tensors, levels), corrupt, c, result,
+                           last_state, outbox)
             on_segment()
+            trained, recalibrated = result.trained, len(result.recalibrated)
             detector = _train_when_ready(config, output_dir, store, detector, result)
             if detector is not None:
                 detector = _recalibrate_when_ready(config, output_dir, store, detector, result)
+            if (result.trained, len(result.recalibrated)) != (trained, recalibrated):
+                levels = _levels(store, c, True)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
 
@@ -183,6 +189,20 @@ class _Scoring:
                          ", ".join(onnx.sources) or "no source",
                          "".join(f"; {s} on its own scorer ({r})" for s, r in onnx.not_exported.items()))
         return self._wrapped
+
+
+def _levels(store: Store, c, trained: bool) -> Levels:
+    """The band levels that attribution compares each stream with (none with
+    ``detect.attribution`` off, or before the detector trained with it on);
+    ``trained``: there is a detector."""
+    if not c.attribution:
+        return {}
+    levels = levels_from_data(store.band_levels())
+    if trained and not levels:
+        log.info("detect.attribution is on, but the detector was trained without band levels (by an earlier "
+                 "signalcraft, or with it off): streams are scored without attribution until `signalcraft "
+                 "train-detector` retrains it")
+    return levels
 
 
 def still_rejected(store: Store, output_dir: Path, names: list[str]) -> set[str]:
@@ -348,6 +368,8 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
+    levels = fit_levels(loaded) if c.attribution else {}
+    loaded = [attribute(tensors, levels) for tensors in loaded]  # as they will be scored
     kind = SCORERS[c.scorer.kind]
     folds = max(2, min(kind.cross_fit_folds, len(chosen)))
     sources = sorted({source for tensors in loaded for _, source in tensors})
@@ -359,6 +381,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     detector = fit_detector(pooled(loaded), features, c)
 
     def commit(at: str) -> None:
+        store.set_band_levels(levels_to_data(levels), at)
         store.clear_scorer_states()  # online models start again from the new detector's
         store.mark_calibration_done()
         for m in store.maintenance(pending=True):  # the new detector was fitted on the period chosen
@@ -414,15 +437,19 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
         folders = [f for f in store.recalibration_folders(source, m["at_utc"]) if labels.get(f) != "anomaly"]
         if len(folders) < c.calibration_segments:
             continue
-        loaded = []
+        whole = []  # every stream of the segments, for attribution
         for folder in folders:
             try:
                 tensors = open_segment(output_dir / folder).load_tensors()[0]
             except (ManifestError, FileNotFoundError) as e:
                 log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
                 continue
-            if tensors := {key: t for key, t in tensors.items() if key[1] == source}:
-                loaded.append(tensors)
+            if any(key[1] == source for key in tensors):
+                whole.append(tensors)
+        fresh = fit_levels([{k: t for k, t in tensors.items() if k[1] == source} for tensors in whole]) \
+            if c.attribution else {}
+        levels = {**{k: v for k, v in _levels(store, c, False).items() if k[1] != source}, **fresh}
+        loaded = [{k: t for k, t in attribute(tensors, levels).items() if k[1] == source} for tensors in whole]
         if len(loaded) < max(2, c.calibration_segments // 2):
             log.warning("%s: only %d of %d segments after its maintenance are readable; collecting more",
                         source, len(loaded), len(folders))
@@ -436,7 +463,8 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
         out_of_fold = cross_fit(loaded, fit, SCORERS[c.scorer.kind].cross_fit_folds)
         detector = with_source(detector, source, fit(pooled(loaded)))
 
-        def commit(at: str, source: str = source) -> None:
+        def commit(at: str, source: str = source, fresh: Levels = fresh) -> None:
+            store.set_band_levels(levels_to_data(fresh), at, source=source)
             store.clear_scorer_states(source)
             store.mark_recalibrated(source, at)
 

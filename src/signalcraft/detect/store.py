@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Optional
 from .. import clock
 from ..errors import StorageError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, s
 PHASES = ("calibration", "scored")
 STATUSES = ("NORMAL", "WARNING", "CRITICAL", "CALIBRATING")
@@ -80,6 +80,15 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox (sent_utc, id)
 """
+# Each stream's typical level per band in calibration, for attribution (schema version 6).
+_BAND_LEVELS_TABLE = """
+CREATE TABLE IF NOT EXISTS band_levels (
+    mic INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    levels_json TEXT NOT NULL,          -- dB per mel band (detect.attribution)
+    updated_at_utc TEXT NOT NULL,
+    PRIMARY KEY (mic, source)
+)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -148,7 +157,8 @@ CREATE TABLE IF NOT EXISTS scorer_states (
     PRIMARY KEY (mic, source)
 );
 {_OPERATOR_TABLES};
-{_OUTBOX_TABLE}
+{_OUTBOX_TABLE};
+{_BAND_LEVELS_TABLE}
 """
 # Statements that bring a state file of version k (the key) to version k + 1.
 _MIGRATIONS = {
@@ -158,6 +168,7 @@ _MIGRATIONS = {
                                       updated_at_utc TEXT NOT NULL, PRIMARY KEY (mic, source))""",
     3: _OPERATOR_TABLES + ";ALTER TABLE alerts ADD COLUMN ack_id INTEGER REFERENCES acks (id)",
     4: _OUTBOX_TABLE,
+    5: _BAND_LEVELS_TABLE,
 }
 
 
@@ -532,6 +543,28 @@ class Store:
             "updated_at_utc = excluded.updated_at_utc",
             (int(mic), source, json.dumps(state, allow_nan=False, sort_keys=True), at_utc),
         )
+
+    def band_levels(self) -> list[dict[str, Any]]:
+        """The saved band levels (``attribution.levels_to_data`` rows), unchecked;
+        a row that is not JSON comes back as it is, for the reader to reject."""
+        rows = []
+        for mic, source, text in self._execute("SELECT mic, source, levels_json FROM band_levels ORDER BY mic, source"):
+            try:
+                db = json.loads(text)
+            except ValueError:
+                db = text
+            rows.append({"mic": mic, "source": source, "db": db})
+        return rows
+
+    def set_band_levels(self, rows: Iterable[dict[str, Any]], at_utc: str, source: Optional[str] = None) -> None:
+        """Replace the band levels (of ``source`` only, if given) by ``rows``."""
+        if source is None:
+            self._execute("DELETE FROM band_levels")
+        else:
+            self._execute("DELETE FROM band_levels WHERE source = ?", (source,))
+        for row in rows:
+            self._execute("INSERT INTO band_levels (mic, source, levels_json, updated_at_utc) VALUES (?, ?, ?, ?)",
+                          (int(row["mic"]), row["source"], json.dumps(row["db"], allow_nan=False), at_utc))
 
     def clear_scorer_states(self, source: Optional[str] = None) -> None:
         """Forget every online model, or those of ``source`` (a new detector starts from

@@ -5,27 +5,20 @@ A machine bolted to the floor reaches the array's microphones by the same paths 
 day, so its spatial covariance per frequency (which microphones hear it how loud, with
 which delays and reverberation) is a property of the installation. ``train-separator``
 in array mode learns it from the recordings of each machine alone on the array and
-stores it with the model; the room's own covariance and level come from the noise clips
+stores it with the model; the room's own covariance comes from the noise clips
 (``calibrate-noise``, recorded on all microphones at once with the machines off), or,
 without them, from what the network leaves unexplained in each segment.
 
-The room's level matters most. The network reproduces what it heard in training; a
-fault's new tone it mostly leaves out, so the tone is in what the network leaves of the
-mixture. Were the room's power taken from that rest, the room would take the fault too,
-and the little of it that the network gave to a machine would decide which one (in
-bench_attribution's room, a pump's 25 Hz imbalance tone came out 15 dB too low in the
-pump and 15 dB too high in the fan). With the room held at its measured level, the rest
-goes to the machine it comes from, by its direction: the pump's tone came out within
-1 dB of the truth.
-
-Each segment is then filtered as in the local Gaussian model of Duong, Vincent and
-Gribonval (2010) with the spatial covariances fixed: the network's estimates give each
-source's power per time-frequency bin, and every source's image at every microphone is
-the multichannel Wiener filter of the mixture. ``iterations`` > 1 re-estimate the
-powers from the filtered images with the covariances held fixed (the simplified EM of
-open-unmix's ``norbert``, which re-estimates the covariances too). The filter keeps what the network heard but
-places it by where it came from: a fan's blade tone that the network leaves in the
-pump's output arrives from the fan's direction and goes back to the fan.
+What the network leaves of the mixture is the room's by default. It also holds what the
+network got wrong, which the room then absorbs (that helps the SI-SDR of sounds the
+network knows), and a fault's new tone, which the network never heard in training:
+the room takes that too, and the little of it the network gave to a machine decides
+which one (in bench_attribution's room, a pump's 25 Hz imbalance tone came out 15 dB
+too low in the pump and 15 dB too high in the fan). With ``background_cap``
+(``separation.room_headroom`` times the noise clips' power), the room takes no more of
+a bin than that and the rest goes to the machines by where it comes from: with
+``room_headroom`` 1 the pump's tone came out 1 dB below the truth and the fan's part
+of it 8 dB too high instead of 15. docs/benchmarks.md has both ways.
 
 Frames are 2048 samples with a hop of 512 (at 16 kHz, 128 ms and 32 ms).
 """
@@ -99,7 +92,7 @@ def _normalised(R: torch.Tensor) -> torch.Tensor:
 
 def wiener(mix: torch.Tensor, estimates: torch.Tensor, covariances: torch.Tensor,
            background: Optional[torch.Tensor] = None, iterations: int = 1,
-           background_power: Optional[torch.Tensor] = None) -> torch.Tensor:
+           background_cap: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every source's image at every microphone by the multichannel Wiener filter.
 
     Parameters
@@ -115,10 +108,11 @@ def wiener(mix: torch.Tensor, estimates: torch.Tensor, covariances: torch.Tensor
         of what the estimates leave of the mixture, in this segment.
     iterations : int
         1 or more.
-    background_power : float32 tensor, shape = (N_FFT // 2 + 1,), or None
-        The room's power per frequency (``power`` of the noise clips), held in every
-        bin and iteration. None: the power of what the estimates leave of the mixture,
-        re-estimated in each iteration.
+    background_cap : float32 tensor, shape = (N_FFT // 2 + 1,), or None
+        The most power per frequency the room may have in a bin, in every iteration
+        (``separation.room_headroom`` times ``power`` of the noise clips). None: the
+        room's power is that of what the estimates leave of the mixture, re-estimated
+        in each iteration, however much that is.
 
     Returns
     -------
@@ -137,8 +131,8 @@ def wiener(mix: torch.Tensor, estimates: torch.Tensor, covariances: torch.Tensor
         v = (Y.abs() ** 2).mean(-1)  # (sources + 1, freq, frames): power per bin
         if k == 0:
             v[:-1] = torch.maximum(v[:-1], share)
-        if background_power is not None:
-            v[-1] = background_power.to(v.device)[:, None]
+        if background_cap is not None:
+            v[-1] = torch.minimum(v[-1], background_cap.to(v.device)[:, None])
         C = torch.einsum("jft,jfmn->ftmn", v.to(X.dtype), R) + load[:, None, None, None] * eye
         Z = torch.linalg.solve(C, X[..., None])[..., 0]  # C^-1 x, (freq, frames, mics)
         Y = v[..., None] * torch.einsum("jfmn,ftn->jftm", R, Z)

@@ -1,0 +1,131 @@
+"""Attribution across the streams of one microphone (detect/attribution.py): a leak of
+one machine's new sound into another's stream is taken out before scoring."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from signalcraft.detect.attribution import attribute, fit_levels, levels_from_data, levels_to_data
+from signalcraft.detect.model import median_over_frames
+from signalcraft.detect.store import Store
+
+N_MELS, N_FRAMES = 40, 30
+
+
+def stream(level_db: np.ndarray, seed: int) -> torch.Tensor:
+    """A (1, N_MELS, N_FRAMES) dB tensor around ``level_db`` per band."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(level_db[:, None] + rng.normal(0, 0.5, (N_MELS, N_FRAMES))).float()[None]
+
+
+def typical(t: torch.Tensor) -> np.ndarray:
+    return median_over_frames(t[None])[0].numpy()
+
+
+PUMP = np.full(N_MELS, -20.0)
+FAN = np.full(N_MELS, -40.0)  # a quiet stream: a little leak is a large rise in it
+
+
+def calibration(n: int = 8) -> list[dict]:
+    return [{(0, "pump"): stream(PUMP, 2 * k), (0, "fan"): stream(FAN, 2 * k + 1),
+             (1, "pump"): stream(PUMP - 3, 100 + k)} for k in range(n)]
+
+
+def test_a_leak_is_taken_out_of_the_stream_it_leaked_into_and_the_rest_stays():
+    levels = fit_levels(calibration())
+    assert set(levels) == {(0, "pump"), (0, "fan"), (1, "pump")}
+    np.testing.assert_allclose(levels[(0, "fan")], FAN, atol=0.5)
+    pump, fan = PUMP.copy(), FAN.copy()
+    pump[10:20] += 20  # the pump's fault: +20 dB, from -20 dB
+    fan[10:20] = -25  # its leak into the fan: +15 dB, but 25 dB less power than the pump gained
+    fan[30:35] += 12  # the fan's own new sound, which the pump did not gain
+    fan[5:8] -= 10  # and a band it lost
+    segment = {(0, "pump"): stream(pump, 50), (0, "fan"): stream(fan, 51), (1, "pump"): stream(PUMP + 6, 52)}
+    out = attribute(segment, levels)
+    # Nothing outdid the pump's fault; where the fan's own sound outdid the pump's small
+    # chance rises, those go (less than the noise of a band's median).
+    moved = typical(segment[(0, "pump")]) - typical(out[(0, "pump")])
+    assert np.all(moved[10:20] == 0) and np.all(moved >= 0) and moved.max() < 0.3
+    assert out[(1, "pump")] is segment[(1, "pump")]  # alone at its microphone
+    after = typical(out[(0, "fan")])
+    np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)  # back to normal
+    np.testing.assert_allclose(after[30:35], typical(segment[(0, "fan")])[30:35])  # its own rise stays
+    np.testing.assert_allclose(after[5:8], typical(segment[(0, "fan")])[5:8])  # a drop stays
+    # The band is moved down in every frame: its rhythm is kept.
+    d = (segment[(0, "fan")] - out[(0, "fan")])[0, 12]
+    assert float(d.std()) < 1e-5 and float(d.mean()) > 10
+
+
+def test_streams_without_levels_pass_unchanged_and_do_not_count():
+    levels = fit_levels(calibration())
+    fan = FAN.copy()
+    fan[10:20] += 15
+    valve = np.full(N_MELS, 0.0)
+    segment = {(0, "fan"): stream(fan, 1), (0, "valve"): stream(valve + 30, 2)}  # valve: not calibrated
+    out = attribute(segment, levels)
+    assert out[(0, "fan")] is segment[(0, "fan")] and out[(0, "valve")] is segment[(0, "valve")]
+    assert attribute(segment, {}) == segment
+
+
+def test_levels_round_trip_through_the_state_file_and_damaged_ones_are_left_out(tmp_path, caplog):
+    levels = fit_levels(calibration(3))
+    with Store(tmp_path / "state.sqlite") as store:
+        store.set_band_levels(levels_to_data(levels), "2026-03-01T08:00:00+00:00")
+        back = levels_from_data(store.band_levels())
+        assert set(back) == set(levels)
+        for key in levels:
+            np.testing.assert_allclose(back[key], levels[key])
+        # A source's refit replaces its own rows only.
+        store.set_band_levels([{"mic": 0, "source": "fan", "db": [1.0] * N_MELS}], "2026-03-02T08:00:00+00:00",
+                              source="fan")
+        back = levels_from_data(store.band_levels())
+        assert back[(0, "fan")].tolist() == [1.0] * N_MELS
+        np.testing.assert_allclose(back[(0, "pump")], levels[(0, "pump")])
+        store._execute("UPDATE band_levels SET levels_json = 'not json' WHERE source = 'fan'")
+        store._execute("UPDATE band_levels SET levels_json = '[1.0, null]' WHERE mic = 1")
+    with caplog.at_level(logging.ERROR, logger="signalcraft.detect.attribution"):
+        with Store(tmp_path / "state.sqlite") as store:
+            back = levels_from_data(store.band_levels())
+    assert set(back) == {(0, "pump")}
+    assert caplog.text.count("a damaged entry") == 2 and "train-detector" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [[], {"mic": 0}, {"mic": "x", "source": "a", "db": [1.0]},
+                                 {"mic": 0, "source": "a", "db": [float("nan")]},
+                                 {"mic": 0, "source": "a", "db": [[1.0]]}])
+def test_each_kind_of_damaged_entry_is_rejected(bad, caplog):
+    with caplog.at_level(logging.ERROR, logger="signalcraft.detect.attribution"):
+        assert levels_from_data([bad]) == {}
+    assert "a damaged entry" in caplog.text
+
+
+def test_calibration_stores_each_streams_band_levels_for_attribution(calibrated):
+    from signalcraft.segments import list_segments
+
+    root, config, first, second = calibrated
+    assert config.detect.attribution and second.trained
+    with Store(root / "out" / "signalcraft.sqlite") as store:
+        saved = levels_from_data(store.band_levels())
+        phases = {s.name: store.phase(s.name) for s in list_segments(root / "out")}
+    segments = [s.load_tensors()[0] for s in list_segments(root / "out") if phases[s.name] == "calibration"]
+    expected = fit_levels(segments)
+    assert set(saved) == set(expected) and len(saved) >= 1
+    for key in expected:
+        assert saved[key].shape == (config.features.n_mels,)
+        np.testing.assert_allclose(saved[key], expected[key], rtol=1e-6)
+
+
+def test_with_attribution_off_training_stores_no_levels(copy):
+    import dataclasses
+
+    from signalcraft.detect.run import state_path, train_on_segments
+    from signalcraft.segments import list_segments
+
+    project, config = copy
+    config = dataclasses.replace(config, detect=dataclasses.replace(config.detect, attribution=False))
+    with Store(state_path(config, project / "out")) as store:
+        assert store.band_levels()  # from the calibration, with it on
+        train_on_segments(config, project / "out", store, list_segments(project / "out"))
+        assert store.band_levels() == []
