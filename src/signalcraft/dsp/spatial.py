@@ -9,6 +9,15 @@ stores it with the model; the room's own covariance comes from the noise clips
 (``calibrate-noise``, recorded on all microphones at once with the machines off), or,
 without them, from what the network leaves unexplained in each segment.
 
+Each segment is then filtered as in the local Gaussian model of Duong, Vincent and
+Gribonval (2010) with the spatial covariances fixed: the network's estimates give each
+source's power per time-frequency bin, and every source's image at every microphone is
+the multichannel Wiener filter of the mixture. ``iterations`` > 1 re-estimate the
+powers from the filtered images with the covariances held fixed (the simplified EM of
+open-unmix's ``norbert``, which re-estimates the covariances too). The filter keeps what the network heard but
+places it by where it came from: a fan's blade tone that the network leaves in the
+pump's output arrives from the fan's direction and goes back to the fan.
+
 What the network leaves of the mixture is the room's by default. It also holds what the
 network got wrong, which the room then absorbs (that helps the SI-SDR of sounds the
 network knows), and a fault's new tone, which the network never heard in training:
