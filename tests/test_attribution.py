@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from signalcraft import clock
 from signalcraft.detect.attribution import attribute, fit_levels, levels_from_data, levels_to_data
 from signalcraft.detect.model import median_over_frames
 from signalcraft.detect.store import Store
@@ -72,13 +73,13 @@ def test_streams_without_levels_pass_unchanged_and_do_not_count():
 def test_levels_round_trip_through_the_state_file_and_damaged_ones_are_left_out(tmp_path, caplog):
     levels = fit_levels(calibration(3))
     with Store(tmp_path / "state.sqlite") as store:
-        store.set_band_levels(levels_to_data(levels), "2026-03-01T08:00:00+00:00")
+        store.set_band_levels(levels_to_data(levels), clock.now_iso())
         back = levels_from_data(store.band_levels())
         assert set(back) == set(levels)
         for key in levels:
             np.testing.assert_allclose(back[key], levels[key])
         # A source's refit replaces its own rows only.
-        store.set_band_levels([{"mic": 0, "source": "fan", "db": [1.0] * N_MELS}], "2026-03-02T08:00:00+00:00",
+        store.set_band_levels([{"mic": 0, "source": "fan", "db": [1.0] * N_MELS}], clock.now_iso(),
                               source="fan")
         back = levels_from_data(store.band_levels())
         assert back[(0, "fan")].tolist() == [1.0] * N_MELS
