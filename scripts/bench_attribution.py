@@ -18,12 +18,12 @@ Per case: which assets have at least one WARNING or CRITICAL row (any microphone
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
 then its spatial filter), the same with the room's power capped at its level in the
-noise clips (separation.room_headroom 1), the array model scored without
-`detect.attribution` (a stream's rise left out where another stream of its microphone
-gained more), the same network without
-the filter (separation.spatial_iterations 0), the per-microphone model, if given, and
-no separation (one `mix` stream per microphone: it can say that something is wrong,
-never which machine).
+noise clips (separation.room_headroom 1, and 4 times that level), the array model scored
+without `detect.attribution` (a stream's rise left out where another stream of its
+microphone gained more, its drop where another's new sound covers it), the same network
+without the filter (separation.spatial_iterations 0), the per-microphone model, if
+given, and no separation (one `mix` stream per microphone: it can say that something is
+wrong, never which machine).
 
     python scripts/bench_attribution.py [--array plant_array] [--mono plant] [--repo models/separator]
 """
@@ -168,6 +168,8 @@ def main() -> None:
     # its network without the spatial filter, and the references.
     separators = [(f"array model `{args.array}`", args.array, None, None),
                   (f"array model `{args.array}`, separation.room_headroom 1", args.array, {"room_headroom": 1.0},
+                   None),
+                  (f"array model `{args.array}`, separation.room_headroom 4", args.array, {"room_headroom": 4.0},
                    None),
                   (f"array model `{args.array}`, detect.attribution off", args.array, None, {"attribution": False}),
                   (f"array network `{args.array}` alone", args.array, {"spatial_iterations": 0}, None)]

@@ -42,7 +42,8 @@ def test_a_leak_is_taken_out_of_the_stream_it_leaked_into_and_the_rest_stays():
     pump[10:20] += 20  # the pump's fault: +20 dB, from -20 dB
     fan[10:20] = -25  # its leak into the fan: +15 dB, but 25 dB less power than the pump gained
     fan[30:35] += 12  # the fan's own new sound, which the pump did not gain
-    fan[5:8] -= 10  # and a band it lost
+    fan[5:8] -= 10  # and a band it lost, where the pump got quieter too
+    pump[5:8] -= 3
     segment = {(0, "pump"): stream(pump, 50), (0, "fan"): stream(fan, 51), (1, "pump"): stream(PUMP + 6, 52)}
     out = attribute(segment, levels)
     # Nothing outdid the pump's fault; where the fan's own sound outdid the pump's small
@@ -57,6 +58,21 @@ def test_a_leak_is_taken_out_of_the_stream_it_leaked_into_and_the_rest_stays():
     # The band is moved down in every frame: its rhythm is kept.
     d = (segment[(0, "fan")] - out[(0, "fan")])[0, 12]
     assert float(d.std()) < 1e-5 and float(d.mean()) > 10
+
+
+def test_a_drop_under_another_streams_new_sound_is_taken_out_and_other_drops_stay():
+    levels = fit_levels(calibration())
+    pump, fan = PUMP.copy(), FAN.copy()
+    pump[10:20] += 20  # the pump's fault: far more new power than the fan has there
+    fan[10:20] -= 6  # the separator gives the covered bins to the pump
+    fan[5:8] -= 10  # where the pump gained nothing (it got quieter): the fan's own drop
+    pump[5:8] -= 3
+    segment = {(0, "pump"): stream(pump, 60), (0, "fan"): stream(fan, 61)}
+    out = attribute(segment, levels)
+    after, before = typical(out[(0, "fan")]), typical(segment[(0, "fan")])
+    np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)  # back to normal
+    np.testing.assert_allclose(after[5:8], before[5:8])
+    np.testing.assert_allclose(typical(out[(0, "pump")])[10:20], typical(segment[(0, "pump")])[10:20])
 
 
 def test_streams_without_levels_pass_unchanged_and_do_not_count():

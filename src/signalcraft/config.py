@@ -480,7 +480,8 @@ class DetectConfig:
     device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
     # Where another machine's stream at the same microphone gained more new power in a
     # mel band, a stream's rise there is taken as a leak of that machine's sound and left
-    # out before scoring (detect/attribution.py). Takes effect when the detector trains.
+    # out before scoring, and so is its drop where another's new sound covers it
+    # (detect/attribution.py). Takes effect when the detector trains.
     attribution: bool = True
     scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
     levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)
