@@ -66,9 +66,9 @@ def fit_levels(segments: Sequence[SegmentTensors]) -> Levels:
 def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarray]) -> SegmentTensors:
     """``tensors`` with each stream's rise taken out of the bands in which another
     stream of the same microphone gained more new power, and its drop out of those in
-    which another gained more than this one has there normally (module docstring). Streams
-    without levels, or of another number of bands, pass unchanged and do not count for
-    the others. Returns a new dict; the tensors it changes are new tensors."""
+    which another gained more than ``COVERED`` of what this one has there normally
+    (module docstring). Streams without levels, or of another number of bands, pass
+    unchanged and do not count for the others. Returns a new dict; the tensors it changes are new tensors."""
     out = dict(tensors)
     by_mic: dict[int, list[str]] = {}
     for mic, source in tensors:
