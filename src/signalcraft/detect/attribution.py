@@ -68,7 +68,8 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
     stream of the same microphone gained more new power, and its drop out of those in
     which another gained more than ``COVERED`` of what this one has there normally
     (module docstring). Streams without levels, or of another number of bands, pass
-    unchanged and do not count for the others. Returns a new dict; the tensors it changes are new tensors."""
+    unchanged and do not count for the others. Returns a new dict; the tensors it
+    changes are new tensors."""
     out = dict(tensors)
     by_mic: dict[int, list[str]] = {}
     for mic, source in tensors:
