@@ -20,7 +20,8 @@ the same run: the array model (all microphones in, every source at every microph
 then its spatial filter), the same with the room's power capped at its level in the
 noise clips (separation.room_headroom 1, and 4 times that level), the array model scored
 without `detect.attribution` (a stream's rise left out where another stream of its
-microphone gained more, its drop where another's new sound covers it), the same network
+microphone gained more, its drop where another's new sound covers it, its rise in the
+bands where the array cannot tell it from a machine that clearly changed), the same network
 without the filter (separation.spatial_iterations 0), the per-microphone model, if
 given, and no separation (one `mix` stream per microphone: it can say that something is
 wrong, never which machine).

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from signalcraft import clock
-from signalcraft.detect.attribution import attribute, fit_levels, levels_from_data, levels_to_data
+from signalcraft.detect.attribution import (OWN_BANDS, SpatialAlikeness, attribute, fit_levels, levels_from_data,
+                                           levels_to_data)
 from signalcraft.detect.model import median_over_frames
 from signalcraft.detect.store import Store
 
@@ -73,6 +74,92 @@ def test_a_drop_under_another_streams_new_sound_is_taken_out_and_other_drops_sta
     np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)  # back to normal
     np.testing.assert_allclose(after[5:8], before[5:8])
     np.testing.assert_allclose(typical(out[(0, "pump")])[10:20], typical(segment[(0, "pump")])[10:20])
+
+
+def test_a_rise_where_the_array_cannot_tell_two_machines_apart_goes_with_the_one_that_clearly_changed():
+    levels = fit_levels([{k: v for k, v in c.items() if k[0] == 0} for c in calibration()])
+    alike = {("pump", "fan"): np.arange(N_MELS) < 3, ("fan", "pump"): np.arange(N_MELS) < 3}
+    fan = FAN.copy()
+    fan[0:3] += 25  # the pump's new low tone, all in the fan's stream, where the two are alike
+
+    def segment(changed_bands: int) -> dict:
+        pump = PUMP.copy()
+        pump[10:10 + changed_bands] += 10  # the pump's fault where the array tells the two apart
+        return {(0, "pump"): stream(pump, 70), (0, "fan"): stream(fan, 71)}
+
+    clear = segment(OWN_BANDS + 2)
+    after = typical(attribute(clear, levels, alike)[(0, "fan")])
+    np.testing.assert_allclose(after[0:3], levels[(0, "fan")][0:3], atol=1e-4)  # back to normal
+    assert np.abs(typical(clear[(0, "fan")])[3:] - after[3:]).max() < 0.3  # at most chance rises outdone
+    # The old rules alone keep it: the fan gained more new power there than the pump.
+    np.testing.assert_allclose(typical(attribute(clear, levels)[(0, "fan")])[0:3], typical(clear[(0, "fan")])[0:3])
+    # Where no machine alike with the fan changed clearly, the rise is the fan's own (an imbalance).
+    slight = segment(OWN_BANDS - 2)
+    np.testing.assert_allclose(typical(attribute(slight, levels, alike)[(0, "fan")])[0:3],
+                               typical(slight[(0, "fan")])[0:3])
+    # Alike nowhere: the pump explains nothing.
+    apart = {key: np.zeros(N_MELS, dtype=bool) for key in alike}
+    np.testing.assert_allclose(typical(attribute(clear, levels, apart)[(0, "fan")])[0:3],
+                               typical(clear[(0, "fan")])[0:3])
+    # The pump's own change stays in every case.
+    np.testing.assert_allclose(typical(attribute(clear, levels, alike)[(0, "pump")])[10:22],
+                               typical(clear[(0, "pump")])[10:22])
+
+
+def _spatial_repo(repo, sources=("pump", "fan")) -> None:
+    """An array model whose pump and fan reach the 4 microphones alike below 39 Hz (the
+    same covariance, all microphones in phase) and apart above (the fan at microphones
+    2 and 3 only)."""
+    from signalcraft.dsp.spatial import N_FFT
+    from signalcraft.separate import save_model
+
+    from conftest import tiny_demucs
+
+    freqs = N_FFT // 2 + 1
+    inphase = torch.full((4, 4), 0.25, dtype=torch.complex64)
+    R = inphase.expand(2, freqs, 4, 4).clone()
+    R[1, 5:] = torch.diag(torch.tensor([0.0, 0.0, 0.5, 0.5])).to(torch.complex64)
+    save_model(tiny_demucs(sources=sources, audio_channels=4), repo, "tiny", spatial=R)
+
+
+def _config(repo, model="tiny", attribution=True, assets=None):
+    import dataclasses
+
+    from signalcraft.config import Config, DetectConfig, SeparationConfig
+
+    return dataclasses.replace(Config(), separation=SeparationConfig(repo=repo, model=model, assets=assets),
+                               detect=DetectConfig(attribution=attribution))
+
+
+def _features() -> dict:
+    from signalcraft.config import FeaturesConfig
+    from signalcraft.features import LogMel
+
+    return LogMel(FeaturesConfig(), 16000, 160000).settings()
+
+
+def test_alike_bands_come_from_the_array_models_covariances_under_the_asset_names(tmp_path):
+    _spatial_repo(tmp_path)
+    alike = SpatialAlikeness(_config(tmp_path, assets={"P-101": "pump", "F-201": "fan"}))(_features())
+    assert set(alike) == {("P-101", "F-201"), ("F-201", "P-101")}
+    bands = alike[("P-101", "F-201")]
+    assert bands.shape == (240,) and bands.dtype == bool
+    assert bands[:2].all() and not bands[4:].any()  # bands centred at 13 and 25 Hz; from 63 Hz apart
+    np.testing.assert_array_equal(bands, alike[("F-201", "P-101")])
+    assert SpatialAlikeness(_config(tmp_path, attribution=False))(_features()) == {}
+    assert SpatialAlikeness(_config(tmp_path, model=None))(_features()) == {}
+
+
+def test_without_readable_covariances_attribution_goes_on_without_alike_bands(tmp_path, model_repo, caplog):
+    assert SpatialAlikeness(_config(model_repo))(_features()) == {}  # a one-channel model carries none
+    (tmp_path / "broken.th").write_bytes(b"not a model")
+    with caplog.at_level(logging.WARNING, logger="signalcraft.detect.attribution"):
+        assert SpatialAlikeness(_config(tmp_path, model="broken"))(_features()) == {}
+    assert "broken.th" in caplog.text and "spatial covariances are not readable" in caplog.text
+    _spatial_repo(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="signalcraft.detect.attribution"):
+        assert SpatialAlikeness(_config(tmp_path))({"kind": "log-mel"}) == {}
+    assert "do not describe a mel filterbank" in caplog.text
 
 
 def test_streams_without_levels_pass_unchanged_and_do_not_count():

@@ -19,21 +19,42 @@ got quieter, unless another stream gained more new power there than ``COVERED`` 
 this stream has in normal operation: then the other machine's new sound covers this one,
 the separator gives the covered bins to the louder machine, and the drop is not this
 machine's either (in bench_attribution's room, a fan's bearing resonance took 2 to 6 dB
-out of the motor's stream in the same bands). Calibration tensors pass through the same
-step before the detector and its levels are fitted on them, so scores in operation are
-comparable with the calibration's.
+out of the motor's stream in the same bands).
+
+An array separator places sound by where it comes from, which fails where two machines
+reach the microphones alike: at the lowest frequencies, whose wavelengths dwarf the
+array, the network's guess decides, and a fault's new tone that it never heard in
+training can land in a healthy machine's stream, alone and whole (in bench_attribution's
+room, a pump's 12.5 Hz half-order of looseness went to the fan: +25 dB there, nothing in
+the pump). Such a band cannot be attributed on its own, but it can be explained: when
+another stream of the microphone that the array cannot tell from this one in the band
+(``alike``, from the separator's spatial covariances: ``SpatialAlikeness``) changed
+clearly where it can be told apart (at least ``OWN_BANDS`` bands alike with no other
+stream rose by more than ``RISE_DB`` without being outdone) and more than this stream
+did there, this stream's rise in the band is that machine's sound too and is taken out.
+A rise in such a band that no clearly changed machine explains stays (a fan's
+imbalance, whose 1x tone lies where all three machines are alike, is seen). Two faults
+at once in machines alike at low frequencies would hide the lesser one's low bands, not
+its others.
+
+Calibration tensors pass through the same step before the detector and its levels are
+fitted on them, so scores in operation are comparable with the calibration's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .model import median_over_frames
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +64,30 @@ log = logging.getLogger(__name__)
 # rows fell on the faulty machine at 0.3, 81% at 0.1, 80% at 1 and 73% at 3.
 COVERED = 0.3
 
-# One segment's tensors by (mic, source); levels by (mic, source): dB per band.
+# Two machines are alike in a band where the cosine of their spatial covariances,
+# averaged over the band, is at least this (``dsp.spatial.similarity``). In
+# bench_attribution's room the fan is alike with the motor in the bands centred at 13
+# and 25 Hz and with the pump up to 38 Hz (0.72 to 0.85), with both in 6 bands from 1.8
+# to 6.5 kHz; the pump and the motor only in the band at 250 Hz. Replays of its cases
+# (room_headroom 4) put 97% of the CRITICAL rows on the faulty machine at 0.7 and at
+# 0.6, against 82% without the rule.
+ALIKE = 0.7
+# A stream changed clearly where the array tells it apart when at least OWN_BANDS of its
+# bands that are alike with no other stream rose by more than RISE_DB, dB, and no other
+# stream outdid it there. In bench_attribution's room (room_headroom 4), the median
+# segment of the faulty machine's stream had 16 to 100 bands above 50 Hz risen by more
+# than 3 dB in the bearing, looseness and cavitation cases (none in the imbalances:
+# their 1x tone lies in alike bands); a stream in normal running had at most 9 in any
+# segment, and 16 in a busy shift. OWN_BANDS 5 gave 98% in the replays, but the fan's
+# imbalance went CRITICAL in 3 rows of 16 instead of 10.
+RISE_DB = 3.0
+OWN_BANDS = 10
+
+# One segment's tensors by (mic, source); levels by (mic, source): dB per band;
+# alike bands by (source, other source): bool per band.
 SegmentTensors = dict[tuple[int, str], torch.Tensor]
 Levels = dict[tuple[int, str], np.ndarray]
+Alike = Mapping[tuple[str, str], np.ndarray]
 
 
 def _profile_db(tensor: torch.Tensor) -> np.ndarray:
@@ -63,13 +105,16 @@ def fit_levels(segments: Sequence[SegmentTensors]) -> Levels:
     return {key: 10.0 * np.log10(np.mean(powers, axis=0)) for key, powers in sorted(found.items())}
 
 
-def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarray]) -> SegmentTensors:
+def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarray],
+              alike: Optional[Alike] = None) -> SegmentTensors:
     """``tensors`` with each stream's rise taken out of the bands in which another
     stream of the same microphone gained more new power, and its drop out of those in
-    which another gained more than ``COVERED`` of what this one has there normally
-    (module docstring). Streams without levels, or of another number of bands, pass
-    unchanged and do not count for the others. Returns a new dict; the tensors it
-    changes are new tensors."""
+    which another gained more than ``COVERED`` of what this one has there normally; with
+    ``alike`` (pairs of sources the array cannot tell apart, per band), also its rise in
+    the bands where a clearly changed stream alike with it explains it (module
+    docstring). Streams without levels, or of another number of bands, pass unchanged
+    and do not count for the others. Returns a new dict; the tensors it changes are new
+    tensors."""
     out = dict(tensors)
     by_mic: dict[int, list[str]] = {}
     for mic, source in tensors:
@@ -82,15 +127,113 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
         rise = np.stack([_profile_db(tensors[(mic, s)]) - levels[(mic, s)] for s in sources])  # dB
         normal = np.stack([10.0 ** (levels[(mic, s)] / 10.0) for s in sources])  # power per band
         gained = normal * (10.0 ** (rise / 10.0) - 1.0)
-        for i, source in enumerate(sources):
+        taken = []
+        for i in range(len(sources)):
             other = np.delete(gained, i, axis=0).max(axis=0)
             outdone = (other > np.maximum(gained[i], 0.0)) & (rise[i] > 0.0)
             covered = (other > COVERED * normal[i]) & (rise[i] < 0.0)
-            shift = np.where(outdone | covered, rise[i], 0.0)
+            taken.append(outdone | covered)
+        for i, explained in enumerate(_explained(sources, rise, taken, alike or {})):
+            taken[i] |= explained & (rise[i] > 0.0)
+        for i, source in enumerate(sources):
+            shift = np.where(taken[i], rise[i], 0.0)
             if shift.any():
                 t = tensors[(mic, source)]
                 out[(mic, source)] = t - torch.from_numpy(shift).to(t.dtype)[None, :, None]
     return out
+
+
+def _explained(sources: list[str], rise: np.ndarray, taken: list[np.ndarray], alike: Alike) -> list[np.ndarray]:
+    """Per stream of one microphone, the bands in which another stream alike with it
+    changed clearly, and more than it, where the array tells them apart (bool per band)."""
+    n, bands = rise.shape
+    pairs = [[_pair(alike, a, b, bands) for b in sources] for a in sources]
+    told_apart = [~np.logical_or.reduce(pairs[i]) for i in range(n)]
+    owned = [int(((rise[i] > RISE_DB) & ~taken[i] & told_apart[i]).sum()) for i in range(n)]
+    explained = []
+    for i in range(n):
+        bands_i = np.zeros(bands, dtype=bool)
+        for j in range(n):
+            if j != i and owned[j] >= OWN_BANDS and owned[j] > owned[i]:
+                bands_i |= pairs[i][j]
+        explained.append(bands_i)
+    return explained
+
+
+def _pair(alike: Alike, a: str, b: str, bands: int) -> np.ndarray:
+    found = alike.get((a, b)) if a != b else None
+    return found if found is not None and found.shape == (bands,) else np.zeros(bands, dtype=bool)
+
+
+class SpatialAlikeness:
+    """Which two of the separator's streams the array cannot tell apart, per mel band:
+    ``SpatialAlikeness(config)(features)`` is the ``alike`` of ``attribute`` for tensors
+    of those feature settings (a manifest's or a detector's ``features``), from the
+    spatial covariances that an array model carries (``dsp.spatial``). Empty without
+    ``detect.attribution``, without a separator, for a model without covariances, and,
+    logged once, for one that cannot be read: attribution then goes without it."""
+
+    def __init__(self, config: "Config"):
+        self._config = config
+        self._similarity: Optional[np.ndarray] = None  # (sources, sources, freq), read at the first call
+        self._read = False
+        self._cache: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+
+    def __call__(self, features: Mapping[str, Any]) -> dict[tuple[str, str], np.ndarray]:
+        if not self._read:
+            self._read = True
+            self._load()
+        if self._similarity is None:
+            return {}
+        key = json.dumps(features, sort_keys=True, default=str)
+        if key not in self._cache:
+            self._cache[key] = self._bands(features)
+        return self._cache[key]
+
+    def _load(self) -> None:
+        config = self._config
+        sep = config.separation
+        if not config.detect.attribution or sep.model is None:
+            return
+        from ..chain import exported_sources
+        from ..dsp.spatial import similarity
+        from ..separate import ModelError, model_file, read_package
+
+        try:
+            model, spatial = read_package(model_file(sep.repo, sep.model))
+        except ModelError as e:
+            log.warning("detect.attribution: the separator's spatial covariances are not readable, so every band "
+                        "is attributed as if the array told the machines apart: %s", e)
+            return
+        if spatial is None:
+            return
+        self._names = exported_sources(config, tuple(model.sources))  # (stream name, model source index)
+        self._rate = float(model.samplerate)
+        self._similarity = similarity(spatial)
+
+    def _bands(self, features: Mapping[str, Any]) -> dict[tuple[str, str], np.ndarray]:
+        from ..audio_backend import torchaudio
+
+        try:
+            n_freqs = int(features["n_fft"]) // 2 + 1
+            rate = float(features["sample_rate"])
+            fbank = torchaudio.functional.melscale_fbanks(
+                n_freqs, float(features["f_min"]), float(features["f_max"]), int(features["n_mels"]), int(rate),
+                norm=features["norm"], mel_scale=features["mel_scale"]).numpy().astype(np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("detect.attribution: feature settings %.120r do not describe a mel filterbank (%s): every "
+                        "band is attributed as if the array told the machines apart", features, e)
+            return {}
+        weights = fbank / np.maximum(fbank.sum(axis=0, keepdims=True), 1e-12)  # (freq, mels): mean per band
+        spatial_hz = np.linspace(0.0, self._rate / 2, self._similarity.shape[-1])
+        feature_hz = np.linspace(0.0, rate / 2, n_freqs)
+        bands = {}
+        for a, i in self._names:
+            for b, j in self._names:
+                if i != j:  # above the model's band limit nothing is alike
+                    per_hz = np.interp(feature_hz, spatial_hz, self._similarity[i, j], right=0.0)
+                    bands[(a, b)] = per_hz @ weights >= ALIKE
+        return bands
 
 
 def levels_to_data(levels: Levels) -> list[dict[str, Any]]:

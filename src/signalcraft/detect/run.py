@@ -42,7 +42,7 @@ from ..files import keep_backup, temp_path
 from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
-from .attribution import Levels, attribute, fit_levels, levels_from_data, levels_to_data
+from .attribution import Levels, SpatialAlikeness, attribute, fit_levels, levels_from_data, levels_to_data
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
@@ -139,6 +139,7 @@ def detect(
         # Enough may have been collected by a run that was stopped while training.
         detector = _train_when_ready(config, output_dir, store, detector, result)
         levels = _levels(store, c, detector is not None)
+        alike = SpatialAlikeness(config)
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
             result.segments += 1
@@ -156,7 +157,8 @@ def detect(
                 if detector is None:
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
-                    _score(store, scoring(detector), segment, attribute(tensors, levels), corrupt, c, result,
+                    _score(store, scoring(detector), segment,
+                           attribute(tensors, levels, alike(segment.manifest.features)), corrupt, c, result,
                            last_state, outbox)
             on_segment()
             trained, recalibrated = result.trained, len(result.recalibrated)
@@ -369,7 +371,8 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
     levels = fit_levels(loaded) if c.attribution else {}
-    loaded = [attribute(tensors, levels) for tensors in loaded]  # as they will be scored
+    alike = SpatialAlikeness(config)(features)
+    loaded = [attribute(tensors, levels, alike) for tensors in loaded]  # as they will be scored
     kind = SCORERS[c.scorer.kind]
     folds = max(2, min(kind.cross_fit_folds, len(chosen)))
     sources = sorted({source for tensors in loaded for _, source in tensors})
@@ -449,7 +452,9 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
         fresh = fit_levels([{k: t for k, t in tensors.items() if k[1] == source} for tensors in whole]) \
             if c.attribution else {}
         levels = {**{k: v for k, v in _levels(store, c, False).items() if k[1] != source}, **fresh}
-        loaded = [{k: t for k, t in attribute(tensors, levels).items() if k[1] == source} for tensors in whole]
+        alike = SpatialAlikeness(config)(detector.features)
+        loaded = [{k: t for k, t in attribute(tensors, levels, alike).items() if k[1] == source}
+                  for tensors in whole]
         if len(loaded) < max(2, c.calibration_segments // 2):
             log.warning("%s: only %d of %d segments after its maintenance are readable; collecting more",
                         source, len(loaded), len(folders))

@@ -94,6 +94,18 @@ def covariance(recordings: Iterable[np.ndarray], channels: int) -> torch.Tensor:
     return total / used
 
 
+def similarity(covariances: torch.Tensor) -> np.ndarray:
+    """How alike the sources' spatial images are at each frequency: the cosine of each
+    two covariances (``covariance``; shape = (sources, N_FFT // 2 + 1, mics, mics)),
+    Re tr(R_a R_b) over the product of their Frobenius norms. 1: the same image at every
+    microphone, so that where a sound comes from cannot tell the two apart; 0: no
+    microphone pair in common. float64, shape = (sources, sources, N_FFT // 2 + 1)."""
+    R = covariances.to(torch.complex128)
+    inner = torch.einsum("afmn,bfnm->abf", R, R).real  # tr(R_a R_b): >= 0 for Hermitian PSD R
+    norm = torch.diagonal(inner, dim1=0, dim2=1).T.clamp_min(1e-30).sqrt()  # (sources, freq)
+    return (inner / (norm[:, None] * norm[None, :])).clamp(0.0, 1.0).numpy()
+
+
 def _normalised(R: torch.Tensor) -> torch.Tensor:
     trace = torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1)
     return R / trace.clamp_min(1e-20)[..., None, None]
