@@ -11,10 +11,11 @@ sources):
    microphones, a new installation and recording per mixture), with 2 of the machines
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
    on each machine recorded alone where it stands), with its spatial filter as `record`
-   runs it (the room's covariance from a noise clip of the same installation), the same
-   with separation.room_headroom 1, and its network alone, beside the per-microphone
-   model run on each channel. SI-SDR is over
-   every source at every microphone.
+   runs it (the room's covariance from a noise clip of the same installation, its power
+   capped at separation.room_headroom 4 times the clip's but for the room's
+   transients), the same with the room uncapped (room_headroom null), and its network
+   alone, beside the per-microphone model run on each channel. SI-SDR is over every
+   source at every microphone.
 3. Real recordings, one microphone: the DCASE 2020 slide rail (id 00, normal clips) and
    machine A of ../shared/data/dcase2020, isolated clips. A per-microphone model is
    trained here, with the product's train-separator and the recipe of
@@ -292,7 +293,7 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
     if not array.spatial:
         sys.exit(f"{model_file(repo, name)}: the array model carries no spatial covariances; rebuild it with "
                  "scripts/build_demo_separator.sh array")
-    capped = load_separator(SeparationConfig(repo=repo, model=name, room_headroom=1.0), SR)
+    uncapped = load_separator(SeparationConfig(repo=repo, model=name, room_headroom=None), SR)
     network = load_separator(SeparationConfig(repo=repo, model=name, spatial_iterations=0), SR)
     per_mic = load_separator(SeparationConfig(repo=repo, model=mono), SR)
     a_src, m_src = list(array.sources), list(per_mic.sources)
@@ -305,13 +306,13 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
         mix, images, gain = mixture
         clip = room_clip(seed, gain)
         array.set_room(clip)
-        capped.set_room(clip)
+        uncapped.set_room(clip)
         return mix, images
 
     methods = {
         "array model": lambda mix, refs, kinds: array(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
-        "array model, room capped": lambda mix, refs, kinds:
-            capped(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
+        "array model, room uncapped": lambda mix, refs, kinds:
+            uncapped(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
         "array network alone": lambda mix, refs, kinds:
             network(mix)[:, [a_src.index(k) for k in kinds]].transpose(1, 0, 2),
         "per-microphone model": by_mic(lambda x, r, kinds: per_mic(x[None])[0][[m_src.index(k) for k in kinds]]),
@@ -421,9 +422,11 @@ Time per 10 s of audio: model {ms(mono_times['trained model']):.0f} ms, NMF {ms(
 Model {array_facts}. "array model" is what `record` runs: the network, then the
 multichannel Wiener filter with the spatial covariances learnt from the training
 recordings (separation.spatial_iterations 2) and the room's from a noise clip of the same
-installation; "room capped" the same with the room's power in each bin at most its
-level in that clip (separation.room_headroom 1; the clip is at the mixtures' gain, also
-where the room is missing from the mixture); "array network alone" is the network
+installation, the room's power in each bin at most 4 times its level in that clip but
+where what the network leaves is a transient (separation.room_headroom 4; the clip is at
+the mixtures' gain, also where the room is missing from the mixture); "room uncapped"
+the same with room_headroom null, the room taking all the network leaves; "array
+network alone" is the network
 without the filter. The per-microphone model is `{args.mono}` above, run on each channel.
 
 {table(array_rows, list(array_rows[0][1]), "machines running, background")}

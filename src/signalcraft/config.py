@@ -239,9 +239,10 @@ class SeparationConfig:
     # With noise clips recorded together: the room's power in each time-frequency bin is
     # at most this many times its mean in the clips, and what the network leaves of the
     # mixture beyond that goes to the machines by where it comes from (a fault's new
-    # tone, which the network never heard). null: the room takes all that the network
-    # leaves (dsp.spatial, docs/benchmarks.md for the trade-off).
-    room_headroom: Optional[float] = None
+    # tone, which the network never heard); the room keeps its transients (a knock, a
+    # door) uncapped. null: the room takes all that the network leaves (dsp.spatial,
+    # docs/benchmarks.md).
+    room_headroom: Optional[float] = 4.0
     threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
     device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present
     # A model trained at another sample rate: resample to it and back (True) or refuse.
@@ -480,8 +481,9 @@ class DetectConfig:
     device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
     # Where another machine's stream at the same microphone gained more new power in a
     # mel band, a stream's rise there is taken as a leak of that machine's sound and left
-    # out before scoring, and so is its drop where another's new sound covers it
-    # (detect/attribution.py). Takes effect when the detector trains.
+    # out before scoring, and so is its drop where another's new sound covers it; where
+    # the array cannot tell two machines apart, one's rise goes with the other when that
+    # one clearly changed (detect/attribution.py). Takes effect when the detector trains.
     attribution: bool = True
     scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
     levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)
