@@ -27,7 +27,9 @@ too low in the pump and 15 dB too high in the fan). With ``background_cap``
 (``separation.room_headroom`` times the noise clips' power), the room takes no more of
 a bin than that and the rest goes to the machines by where it comes from: with
 ``room_headroom`` 1 the pump's tone came out 1 dB below the truth and the fan's part
-of it 8 dB too high instead of 15. docs/benchmarks.md has both ways.
+of it 8 dB too high instead of 15. Bins in which the rest is a transient of the room
+(``TRANSIENT``) are not capped: capped, a loud room's knocks and beeps went to the
+machines. docs/benchmarks.md has both ways.
 
 Frames are 2048 samples with a hop of 512 (at 16 kHz, 128 ms and 32 ms).
 """
