@@ -17,9 +17,9 @@ segments and reads `detect --csv`:
 Per case: which assets have at least one WARNING or CRITICAL row (any microphone), and
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
-then its spatial filter, the room's power capped at 4 times its level in the noise clips
-but for its transients: separation.room_headroom 4), the same capped at 1 and
-uncapped (null), the array model scored
+then its spatial filter, the room's power capped at its level in the noise clips but
+for its transients: separation.room_headroom 1), the same capped at 4 times that level
+and uncapped (null), the array model scored
 without `detect.attribution` (a stream's rise left out where another stream of its
 microphone gained more, its drop where another's new sound covers it, its rise in the
 bands where the array cannot tell it from a machine that clearly changed), the same network
@@ -169,7 +169,7 @@ def main() -> None:
     # `record` runs it and `detect` scores it, the same without attribution in `detect`,
     # its network without the spatial filter, and the references.
     separators = [(f"array model `{args.array}`", args.array, None, None),
-                  (f"array model `{args.array}`, separation.room_headroom 1", args.array, {"room_headroom": 1.0},
+                  (f"array model `{args.array}`, separation.room_headroom 4", args.array, {"room_headroom": 4.0},
                    None),
                   (f"array model `{args.array}`, separation.room_headroom null", args.array,
                    {"room_headroom": None}, None),

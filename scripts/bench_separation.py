@@ -12,7 +12,7 @@ sources):
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
    on each machine recorded alone where it stands), with its spatial filter as `record`
    runs it (the room's covariance from a noise clip of the same installation, its power
-   capped at separation.room_headroom 4 times the clip's but for the room's
+   capped at the clip's, separation.room_headroom 1, but for the room's
    transients), the same with the room uncapped (room_headroom null), and its network
    alone, beside the per-microphone model run on each channel. SI-SDR is over every
    source at every microphone.
@@ -422,8 +422,8 @@ Time per 10 s of audio: model {ms(mono_times['trained model']):.0f} ms, NMF {ms(
 Model {array_facts}. "array model" is what `record` runs: the network, then the
 multichannel Wiener filter with the spatial covariances learnt from the training
 recordings (separation.spatial_iterations 2) and the room's from a noise clip of the same
-installation, the room's power in each bin at most 4 times its level in that clip but
-where what the network leaves is a transient (separation.room_headroom 4; the clip is at
+installation, the room's power in each bin at most its level in that clip but where
+what the network leaves is a transient (separation.room_headroom 1; the clip is at
 the mixtures' gain, also where the room is missing from the mixture); "room uncapped"
 the same with room_headroom null, the room taking all the network leaves; "array
 network alone" is the network

@@ -242,7 +242,7 @@ class SeparationConfig:
     # tone, which the network never heard); the room keeps its transients (a knock, a
     # door) uncapped. null: the room takes all that the network leaves (dsp.spatial,
     # docs/benchmarks.md).
-    room_headroom: Optional[float] = 4.0
+    room_headroom: Optional[float] = 1.0
     threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
     device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present
     # A model trained at another sample rate: resample to it and back (True) or refuse.
