@@ -79,6 +79,20 @@ def test_where_the_network_hears_nothing_of_a_machine_its_direction_decides(monk
     assert gain_db(out[1:], images[1:], mix) < 1  # without it the fan stays silent
 
 
+def learnt_room():
+    """The pump's and the fan's covariances learnt on two recordings, their images in a
+    third at unit power each, a random generator and a clip of the room with the
+    machines off: (R, images, rng, clip)."""
+    learnt = [room(seed) for seed in (1, 2)]
+    R = torch.stack([covariance([r[name] for r in learnt], MICS) for name in ("pump", "fan")])
+    test = room(7)
+    images = np.stack([test["pump"], test["fan"]])
+    images /= np.sqrt((images ** 2).mean(axis=(1, 2), keepdims=True))
+    rng = np.random.default_rng(4)
+    clip = (0.03 * rng.standard_normal(images.shape[1:])).astype(np.float32)
+    return R, images, rng, clip
+
+
 def test_what_the_network_leaves_out_goes_to_its_machine_when_the_room_is_capped():
     """A sound the network does not reproduce at all (a fault's new tone it never heard)
     is in the rest of the mixture. With the room's power capped at its level on a clip
@@ -86,13 +100,7 @@ def test_what_the_network_leaves_out_goes_to_its_machine_when_the_room_is_capped
     taken from that rest, the room keeps it."""
     from signalcraft.dsp.spatial import power
 
-    learnt = [room(seed) for seed in (1, 2)]
-    R = torch.stack([covariance([r[name] for r in learnt], MICS) for name in ("pump", "fan")])
-    test = room(7)
-    images = np.stack([test["pump"], test["fan"]])
-    images /= np.sqrt((images ** 2).mean(axis=(1, 2), keepdims=True))
-    rng = np.random.default_rng(4)
-    clip = (0.03 * rng.standard_normal(images.shape[1:])).astype(np.float32)  # the room, machines off
+    R, images, rng, clip = learnt_room()
     mix = (images.sum(0) + 0.03 * rng.standard_normal(clip.shape)).astype(np.float32)
     missed = torch.from_numpy(np.stack([np.zeros_like(mix), images[1]]))  # the pump left out, the fan right
     room_R = covariance([clip], MICS)
@@ -112,13 +120,7 @@ def test_with_the_room_capped_a_transient_of_the_room_stays_the_rooms(monkeypatc
     from signalcraft.dsp import spatial
     from signalcraft.dsp.spatial import power
 
-    learnt = [room(seed) for seed in (1, 2)]
-    R = torch.stack([covariance([r[name] for r in learnt], MICS) for name in ("pump", "fan")])
-    test = room(7)
-    images = np.stack([test["pump"], test["fan"]])
-    images /= np.sqrt((images ** 2).mean(axis=(1, 2), keepdims=True))
-    rng = np.random.default_rng(4)
-    clip = (0.03 * rng.standard_normal(images.shape[1:])).astype(np.float32)
+    R, images, rng, clip = learnt_room()
     knock = np.zeros_like(clip)
     at = slice(SAMPLE_RATE, SAMPLE_RATE + SAMPLE_RATE // 10)  # 100 ms, 30 dB over the room
     knock[:, at] = rng.standard_normal((MICS, SAMPLE_RATE // 10))

@@ -56,9 +56,9 @@ POWER_FLOOR = 0.1
 # are a transient of the room (a knock, a door, a forklift's beep) and stay the room's,
 # uncapped: a fault's new sound is steady over a segment, the room's events are not. In
 # bench_separation's loud room (the room as loud as the machines), with the room capped
-# at its level in the noise clip (room_headroom 1), the array model then separated 2
-# machines to 10.85 dB SI-SDRi and 3 to 11.04 in a scratch run (uncapped: 10.75 and
-# 10.96), against 6.95 and 8.52 when every bin was capped.
+# at its level in the noise clip (room_headroom 1), the array model then separates 2
+# machines to 10.85 dB SI-SDRi and 3 to 11.04 (uncapped: 10.75 and 10.96), against 6.95
+# and 8.52 when every bin was capped.
 TRANSIENT = 4.0
 
 
