@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from signalcraft import clock
-from signalcraft.detect.attribution import (OWN_BANDS, SpatialAlikeness, attribute, fit_levels, levels_from_data,
-                                           levels_to_data)
+from signalcraft.detect.attribution import (OWN_BANDS, SpatialAlikeness, attribute, band_shifts, fit_levels,
+                                           levels_from_data, levels_to_data, profiles, shifted)
 from signalcraft.detect.model import median_over_frames
 from signalcraft.detect.store import Store
 
@@ -74,6 +74,25 @@ def test_a_drop_under_another_streams_new_sound_is_taken_out_and_other_drops_sta
     np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)  # back to normal
     np.testing.assert_allclose(after[5:8], before[5:8])
     np.testing.assert_allclose(typical(out[(0, "pump")])[10:20], typical(segment[(0, "pump")])[10:20])
+
+
+def test_one_streams_attribution_needs_only_the_other_streams_typical_levels():
+    """What recalibration after one machine's maintenance does: it keeps that machine's
+    tensors and only the others' band medians, and gets what attribute gives."""
+    levels = fit_levels(calibration())
+    pump, fan = PUMP.copy(), FAN.copy()
+    pump[10:20] += 20
+    fan[10:20] = -25  # a leak: taken out
+    fan[30:35] += 12  # its own rise: stays
+    segment = {(0, "pump"): stream(pump, 70), (0, "fan"): stream(fan, 71), (1, "pump"): stream(PUMP, 72)}
+    whole = attribute(segment, levels)
+    own = {(0, "fan"): segment[(0, "fan")]}
+    alone = shifted(own, band_shifts(profiles(segment), levels))
+    assert set(alone) == {(0, "fan")}
+    torch.testing.assert_close(alone[(0, "fan")], whole[(0, "fan")], rtol=0, atol=0)
+    assert not torch.equal(alone[(0, "fan")], segment[(0, "fan")])
+    # Without the other streams' levels nothing outdoes the fan's rise: it stays.
+    torch.testing.assert_close(shifted(own, band_shifts(profiles(own), levels))[(0, "fan")], segment[(0, "fan")])
 
 
 def test_a_rise_where_the_array_cannot_tell_two_machines_apart_goes_with_the_one_that_clearly_changed():

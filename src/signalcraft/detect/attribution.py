@@ -84,10 +84,12 @@ ALIKE = 0.7
 RISE_DB = 3.0
 OWN_BANDS = 10
 
-# One segment's tensors by (mic, source); levels by (mic, source): dB per band;
-# alike bands by (source, other source): bool per band.
+# One segment's tensors by (mic, source); levels (in calibration) and profiles (in one
+# segment) by (mic, source): dB per band; alike bands by (source, other source): bool
+# per band.
 SegmentTensors = dict[tuple[int, str], torch.Tensor]
 Levels = dict[tuple[int, str], np.ndarray]
+Profiles = dict[tuple[int, str], np.ndarray]
 Alike = Mapping[tuple[str, str], np.ndarray]
 
 
@@ -96,13 +98,19 @@ def _profile_db(tensor: torch.Tensor) -> np.ndarray:
     return median_over_frames(tensor[None])[0].numpy()
 
 
+def profiles(tensors: SegmentTensors) -> Profiles:
+    """Each stream's typical level per band (its median over frames, as ``profile``
+    scores it): float64 dB, shape = (n_mels,)."""
+    return {key: _profile_db(t) for key, t in tensors.items()}
+
+
 def fit_levels(segments: Sequence[SegmentTensors]) -> Levels:
     """Each (mic, source)'s typical level per band in ``segments`` (normal operation):
     the power mean of its tensors' band medians, float64 dB, shape = (n_mels,)."""
     found: dict[tuple[int, str], list[np.ndarray]] = {}
     for tensors in segments:
-        for key, t in tensors.items():
-            found.setdefault(key, []).append(10.0 ** (_profile_db(t) / 10.0))
+        for key, db in profiles(tensors).items():
+            found.setdefault(key, []).append(10.0 ** (db / 10.0))
     return {key: 10.0 * np.log10(np.mean(powers, axis=0)) for key, powers in sorted(found.items())}
 
 
@@ -116,16 +124,36 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
     docstring). Streams without levels, or of another number of bands, pass unchanged
     and do not count for the others. Returns a new dict; the tensors it changes are new
     tensors."""
+    return shifted(tensors, band_shifts(profiles(tensors), levels, alike))
+
+
+def shifted(tensors: SegmentTensors, shifts: Mapping[tuple[int, str], np.ndarray]) -> SegmentTensors:
+    """``tensors`` with each stream in ``shifts`` moved down by its shift per band, dB,
+    in every frame (``band_shifts``); the others as they are. Returns a new dict."""
     out = dict(tensors)
+    for key, shift in shifts.items():
+        if key in tensors:
+            t = tensors[key]
+            out[key] = t - torch.from_numpy(shift).to(t.dtype)[None, :, None]
+    return out
+
+
+def band_shifts(profiles: Profiles, levels: Mapping[tuple[int, str], np.ndarray],
+                alike: Optional[Alike] = None) -> dict[tuple[int, str], np.ndarray]:
+    """What ``attribute`` takes out of each stream, from the streams' typical levels per
+    band (``profiles``: (mic, source) -> dB, (n_mels,)): (mic, source) -> dB per band, for
+    the streams that it changes. Needs only the profiles of one segment's streams, not
+    their tensors."""
     by_mic: dict[int, list[str]] = {}
-    for mic, source in tensors:
+    for (mic, source), db in profiles.items():
         ref = levels.get((mic, source))
-        if ref is not None and ref.shape == (tensors[(mic, source)].shape[-2],):
+        if ref is not None and ref.shape == db.shape:
             by_mic.setdefault(mic, []).append(source)
+    shifts = {}
     for mic, sources in by_mic.items():
         if len(sources) < 2:
             continue
-        rise = np.stack([_profile_db(tensors[(mic, s)]) - levels[(mic, s)] for s in sources])  # dB
+        rise = np.stack([profiles[(mic, s)] - levels[(mic, s)] for s in sources])  # dB
         normal = np.stack([10.0 ** (levels[(mic, s)] / 10.0) for s in sources])  # power per band
         gained = normal * (10.0 ** (rise / 10.0) - 1.0)
         taken = []
@@ -139,9 +167,8 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
         for i, source in enumerate(sources):
             shift = np.where(taken[i], rise[i], 0.0)
             if shift.any():
-                t = tensors[(mic, source)]
-                out[(mic, source)] = t - torch.from_numpy(shift).to(t.dtype)[None, :, None]
-    return out
+                shifts[(mic, source)] = shift
+    return shifts
 
 
 def _explained(sources: list[str], rise: np.ndarray, taken: list[np.ndarray], alike: Alike) -> list[np.ndarray]:

@@ -42,7 +42,8 @@ from ..files import keep_backup, temp_path
 from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
-from .attribution import Levels, SpatialAlikeness, attribute, fit_levels, levels_from_data, levels_to_data
+from .attribution import (Levels, Profiles, SegmentTensors, SpatialAlikeness, attribute, band_shifts, fit_levels,
+                          levels_from_data, levels_to_data, profiles, shifted)
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
@@ -440,7 +441,10 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
         folders = [f for f in store.recalibration_folders(source, m["at_utc"]) if labels.get(f) != "anomaly"]
         if len(folders) < c.calibration_segments:
             continue
-        whole = []  # every stream of the segments, for attribution
+        # Per segment the machine's own tensors, and every stream's typical level per
+        # band for attribution (the other machines' tensors are not kept).
+        own: list[SegmentTensors] = []
+        typical: list[Profiles] = []
         for folder in folders:
             try:
                 tensors = open_segment(output_dir / folder).load_tensors()[0]
@@ -448,13 +452,12 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
                 log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
                 continue
             if any(key[1] == source for key in tensors):
-                whole.append(tensors)
-        fresh = fit_levels([{k: t for k, t in tensors.items() if k[1] == source} for tensors in whole]) \
-            if c.attribution else {}
+                own.append({k: t for k, t in tensors.items() if k[1] == source})
+                typical.append(profiles(tensors) if c.attribution else {})
+        fresh = fit_levels(own) if c.attribution else {}
         levels = {**{k: v for k, v in _levels(store, c, False).items() if k[1] != source}, **fresh}
         alike = SpatialAlikeness(config)(detector.features)
-        loaded = [{k: t for k, t in attribute(tensors, levels, alike).items() if k[1] == source}
-                  for tensors in whole]
+        loaded = [shifted(tensors, band_shifts(db, levels, alike)) for tensors, db in zip(own, typical)]
         if len(loaded) < max(2, c.calibration_segments // 2):
             log.warning("%s: only %d of %d segments after its maintenance are readable; collecting more",
                         source, len(loaded), len(folders))
