@@ -50,6 +50,18 @@ def test_normal_segments_stay_normal_and_a_fault_ends_critical(copy):
         assert store.counts()["critical_alerts"] >= 1
 
 
+def test_detect_on_a_folder_without_segments_says_so_every_run_and_leaves_no_state(tmp_path):
+    settings = {**SETTINGS, "output": {"dir": str(tmp_path / "out"), "keep_days": None}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    wrong = tmp_path / "scene"  # say, a simulate folder typed for the output folder
+    wrong.mkdir()
+    for _ in range(2):
+        result = invoke("--config", str(tmp_path / "config.yaml"), "-q", "detect", str(wrong))
+        assert result.returncode == 0
+        assert f"{wrong}: no segment folders" in result.stderr and "output.dir" in result.stderr
+    assert not (wrong / "signalcraft.sqlite").exists()
+
+
 def test_a_second_run_scores_nothing_twice(copy):
     root, config = copy
     with Store(root / "out" / "signalcraft.sqlite") as store:
@@ -184,6 +196,23 @@ def test_train_detector_takes_a_period_and_keeps_the_old_detector_on_failure(cop
     assert backup.read_bytes() == before and backup.name in result.stderr
     with Store(project / "out" / "signalcraft.sqlite") as store:
         assert len(store.threshold_changes()) > 2
+
+
+def test_a_stream_with_too_few_readable_calibration_tensors_does_not_hold_the_others_back(copy):
+    """One damaged tensor among the fewest calibration segments allowed: that stream is
+    left unscored and named, the others get their thresholds and are scored."""
+    project, config = copy
+    cfg, out = str(project / "config.yaml"), str(project / "out")
+    segments = list_segments(project / "out")
+    (segments[0].path / "mic_1" / "mix.pt").write_bytes(b"damaged")
+    result = invoke("--config", cfg, "train-detector", out, "--until", segments[5].start_time.isoformat())
+    assert result.returncode == 0, result.stderr
+    assert "mic_1/mix: only 4 of its calibration tensors could be scored" in result.stderr
+    with Store(project / "out" / "signalcraft.sqlite") as store:
+        assert store.get_threshold(0, "mix") is not None and store.get_threshold(1, "mix") is None
+    process_files(config, [scene_file(project, 400)])
+    scored = detect(config, project / "out")
+    assert [(r.mic, r.status) for r in scored.rows] == [(0, "NORMAL")]
 
 
 def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(copy):

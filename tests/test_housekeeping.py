@@ -383,10 +383,10 @@ def test_doctor_hints_keep_the_config_and_ask_for_force_only_to_replace_clips(he
     assert line.startswith("FAIL") and "channel_2.pt missing" in line
     assert line.endswith(f"`signalcraft --config {healthy} calibrate-noise --force`"), line
     assert invoke("--config", str(healthy), "calibrate-noise", "--force").returncode == 0
-    (noise / "channel_3.pt").write_bytes(b"damaged")  # the library's own message gets the --config too
+    (noise / "channel_3.pt").write_bytes(b"damaged")
     line = lines(invoke("--config", str(healthy), "doctor").stdout)["noise clips"]
     assert line.startswith("FAIL") and "channel_3.pt: not a readable noise clip" in line
-    assert f"Record it again with `signalcraft --config {healthy} calibrate-noise --force`." in line
+    assert line.count("calibrate-noise") == 1  # what to do, once for all the clips
     assert line.endswith(f"Record them with the machines off: `signalcraft --config {healthy} calibrate-noise --force`")
 
 

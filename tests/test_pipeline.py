@@ -104,7 +104,8 @@ def test_process_continues_past_a_bad_file_and_exits_1(project, tmp_path):
 def test_missing_noise_clip_fails_before_capture(vmic, project):
     result = invoke("--config", str(project), "record")
     assert result.returncode == ExitCode.FAILURE
-    assert "channel_1.pt missing" in result.stderr and "`signalcraft calibrate-noise`" in result.stderr
+    assert "channel_1.pt missing" in result.stderr
+    assert f"`signalcraft --config {project} calibrate-noise`" in result.stderr  # with the config given
     assert not (project.parent / "out").exists()
 
 
@@ -220,10 +221,20 @@ def test_only_the_machines_in_the_room_are_exported_under_their_names(project, m
     settings["separation"]["assets"] = {"P-101": "pump", "V-7": "valve"}
     project.write_text(yaml.safe_dump(settings))
     wrong = invoke("--config", str(project), "process", str(wav))
-    assert wrong.returncode == ExitCode.FAILURE  # the file is not processed; process goes on to the next
+    assert wrong.returncode == ExitCode.USAGE  # a configuration error, as the README's exit codes say
     assert "separation.assets: V-7: valve: no such source in the separator tiny, whose sources are pump, fan" \
         in wrong.stderr
     assert "V-7: valve" in invoke("--config", str(project), "doctor").stdout
+    # The same set-up error for another file of the same layout is said once; a missing
+    # file is named as missing.
+    again = tmp_path / "room2.wav"
+    sf.write(again, 0.05 * np.random.default_rng(1).standard_normal((SEGMENT_FRAMES, CHANNELS)), SAMPLE_RATE)
+    both = invoke("--config", str(project), "process", str(wav), str(again), str(tmp_path / "gone.wav"))
+    assert both.returncode == ExitCode.FAILURE  # a configuration error and a missing file
+    assert both.stderr.count("no such source in the separator") == 1
+    assert f"{again}: not processed: {wav} failed to set up the same way" in both.stderr
+    assert f"{tmp_path / 'gone.wav'}: no such file." in both.stderr
+    assert "3 of 3 files failed\n" in both.stderr and "the others were processed" not in both.stderr
 
 
 @pytest.mark.parametrize("assets, message", [

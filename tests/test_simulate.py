@@ -373,6 +373,8 @@ def test_cli_training_set(tmp_path):
     (["--machines", "pump,robot"], "robot"),
     (["--snr", "loud"], "loud"),
     (["--training-set", "--fault", "pump:bearing"], "--fault"),
+    (["--seconds", "100000"], "at most 600"),
+    (["--reverb", "50"], "must be in (0, 3]"),
 ])
 def test_cli_bad_options_exit_2_and_say_what_was_wrong(tmp_path, args, named):
     result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x"), "--seconds", "1", *args])

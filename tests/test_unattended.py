@@ -236,7 +236,10 @@ def test_a_corrupt_noise_clip_is_named_and_nothing_is_recorded(vmic, project):
         (noise / f"channel_{channel}.pt").write_bytes(b"not a clip")
     result = invoke("--config", str(project), "record", "--repeat", "1")
     assert result.returncode == ExitCode.FAILURE
-    assert f"{noise / 'channel_1.pt'}: not a readable noise clip" in result.stderr
+    assert f"{noise}: channel_1.pt: not a readable noise clip" in result.stderr
+    # Each clip's problem once, what to do once, with the configuration given.
+    assert result.stderr.count("calibrate-noise") == 1
+    assert f"`signalcraft --config {project} calibrate-noise --force`" in result.stderr
     assert not published(project.parent / "out")
 
 

@@ -20,7 +20,7 @@ import click
 
 from . import __version__, logs
 from .config import ENV_VAR, Config, load_config
-from .errors import ConfigError, ExitCode, Interrupted, SignalcraftError
+from .errors import ConfigError, ExitCode, Interrupted, SignalcraftError, with_config
 
 log = logging.getLogger("signalcraft")
 
@@ -66,12 +66,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SignalcraftError as e:
             options = ctx.find_object(_Options)
-            if e.exit_code == ExitCode.BUSY and options is not None and options.quiet:
-                # From cron, a run that finds the previous one still going is routine:
-                # the exit code says so, the log file records it, and no mail is sent.
-                log.info("%s", e)
-            else:
-                log.error("%s", e)
+            if e.exit_code == ExitCode.BUSY:  # names the command holding the lock: as it was typed
+                if options is not None and options.quiet:
+                    # From cron, a run that finds the previous one still going is routine:
+                    # the exit code says so, the log file records it, and no mail is sent.
+                    log.info("%s", e)
+                else:
+                    log.error("%s", e)
+            else:  # the commands it suggests, with the --config given
+                log.error("%s", with_config(str(e), options.config_path if options is not None else None))
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             log.error("stopped by Ctrl-C")
@@ -171,6 +174,11 @@ def calibrate_noise(ctx: click.Context, seconds: Optional[float], force: bool) -
 
     Every channel is checked first: a dead channel (silence or a level below
     noise.dead_rms_dbfs) or clipping rejects the recording and nothing is saved.
+
+    \b
+    Exit codes: 0 clips saved, 1 the recording was rejected or the device failed
+    (nothing saved), 2 clips already there without --force or a bad configuration, 5
+    another run holds the device.
     """
     from .files import remove_leftovers
     from .noise import calibrate
@@ -206,6 +214,10 @@ def record(ctx: click.Context, repeat: int) -> None:
       output.min_free_gb free (exit 1);
     - a device that fails mid-run is reopened capture.reconnect_attempts times with
       growing waits before giving up (exit 1); completed segments are always kept.
+
+    \b
+    Exit codes: 0 done (--repeat reached), 1 failure, 2 bad configuration, 5 another
+    record holds the device or output folder, 130 Ctrl-C, 143 SIGTERM.
     """
     from . import chain, record as recording
 
@@ -232,8 +244,11 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
     recorded: for a segment folder's audio.flac, the start in its manifest; for any
     other file, its modification time less its length (a recorder writes a file to its
     end). A segment already in the output (same file name, same start) is skipped
-    unless --force. A bad file is reported and the others still run; the exit code is
-    then 1.
+    unless --force. A bad file is reported and the others still run.
+
+    \b
+    Exit codes: 0 every file processed, 1 a file failed (2 when every failure is a
+    bad configuration), 130 Ctrl-C, 143 SIGTERM.
     """
     from . import record as recording
 
@@ -244,17 +259,24 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
     show = sys.stderr.isatty()
     bar = click.progressbar(length=recording.count_segments(config, paths), label="segments",
                             file=sys.stderr) if show else contextlib.nullcontext()
+    codes = []  # the exit code of each file's error
+
+    def failed_file(path: Path, e: Exception) -> None:
+        codes.append(getattr(e, "exit_code", ExitCode.FAILURE))
+        log.error("%s", with_config(str(e), ctx.obj.config_path))
+
     with _stop_on_signals() as stop, bar:
         exported, failed = recording.process_files(
             config, paths, stop=stop,
             on_exported=lambda path: None if show else _echo(ctx, str(path)),
             on_segment=(lambda: bar.update(1)) if show else (lambda: None),
-            on_error=lambda path, e: log.error("%s", e), force=force,
+            on_error=failed_file, force=force,
         )
     log.info("%d segments written under %s", len(exported), config.output.dir)
     if failed:
-        log.error("%d of %d files failed; the others were processed", failed, len(paths))
-        ctx.exit(ExitCode.FAILURE)
+        log.error("%d of %d files failed%s", failed, len(paths),
+                  "; the others were processed" if failed < len(paths) else "")
+        ctx.exit(codes[0] if len(set(codes)) == 1 else ExitCode.FAILURE)
 
 
 @cli.command()
@@ -274,9 +296,9 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
               help="Power of the machines running normally over the background's at mic 0, dB; "
                    "'none': the background at its fixed level. [default: 0]")
 @click.option("--reverb", type=click.FloatRange(min=0, min_open=True), metavar="RT60",
-              help="Reverberation time, s. [default: none, free field]")
+              help="Reverberation time, s, up to 3. [default: none, free field]")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
-              help="Length of each clip, s. [default: 10]")
+              help="Length of each clip, s, up to 600 (for more, several seeds). [default: 10]")
 @click.option("--seed", type=click.IntRange(min=0), help="The same seed writes the same audio. [default: 0]")
 @click.option("--sample-rate", type=click.IntRange(min=8000), help="Hz. [default: 16000]")
 @click.option("--line-hz", type=click.Choice(["50", "60"]),
@@ -301,8 +323,9 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
     alone at the mics; they sum to the mic channels of the mixture) and OUT/labels.json
     (positions, speeds, fault times, SNR, the intermittent source's on/off times, which
     columns are mics and which references). WAV files are 32-bit float.
-    With --training-set: OUT/<type>/*.wav (one machine alone, mono) and OUT/_noise/*.wav,
-    the layout `train-separator` reads. Prints the paths written.
+    With --training-set: OUT/<type>/*.wav (one machine alone; mono, or one channel per
+    microphone with --mics) and OUT/_noise/*.wav, the layout `train-separator` reads.
+    Prints the paths written.
 
     \b
     Examples:
@@ -310,6 +333,9 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
       signalcraft simulate --out room --machines pump,pump,motor --snr -6 --reverb 0.8
       signalcraft simulate --out fan --intermittent --references 1
       signalcraft simulate --out data --training-set --clips 50 --seed 1
+
+    \b
+    Exit codes: 0 written, 1 failure (the folder cannot be written), 2 a bad option.
     """
     from . import simulate as sim
 
@@ -339,6 +365,10 @@ def train_separator(ctx: click.Context, data_dir: Path, resume: bool, force: boo
     Training stops after train_separator.max_minutes (50 by default). A model whose
     validation SI-SDR is no better than the unseparated mixtures' is not exported
     (exit 1, the checkpoint kept) unless --force.
+
+    \b
+    Exit codes: 0 exported, 1 failure or a model no better than the mixture, 2 bad
+    usage or configuration, 130 Ctrl-C (the checkpoint kept; --resume goes on).
     """
     from .training.separator import train_separator as train
 
@@ -508,6 +538,11 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
     `signalcraft maintenance` recalibrates it alone. The previous detector is kept as
     <model>.<time>.bak.
     Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
+
+    \b
+    Exit codes: 0 trained, 1 failure (too few segments, a detector that cannot be
+    trained: the previous one stays), 2 bad usage or configuration, 5 a detect runs on
+    OUTPUT.
     """
     from .clock import parse_time
 
@@ -646,6 +681,10 @@ def prune(ctx: click.Context, output: Path, dry_run: bool) -> None:
     to see what they would delete. Segments `detect` has not scored yet are never
     deleted, nor those with alerts not acknowledged (`ack`) or labelled (`label`),
     nor those collected to recalibrate a machine after its maintenance. Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
+
+    \b
+    Exit codes: 0 done, 1 failure, 2 no retention limit set (output.keep_days,
+    output.max_gb) or a bad configuration, 5 a detect runs on OUTPUT.
     """
     config = _config(ctx)
     if config.output.keep_days is None and config.output.max_gb is None:
@@ -677,6 +716,10 @@ def report(ctx: click.Context, output: Path, report_dir: Optional[Path], since: 
     marked, alerts as dots, hollow when acknowledged) and the log-mel images (Hz, dB)
     of its worst segment and of a typical NORMAL one. summary.json holds the same
     states for scripts. Reads the state while detect runs.
+
+    \b
+    Exit codes: 0 written, 1 failure (no state file, a file that cannot be written), 2
+    bad usage or configuration.
     """
     from .clock import parse_time
     from .detect.report import summary_lines, write_report
@@ -708,6 +751,10 @@ def ack(ctx: click.Context, asset: str, output: Optional[Path], note: str) -> No
     count for detect's exit code nor print under -q, and retention may delete their
     segments. A change of state (worse, better, or back to NORMAL) ends the
     acknowledgement. ASSET is a machine's name as detect prints it.
+
+    \b
+    Exit codes: 0 acknowledged, 1 not taken (an unknown machine, no alarm to
+    acknowledge, no state file yet), 2 bad usage or configuration.
     """
     from .detect.operator import acknowledge
 
@@ -728,6 +775,10 @@ def label(ctx: click.Context, segment: str, value: str, output: Optional[Path], 
     otherwise left out). anomaly: a confirmed fault; it is never trained on, neither by
     `train-detector` nor by a recalibration after maintenance. A labelled segment's
     alerts are answered, so retention may delete it. A new label replaces the old.
+
+    \b
+    Exit codes: 0 labelled, 1 not taken (not a segment this state file has seen, no
+    state file yet), 2 bad usage or configuration.
     """
     from .detect.operator import label as label_segment
 
@@ -751,6 +802,10 @@ def maintenance(ctx: click.Context, asset: str, note: str, at: Optional[str], ou
     with new WARNING and CRITICAL levels, and then scores it again; the other machines
     are not touched. Ends an acknowledgement of ASSET. The report marks it on the
     timeline.
+
+    \b
+    Exit codes: 0 recorded, 1 not taken (an unknown machine, no state file yet), 2 bad
+    usage or configuration.
     """
     from .clock import parse_time
     from .detect.operator import maintenance as record_maintenance

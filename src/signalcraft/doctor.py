@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from . import clock
 from .config import Config, ConfigProblems, load_config
-from .errors import SignalcraftError
+from .errors import SignalcraftError, with_config
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 
@@ -73,16 +73,6 @@ def _config_option(config_path: Optional[Path]) -> list[str]:
     return ["--config", str(config_path)] if config_path is not None else []
 
 
-def _with_config(message: str, config_path: Optional[Path]) -> str:
-    """``message`` (an error raised by the library, which suggests commands as
-    `signalcraft ARGS`) with the --config that doctor was given in each command."""
-    if config_path is None:
-        return message
-    option = shlex.join(_config_option(config_path))
-    # A function, not a replacement string: a backslash in the path is no escape.
-    return re.sub(r"`signalcraft (?!--config)", lambda m: f"`signalcraft {option} ", message)
-
-
 def run_checks(config_path: Optional[Path], output: Optional[Path] = None) -> Iterator[Check]:
     """Yield a Check per subject: config, PortAudio, device, noise clips, separator,
     recorder, detector, alarms (one per machine in alarm), disk, log file. With a broken
@@ -103,7 +93,7 @@ def run_checks(config_path: Optional[Path], output: Optional[Path] = None) -> It
         try:
             results = check(ctx)
         except SignalcraftError as e:
-            results = FAIL, _with_config(str(e), config_path)
+            results = FAIL, with_config(str(e), config_path)
         except Exception as e:  # a check must never stop the others
             results = FAIL, f"{type(e).__name__}: {e}"
         for status, detail in [results] if isinstance(results, tuple) else results:
@@ -174,7 +164,7 @@ def _check_noise_clips(ctx: _Context) -> tuple[str, str]:
         # calibrate-noise records every channel, and replaces a clip already there only with --force.
         existing = any(clip_path(ctx.config.noise.dir, channel).exists() for channel in channels)
         calibrate = ctx.command("calibrate-noise", *(["--force"] if existing else []))
-        problems = _with_config("; ".join(checked.problems), ctx.config_path)
+        problems = with_config("; ".join(checked.problems), ctx.config_path)
         return FAIL, f"{ctx.config.noise.dir}: {problems}. Record them with the machines off: {calibrate}"
     if checked.other_device:
         return WARN, (f"recorded on another device: {', '.join(checked.other_device)}; record them again on this one "

@@ -8,6 +8,10 @@ process exit code that ``cli.py`` uses for it.
 from __future__ import annotations
 
 import enum
+import re
+import shlex
+from pathlib import Path
+from typing import Optional
 
 
 class ExitCode(enum.IntEnum):
@@ -65,3 +69,14 @@ class Interrupted(SignalcraftError):
         self.signum = signum
         self.exit_code = ExitCode(128 + signum) if 128 + signum in ExitCode._value2member_map_ else ExitCode.FAILURE
 
+
+
+def with_config(message: str, config_path: Optional[Path]) -> str:
+    """``message`` (an error raised by the library, which suggests commands as
+    `signalcraft ARGS`) with ``--config config_path`` in each suggested command, so that
+    a user who copies it acts on the configuration they gave; unchanged without one."""
+    if config_path is None:
+        return message
+    option = shlex.join(["--config", str(config_path)])
+    # A function, not a replacement string: a backslash in the path is no escape.
+    return re.sub(r"`signalcraft (?!--config)", lambda m: f"`signalcraft {option} ", message)

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -122,6 +123,17 @@ def storage_error(path: Path, e: OSError) -> StorageError:
     else:
         hint = e.strerror or str(e)
     return StorageError(f"{path}: cannot write: {hint}.")
+
+
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load`` could not read a file, for a message that names it: the kind of
+    error and, where it says something about the file, torch's first sentence. Never
+    torch's advice to load with ``weights_only=False``: that would run whatever code a
+    crafted file holds."""
+    first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else ""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in first or isinstance(e, (KeyError, EOFError)):
+        first = "damaged, truncated, of another kind, or holding objects other than plain data"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def read_regular(path: Path, max_bytes: int) -> bytes:

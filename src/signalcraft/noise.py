@@ -22,7 +22,7 @@ import numpy as np
 from .capture import DeviceCapture
 from .config import Config, NoiseConfig
 from .errors import ConfigError, NoiseClipError
-from .files import backup_path, save_torch, temp_path
+from .files import backup_path, load_failure, save_torch, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +168,20 @@ def load_clip(path: Path) -> NoiseClip:
             recorded_at=dt.datetime.fromisoformat(data["recorded_at"]),
         )
     except Exception as e:  # torch raises many types for a damaged file
-        raise NoiseClipError(
-            f"{path}: not a readable noise clip ({type(e).__name__}: {e}). "
-            "Record it again with `signalcraft calibrate-noise --force`."
-        ) from None
+        raise _unusable(path, f"not a readable noise clip ({load_failure(e)})") from None
     bad = int(np.count_nonzero(~np.isfinite(clip.audio)))
     if bad:
-        raise NoiseClipError(f"{path}: {bad} of {clip.audio.size} samples are not finite (NaN or infinity): the "
-                             "clip would silence its channel. Record it again with `signalcraft calibrate-noise "
-                             "--force`.")
+        raise _unusable(path, f"{bad} of {clip.audio.size} samples are not finite (NaN or infinity): the clip would "
+                              "silence its channel")
     return clip
+
+
+def _unusable(path: Path, problem: str) -> NoiseClipError:
+    """The error for a clip that cannot be used; ``problem`` (what is wrong, without
+    what to do) is kept on it for a message about several clips."""
+    error = NoiseClipError(f"{path}: {problem}. Record it again with `signalcraft calibrate-noise --force`.")
+    error.problem = problem
+    return error
 
 
 def calibrate(
@@ -214,7 +218,7 @@ def calibrate(
     if existing and not force:
         raise ConfigError(
             f"noise clips already exist: {', '.join(map(str, existing))}. Pass --force to replace "
-            "them (each old clip is kept as .pt.bak)."
+            "them (each old clip is kept as .pt.<time>.bak)."
         )
     log.info("recording %.1f s of room noise; the machines must be off", seconds)
     with capture:

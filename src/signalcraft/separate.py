@@ -31,7 +31,7 @@ import torch
 from .config import SeparationConfig
 from .compute import torch_device
 from .errors import SignalcraftError
-from .files import sha256_file
+from .files import load_failure, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -342,13 +342,11 @@ def read_package(path: Path) -> tuple[torch.nn.Module, Optional[torch.Tensor]]:
     try:
         with torch.serialization.safe_globals(list(classes)):
             package = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: refused: the file holds more than a demucs model (code or other objects; "
-                         f"{first[:200]}). signalcraft loads only demucs models. {retrain}") from None
+    except pickle.UnpicklingError:
+        raise ModelError(f"{path}: refused: the file holds more than a demucs model (code or other objects), or "
+                         f"is damaged. signalcraft loads only demucs models. {retrain}") from None
     except Exception as e:  # a damaged file fails inside torch.load in many ways
-        raise ModelError(f"{path}: not a readable demucs model ({type(e).__name__}: {str(e)[:200]}). "
-                         f"{retrain}") from None
+        raise ModelError(f"{path}: not a readable demucs model ({load_failure(e)}). {retrain}") from None
     if not (isinstance(package, dict) and {"klass", "args", "kwargs", "state"} <= package.keys()
             and package["klass"] in classes and isinstance(package["args"], (list, tuple))
             and isinstance(package["kwargs"], dict) and isinstance(package["state"], dict)

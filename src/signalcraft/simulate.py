@@ -172,6 +172,10 @@ NEAR_FIELD_M = 0.25  # 1/r is clamped here: closer, a machine is no point source
 PRE_ROLL_S = 0.5  # s
 MAX_DISTANCE_M = 150.0  # m
 MAX_RT60_S = 3.0  # s
+# Longest scene or clip, s: rendering 120 s of the default 4-microphone scene peaks at
+# about 0.5 GB, so ten minutes take about 2.5 GB; much longer would exhaust the memory
+# of a plant PC.
+MAX_SECONDS = 600.0
 ROOM_VOLUME_M3 = 2000.0  # plant room, sets the reverberant level relative to the direct sound
 REVERB_PREDELAY_S = 0.005  # first reflection after the direct sound, s
 FFT_MARGIN = 64  # samples of zero padding for the tails of fractional-delay kernels
@@ -457,8 +461,9 @@ class Scene:
                                   f"{MAX_DISTANCE_M - 25.0:g} m is simulated.")
         if not self.mics:
             raise ConfigError("mics: a scene needs at least one microphone.")
-        if not (math.isfinite(self.seconds) and self.seconds > 0):
-            raise ConfigError(f"seconds {self.seconds}: must be a positive number of seconds.")
+        if not (math.isfinite(self.seconds) and 0 < self.seconds <= MAX_SECONDS):
+            raise ConfigError(f"seconds {self.seconds}: must be a positive number of seconds, at most "
+                              f"{MAX_SECONDS:g} (for more audio, simulate several seeds).")
         if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) \
                 or self.sample_rate < MIN_SAMPLE_RATE:
             raise ConfigError(f"sample_rate {self.sample_rate}: must be an integer of at least "

@@ -50,7 +50,7 @@ from .. import __version__, clock
 from ..config import DetectConfig
 from ..compute import torch_device
 from ..errors import SignalcraftError
-from ..files import save_torch, storage_error
+from ..files import load_failure, save_torch, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +623,7 @@ def load_detector(path: Path, features: Optional[dict] = None):
         raise DetectorError(f"{path}: detector model not found. Train one with `signalcraft train-detector`, "
                             "or set detect.model to the file.") from None
     except Exception as e:  # a damaged file fails inside torch.load in many ways
-        raise DetectorError(f"{path}: not a readable detector model ({type(e).__name__}: {e}). "
+        raise DetectorError(f"{path}: not a readable detector model ({load_failure(e)}). "
                             f"Restore the file or {RETRAIN}.") from None
     if not isinstance(data, dict) or "format" not in data:
         raise DetectorError(f"{path}: not a signalcraft detector model (no format field). "

@@ -38,7 +38,8 @@ def _known_machine(store: Store, asset: str) -> None:
     known = store.sources()
     if asset not in known:
         raise OperatorError(f"{store.path}: no machine {asset!r} has been scored here. Known machines: "
-                            f"{', '.join(known) or 'none yet'} (the names in detect.assets, or the model's sources).")
+                            f"{', '.join(known) or 'none yet'} (the names in separation.assets, or the model's "
+                            "sources).")
 
 
 def acknowledge(config: Config, output: Path, asset: str, note: str = "") -> str:
@@ -64,7 +65,7 @@ def label(config: Config, output: Path, segment: str, value: str, note: str = ""
     folder = Path(segment).name
     if not is_segment_name(folder):
         raise OperatorError(f"{segment!r}: not a segment folder's name (like 2026-12-01_08-11-28, as under the "
-                            "output folder and in `detect -v`).")
+                            "output folder and in the rows of `signalcraft -v detect`).")
     with Store(state_path(config, output), create=False) as store:
         store.set_label(folder, value, clock.now_iso(), note)
     meaning = ("a false alarm: `train-detector` may train on it" if value == "normal"

@@ -110,6 +110,16 @@ def detect(
     output_dir = Path(output_dir)
     c = config.detect
     result = DetectResult()
+    if not candidate_names(output_dir) and not state_path(config, output_dir).exists() \
+            and output_dir.resolve() != Path(config.output.dir).resolve():
+        # Not output.dir and nothing there: most likely a wrong path (in a crontab, say).
+        # Said on every run, and no state file is left there. (In output.dir itself the
+        # recorder may not have written its first segment yet.)
+        log.warning("%s: no segment folders (named like 2026-12-01_08-11-28) and no state file here: nothing to "
+                    "score. Give the folder that `record` or `process` writes (output.dir: %s).", output_dir,
+                    config.output.dir)
+        result.calibration = (0, c.calibration_segments)
+        return result
     with Store(state_path(config, output_dir)) as store:
         detector = load_detector(c.model) if c.model.exists() else None
         if detector is not None and not store.has_thresholds():
@@ -254,8 +264,9 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
             continue
         saved = store.get_threshold(mic, source)
         if saved is None or source not in detector.sources:  # not there at calibration
-            log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen during "
-                        "calibration); retrain with `signalcraft train-detector`", segment.name, mic, source)
+            log.warning("%s mic_%d/%s: not scored: no model or thresholds for it (not seen, or too few of its "
+                        "tensors readable, during calibration); retrain with `signalcraft train-detector`",
+                        segment.name, mic, source)
             store.add_score(seg, mic, source, None, None, None, CALIBRATING)
             continue
         learns = getattr(detector, "learns_online", False)
@@ -407,16 +418,30 @@ def _install(config: Config, store: Store, detector, out_of_fold: dict[tuple[int
     A failure before the rename leaves the previous detector with its own thresholds."""
     c = config.detect
     at = clock.now_iso()
+    # A stream with too few readable calibration tensors (each was logged) does not hold
+    # the others back: it is left unscored until a retraining fits it.
+    counts = {key: int(np.isfinite(scores).sum()) for key, scores in out_of_fold.items()}
+    some = any(n >= th.MIN_FIT_SCORES for n in counts.values())
+    fitted, unfitted = {}, []
+    for (mic, source), scores in sorted(out_of_fold.items()):
+        if some and counts[(mic, source)] < th.MIN_FIT_SCORES:
+            log.error("mic_%d/%s: only %d of its calibration tensors could be scored, thresholds need at least "
+                      "%d: it is not scored; run `signalcraft train-detector` once more of its segments are "
+                      "recorded", mic, source, counts[(mic, source)], th.MIN_FIT_SCORES)
+            unfitted.append((mic, source))
+            continue
+        fitted[(mic, source)] = th.fit(np.asarray(scores), c, where=f"mic_{mic}/{source}")
     staged = temp_path(c.model)
     save_detector(detector, staged)
     try:
         backup = keep_backup(c.model)  # a hard link: the file in place stays the previous detector
         with store.transaction():
-            for (mic, source), scores in sorted(out_of_fold.items()):
-                state = th.fit(np.asarray(scores), c)
+            for (mic, source), state in fitted.items():
                 store.set_threshold(mic, source, state.to_dict(), th.describe_fit(state), at)
                 log.info("mic_%d/%s: WARNING above %.4g, CRITICAL above %.4g", mic, source, state.warning,
                          state.critical)
+            for mic, source in unfitted:  # levels of the previous detector do not fit the new one
+                store.drop_threshold(mic, source)
             commit(at)
     except BaseException:
         staged.unlink(missing_ok=True)

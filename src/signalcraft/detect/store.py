@@ -529,6 +529,11 @@ class Store:
                      text),
                 )
 
+    def drop_threshold(self, mic: int, source: str) -> None:
+        """Forget the current thresholds of (mic, source) (a new detector could not fit
+        them): it is not scored until they are fitted again. Their history stays."""
+        self._execute("DELETE FROM thresholds WHERE mic = ? AND source = ?", (int(mic), source))
+
     def get_scorer_state(self, mic: int, source: str) -> Optional[dict[str, Any]]:
         """The model of (mic, source) of a scorer that learns online, as saved, or None."""
         row = self._execute("SELECT state_json FROM scorer_states WHERE mic = ? AND source = ?",
@@ -662,7 +667,8 @@ class Store:
             raise ValueError(f"label {label!r}: must be one of {', '.join(LABELS)}")
         if self.phase(folder) is None:
             raise StoreError(f"{self.path}: no segment {folder} has been scored here; give the name of a segment "
-                             "folder that `signalcraft detect` has seen (`detect --since ... -v` lists them).")
+                             "folder that `signalcraft detect` has seen (`signalcraft -v detect OUTPUT --since TIME` "
+                             "lists them).")
         self._execute("INSERT OR REPLACE INTO labels (folder, label, at_utc, note) VALUES (?, ?, ?, ?)",
                       (folder, label, at_utc, note))
 

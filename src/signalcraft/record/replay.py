@@ -74,20 +74,33 @@ def process_files(
 
     stop = stop or threading.Event()
     chains: dict[tuple, Chain] = {}  # by (channels, references, sample rate): models load once
+    unusable: dict[tuple, tuple[Path, Exception]] = {}  # no chain for that layout: the first file's error
     exported, failed = [], 0
     done = set() if force else {(s.manifest.device, s.start_time) for s in _stored(config.output.dir)}
     for path in paths:
         if stop.is_set():
             break
         try:
+            if not Path(path).is_file():
+                raise StorageError(f"{path}: no such file." if not Path(path).exists() else
+                                   f"{path}: not a file.")
             try:
                 info = sf.info(str(path))
             except (sf.LibsndfileError, RuntimeError, OSError) as e:
                 raise StorageError(f"{path}: cannot read as audio ({e}).") from None
             channels, references = file_channels(config, info.channels, path)
             key = (channels, references, info.samplerate)
+            if key in unusable:  # said once, for the first file of that layout
+                first, error = unusable[key]
+                same = SignalcraftError(f"{path}: not processed: {first} failed to set up the same way (above)")
+                same.exit_code = getattr(error, "exit_code", same.exit_code)
+                raise same
             if key not in chains:
-                chains[key] = Chain(config, channels, info.samplerate, references)
+                try:
+                    chains[key] = Chain(config, channels, info.samplerate, references)
+                except SignalcraftError as e:
+                    unusable[key] = (path, e)
+                    raise
             skipped = 0
             for segment in file_segments(path, config.capture.segment_seconds, start_time=recorded_at(path),
                                          stop=stop):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Container, Optional
 
 from ..clock import FOLDER_TIME
-from ..files import read_regular
+from ..files import load_failure, read_regular
 from .layout import MANIFEST, candidate_names, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
 
@@ -90,7 +90,7 @@ def read_tensor(folder: Path, mic: int, source: str, shape: tuple[int, ...]) -> 
     try:
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails inside torch.load in many ways
-        raise TensorError(f"{path}: skipped, not a usable tensor ({type(e).__name__}: {str(e)[:200]})") from None
+        raise TensorError(f"{path}: skipped, not a usable tensor ({load_failure(e)})") from None
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise TensorError(f"{path}: skipped, holds {type(tensor).__name__}, not a float tensor")
     if tuple(tensor.shape) != tuple(shape):

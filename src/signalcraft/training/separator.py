@@ -46,7 +46,7 @@ import torch
 from ..config import Config, TrainSeparatorConfig
 from ..compute import torch_device
 from ..errors import ConfigError, SignalcraftError, StorageError
-from ..files import save_torch
+from ..files import load_failure, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def _load_checkpoint(path, c, sources, model, optimizer, rng) -> dict:
         if data.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("unknown format")
     except Exception as e:
-        raise StorageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}). "
+        raise StorageError(f"{path}: not a readable checkpoint ({load_failure(e)}). "
                            "Delete it and train without --resume.") from None
     saved = data["config"]
     for key in ("architecture", "channels", "depth", "segment_seconds", "array"):
