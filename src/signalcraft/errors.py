@@ -70,7 +70,6 @@ class Interrupted(SignalcraftError):
         self.exit_code = ExitCode(128 + signum) if 128 + signum in ExitCode._value2member_map_ else ExitCode.FAILURE
 
 
-
 def with_config(message: str, config_path: Optional[Path]) -> str:
     """``message`` (an error raised by the library, which suggests commands as
     `signalcraft ARGS`) with ``--config config_path`` in each suggested command, so that
