@@ -62,6 +62,18 @@ def test_detect_on_a_folder_without_segments_says_so_every_run_and_leaves_no_sta
     assert not (wrong / "signalcraft.sqlite").exists()
 
 
+def test_a_rejected_folder_is_reported_once_by_the_run_that_trains(tmp_path):
+    settings = {**SETTINGS, "detect": {**SETTINGS["detect"], "calibration_segments": 5}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    config = config_from_dict(settings, tmp_path / "config.yaml")
+    made, _ = process_files(config, [scene_file(tmp_path, seed) for seed in range(6)])
+    (made[2] / MANIFEST).write_text("{")  # damaged: the other five calibrate
+    result = invoke("--config", str(tmp_path / "config.yaml"), "detect", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING above" in result.stderr  # it trained
+    assert result.stderr.count("manifest.json: not valid JSON") == 1, result.stderr
+
+
 def test_a_second_run_scores_nothing_twice(copy):
     root, config = copy
     with Store(root / "out" / "signalcraft.sqlite") as store:

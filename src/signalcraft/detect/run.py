@@ -348,7 +348,9 @@ def _online_score(store: Store, detector, segment: StoredSegment, mic: int, sour
 
 def train_from_calibration(config: Config, output_dir: Path, store: Store) -> Detector:
     """Cold start: train on the calibration segments recorded in ``store``."""
-    chosen = [s for s in list_segments(output_dir) if store.phase(s.name) == "calibration"]
+    # A folder whose manifest cannot be used was reported when detect came to it.
+    chosen = [s for s in list_segments(output_dir, on_error=lambda folder, error: None)
+              if store.phase(s.name) == "calibration"]
     return train_on_segments(config, output_dir, store, chosen)
 
 
