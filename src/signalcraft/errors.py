@@ -52,7 +52,12 @@ class DeviceError(SignalcraftError):
 
 
 class NoiseClipError(SignalcraftError):
-    """A noise clip is missing, corrupt, or failed its level checks."""
+    """A noise clip is missing, corrupt, or failed its level checks. ``problem``: what
+    is wrong with one clip, without what to do (for a message about several clips)."""
+
+    def __init__(self, message: str, problem: Optional[str] = None):
+        super().__init__(message)
+        self.problem = problem
 
 
 class StorageError(SignalcraftError):

@@ -177,11 +177,8 @@ def load_clip(path: Path) -> NoiseClip:
 
 
 def _unusable(path: Path, problem: str) -> NoiseClipError:
-    """The error for a clip that cannot be used; ``problem`` (what is wrong, without
-    what to do) is kept on it for a message about several clips."""
-    error = NoiseClipError(f"{path}: {problem}. Record it again with `signalcraft calibrate-noise --force`.")
-    error.problem = problem
-    return error
+    """The error for a clip that cannot be used, keeping ``problem`` on it."""
+    return NoiseClipError(f"{path}: {problem}. Record it again with `signalcraft calibrate-noise --force`.", problem)
 
 
 def calibrate(

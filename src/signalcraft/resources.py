@@ -39,7 +39,7 @@ def check_noise_clips(config: Config, channels: Sequence[int], sample_rate: int,
         try:
             clip = load_clip(path)
         except NoiseClipError as e:
-            problems.append(f"{path.name}: {e.problem}" if hasattr(e, "problem") else str(e))
+            problems.append(f"{path.name}: {e.problem}" if e.problem else str(e))
             continue
         if clip.channel != channel:
             problems.append(f"{path.name} holds channel {clip.channel}, expected channel {channel}")

@@ -107,9 +107,14 @@ def profiles(tensors: SegmentTensors) -> Profiles:
 def fit_levels(segments: Sequence[SegmentTensors]) -> Levels:
     """Each (mic, source)'s typical level per band in ``segments`` (normal operation):
     the power mean of its tensors' band medians, float64 dB, shape = (n_mels,)."""
+    return levels_of([profiles(tensors) for tensors in segments])
+
+
+def levels_of(typical: Sequence[Profiles]) -> Levels:
+    """``fit_levels`` from the segments' ``profiles``, already taken."""
     found: dict[tuple[int, str], list[np.ndarray]] = {}
-    for tensors in segments:
-        for key, db in profiles(tensors).items():
+    for by_stream in typical:
+        for key, db in by_stream.items():
             found.setdefault(key, []).append(10.0 ** (db / 10.0))
     return {key: 10.0 * np.log10(np.mean(powers, axis=0)) for key, powers in sorted(found.items())}
 
@@ -138,14 +143,14 @@ def shifted(tensors: SegmentTensors, shifts: Mapping[tuple[int, str], np.ndarray
     return out
 
 
-def band_shifts(profiles: Profiles, levels: Mapping[tuple[int, str], np.ndarray],
+def band_shifts(typical: Profiles, levels: Mapping[tuple[int, str], np.ndarray],
                 alike: Optional[Alike] = None) -> dict[tuple[int, str], np.ndarray]:
     """What ``attribute`` takes out of each stream, from the streams' typical levels per
-    band (``profiles``: (mic, source) -> dB, (n_mels,)): (mic, source) -> dB per band, for
-    the streams that it changes. Needs only the profiles of one segment's streams, not
-    their tensors."""
+    band (``typical``, their ``profiles``: (mic, source) -> dB, (n_mels,)): (mic, source)
+    -> dB per band, for the streams that it changes. Needs only the profiles of one
+    segment's streams, not their tensors."""
     by_mic: dict[int, list[str]] = {}
-    for (mic, source), db in profiles.items():
+    for (mic, source), db in typical.items():
         ref = levels.get((mic, source))
         if ref is not None and ref.shape == db.shape:
             by_mic.setdefault(mic, []).append(source)
@@ -153,7 +158,7 @@ def band_shifts(profiles: Profiles, levels: Mapping[tuple[int, str], np.ndarray]
     for mic, sources in by_mic.items():
         if len(sources) < 2:
             continue
-        rise = np.stack([profiles[(mic, s)] - levels[(mic, s)] for s in sources])  # dB
+        rise = np.stack([typical[(mic, s)] - levels[(mic, s)] for s in sources])  # dB
         normal = np.stack([10.0 ** (levels[(mic, s)] / 10.0) for s in sources])  # power per band
         gained = normal * (10.0 ** (rise / 10.0) - 1.0)
         taken = []

@@ -43,7 +43,7 @@ from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
 from . import thresholds as th
 from .attribution import (Levels, Profiles, SegmentTensors, SpatialAlikeness, attribute, band_shifts, fit_levels,
-                          levels_from_data, levels_to_data, profiles, shifted)
+                          levels_from_data, levels_of, levels_to_data, profiles, shifted)
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
@@ -481,7 +481,7 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
             if any(key[1] == source for key in tensors):
                 own.append({k: t for k, t in tensors.items() if k[1] == source})
                 typical.append(profiles(tensors) if c.attribution else {})
-        fresh = fit_levels(own) if c.attribution else {}
+        fresh = levels_of([{k: db for k, db in by_stream.items() if k[1] == source} for by_stream in typical])
         levels = {**{k: v for k, v in _levels(store, c, False).items() if k[1] != source}, **fresh}
         alike = SpatialAlikeness(config)(detector.features)
         loaded = [shifted(tensors, band_shifts(db, levels, alike)) for tensors, db in zip(own, typical)]

@@ -74,7 +74,7 @@ def process_files(
 
     stop = stop or threading.Event()
     chains: dict[tuple, Chain] = {}  # by (channels, references, sample rate): models load once
-    unusable: dict[tuple, tuple[Path, Exception]] = {}  # no chain for that layout: the first file's error
+    unusable: dict[tuple, tuple[Path, SignalcraftError]] = {}  # no chain for that layout: the first file's error
     exported, failed = [], 0
     done = set() if force else {(s.manifest.device, s.start_time) for s in _stored(config.output.dir)}
     for path in paths:
@@ -93,7 +93,7 @@ def process_files(
             if key in unusable:  # said once, for the first file of that layout
                 first, error = unusable[key]
                 same = SignalcraftError(f"{path}: not processed: {first} failed to set up the same way (above)")
-                same.exit_code = getattr(error, "exit_code", same.exit_code)
+                same.exit_code = error.exit_code
                 raise same
             if key not in chains:
                 try:
