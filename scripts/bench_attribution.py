@@ -18,8 +18,9 @@ Per case: which assets have at least one WARNING or CRITICAL row (any microphone
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
 then its spatial filter, the room's power capped at its level in the noise clips but
-for its transients: separation.room_headroom 1), the same capped at 4 times that level
-and uncapped (null), the array model scored
+for its transients: separation.room_headroom 1), the same scored without room masking
+(detect.room_mask_db null: the cells where the room was loud are scored as they are),
+the same capped at 4 times the room's level and uncapped (null), the array model scored
 without `detect.attribution` (a stream's rise left out where another stream of its
 microphone gained more, its drop where another's new sound covers it, its rise in the
 bands where the array cannot tell it from a machine that clearly changed), the same network
@@ -166,9 +167,11 @@ def main() -> None:
     args = parser.parse_args()
 
     # (label, model, more separation settings, more detect settings): the array model as
-    # `record` runs it and `detect` scores it, the same without attribution in `detect`,
-    # its network without the spatial filter, and the references.
+    # `record` runs it and `detect` scores it, the same without room masking or without
+    # attribution in `detect`, its network without the spatial filter, and the references.
     separators = [(f"array model `{args.array}`", args.array, None, None),
+                  (f"array model `{args.array}`, detect.room_mask_db null", args.array, None,
+                   {"room_mask_db": None}),
                   (f"array model `{args.array}`, separation.room_headroom 4", args.array, {"room_headroom": 4.0},
                    None),
                   (f"array model `{args.array}`, separation.room_headroom null", args.array,

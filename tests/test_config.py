@@ -81,7 +81,7 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
     path = write(tmp_path, yaml.safe_dump({  # in this order in the file, and in the message
         "capture": {"sampel_rate": 8000, "segment_seconds": -1, "channels": [0, 1]},
         "noise": {"clip_level": 2},
-        "detect": {"alert_k": 3, "calibration_segments": 2, "alerts": {"k": 9, "n": "five"},
+        "detect": {"alert_k": 3, "calibration_segments": 2, "room_mask_db": 0, "alerts": {"k": 9, "n": "five"},
                    "levels": {"method": "magic"}},
         "features": {"f_max": 20000},
         "output": 3,
@@ -99,6 +99,7 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
         "detect.alerts.k: must be between 1 and n",
         "detect.levels.method: must be one of 'gamma', 'sigma', 'percentile', got 'magic'",
         "detect.calibration_segments: must be at least 5",
+        "detect.room_mask_db: must be above 0 dB (or null)",
         "output: expected a mapping of keys, got an integer",
         "features.f_max: 20000 Hz is above half of capture.sample_rate (8000 Hz); lower it or set it to null.",
     )]

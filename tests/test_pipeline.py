@@ -23,7 +23,7 @@ from conftest import CHANNELS, SAMPLE_RATE, SEGMENT_FRAMES, invoke
 MANIFEST_KEYS = {
     "format", "signalcraft_version", "start_time_utc", "start_time_local", "duration_s", "sample_rate",
     "device", "channels", "start_frame", "overflows", "dropped_frames", "dropped_segments", "reconnects", "levels",
-    "denoise", "separator", "features", "tensors", "reference", "files",
+    "denoise", "separator", "features", "tensors", "reference", "room", "files",
 }
 
 
@@ -46,7 +46,7 @@ def test_record_then_process_the_same_samples(vmic, project, model_repo, tmp_pat
     recorded = [p for p in sorted((project.parent / "out").iterdir()) if not p.name.startswith(".")]
     assert len(recorded) == 2
     for folder in recorded:
-        expected = {f"mic_{n}/{s}.pt" for n in range(CHANNELS) for s in ("pump", "fan")}
+        expected = {f"mic_{n}/{s}.pt" for n in range(CHANNELS) for s in ("pump", "fan", "_room")}
         found = tensors(folder)
         assert set(found) == expected
         for tensor in found.values():
@@ -62,6 +62,7 @@ def test_record_then_process_the_same_samples(vmic, project, model_repo, tmp_pat
         assert [lv["mic"] for lv in manifest["levels"]] == [0, 1, 2, 3]
         assert all(lv["clipped_fraction"] == 0 and lv["peak"] > 0 for lv in manifest["levels"])
         assert manifest["tensors"] == {f"mic_{n}": ["pump", "fan"] for n in range(CHANNELS)}
+        assert manifest["room"] == [f"mic_{n}" for n in range(CHANNELS)]
         assert sorted(manifest["files"]) == sorted(expected)
 
     # The same samples from a file give the same tensors.
@@ -213,9 +214,18 @@ def test_only_the_machines_in_the_room_are_exported_under_their_names(project, m
     result = invoke("--config", str(project), "process", str(wav))
     assert result.returncode == 0, result.stderr
     folder, = sorted((project.parent / "out").glob("2*"))
-    assert set(tensors(folder)) == {f"mic_{n}/P-101.pt" for n in range(CHANNELS)}
+    found = tensors(folder)
+    assert set(found) == {f"mic_{n}/{name}.pt" for n in range(CHANNELS) for name in ("P-101", "_room")}
     manifest = read_manifest(folder)
-    assert manifest.tensors == {n: ("P-101",) for n in range(CHANNELS)}
+    assert manifest.tensors == {n: ("P-101",) for n in range(CHANNELS)} and manifest.room == tuple(range(CHANNELS))
+    # The room is what separation gave to no machine of the room: the fan is not one.
+    config = config_from_dict(settings, project)
+    chain = chain_factory(config, SAMPLE_RATE)(tuple(range(1, CHANNELS + 1)))
+    audio = sf.read(wav, dtype="float32")[0].T
+    split = chain.separator(audio)  # (mics, sources: pump, fan, samples)
+    room = chain.logmel((audio - split[:, 0])[:, None])
+    for n in range(CHANNELS):
+        torch.testing.assert_close(found[f"mic_{n}/_room.pt"], room[n], atol=1e-3, rtol=0)
     assert manifest.separator["assets"] == {"P-101": "pump"} and manifest.separator["sources"] == ["pump", "fan"]
 
     settings["separation"]["assets"] = {"P-101": "pump", "V-7": "valve"}

@@ -100,16 +100,40 @@ def test_a_manifest_of_a_newer_version_is_refused_with_what_to_do(tmp_path, star
 def test_a_manifest_before_reference_microphones_reads_as_without_them(tmp_path, start):
     folder = make_segment(tmp_path, start)
     data = json.loads((folder / MANIFEST).read_text())
-    assert data["format"] == FORMAT == 3 and data["reference"] is None
+    assert data["format"] == FORMAT == 4 and data["reference"] is None and data["room"] == []
     data.pop("reference")
+    data.pop("room")
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 2}))
     assert read_manifest(folder).reference is None
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 3}))  # format 3 must say
-    with pytest.raises(ManifestError, match="missing reference"):
+    with pytest.raises(ManifestError, match="missing reference$"):
         read_manifest(folder)
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 3, "reference": [3]}))
     with pytest.raises(ManifestError, match="reference must be an object or null"):
         read_manifest(folder)
+
+
+def test_a_manifest_before_room_tensors_reads_as_without_them_and_a_room_must_be_a_microphones(tmp_path, start):
+    folder = make_segment(tmp_path, start)
+    data = json.loads((folder / MANIFEST).read_text())
+    data.pop("room")
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 3}))
+    assert read_manifest(folder).room == ()
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 4}))  # format 4 must say
+    with pytest.raises(ManifestError, match="missing room$"):
+        read_manifest(folder)
+    for room, message in ((["mic_1"], "room lists mic_1, which is not one of its microphones"),
+                          (["mic_0", "mic_0"], "room lists mic_0, which is not one of its microphones once"),
+                          (["../x"], "room: '../x' is not a microphone folder name"), ("mic_0", "room must be a list")):
+        (folder / MANIFEST).write_text(json.dumps({**data, "format": 4, "room": room}))
+        with pytest.raises(ManifestError, match=message):
+            read_manifest(folder)
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 4, "room": [], "files": ["mic_0/_room.pt"]}))
+    with pytest.raises(ManifestError, match="not a file of this layout"):  # a room file the manifest does not have
+        read_manifest(folder)
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 4, "room": ["mic_0"],
+                                               "files": ["mic_0/_room.pt", "mic_0/mix.pt"]}))
+    assert read_manifest(folder).room == (0,)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -134,8 +158,9 @@ def test_a_malformed_manifest_is_refused_naming_the_key(tmp_path, start, change,
 
 
 def test_manifest_round_trips(start):
-    manifest = dataclasses.replace(segment_manifest(start, mics=2, sources=("pump", "fan")),
-                                   files=("mic_0/fan.pt", "mic_0/pump.pt", "mic_1/fan.pt", "mic_1/pump.pt"))
+    manifest = dataclasses.replace(segment_manifest(start, mics=2, sources=("pump", "fan")), room=(1,),
+                                   files=("mic_0/fan.pt", "mic_0/pump.pt", "mic_1/_room.pt", "mic_1/fan.pt",
+                                          "mic_1/pump.pt"))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
 
 

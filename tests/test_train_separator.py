@@ -251,7 +251,7 @@ def test_an_array_model_trains_on_the_array_and_exports_every_source_at_every_mi
     assert done.returncode == 0, done.stderr
     for folder in map(Path, done.stdout.split()):
         assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt")) == [
-            "mic_0/fan.pt", "mic_0/pump.pt", "mic_1/fan.pt", "mic_1/pump.pt"]
+            "mic_0/_room.pt", "mic_0/fan.pt", "mic_0/pump.pt", "mic_1/_room.pt", "mic_1/fan.pt", "mic_1/pump.pt"]
         assert json.loads((folder / "manifest.json").read_text())["separator"]["audio_channels"] == 2
 
     wider = tmp_path / "wider"

@@ -157,8 +157,26 @@ class Chain:
         """float32 audio, shape = (mics, samples), and the references' audio, shape =
         (references, samples) -> log-mel tensor, shape = (mics, len(names), n_mels,
         n_frames), one per exported machine. Does not change ``audio``."""
-        sources = self.separator(self.clean(audio, reference))  # (mics, sources, samples)
-        return self.logmel(sources[:, [k for _, k in self.exports]])
+        return self.tensors(audio, reference)[0]
+
+    @property
+    def separates(self) -> bool:
+        """A separator model is in use (so there is a room part to export)."""
+        return self.config.separation.model is not None
+
+    def tensors(self, audio: np.ndarray, reference: Optional[np.ndarray] = None
+                ) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
+        """``features``, and with a separator model the room's log-mel tensor per
+        microphone, shape = (mics, 1, n_mels, n_frames): the cleaned audio less the
+        sources of the machines exported, what separation gave to no machine in the room
+        (else None)."""
+        clean = self.clean(audio, reference)
+        sources = self.separator(clean)  # (mics, sources, samples)
+        mels = self.logmel(sources[:, [k for _, k in self.exports]])
+        if not self.separates:
+            return mels, None
+        machines = sorted({k for _, k in self.exports})  # two assets of one source count once
+        return mels, self.logmel((clean - sources[:, machines].sum(axis=1))[:, None])
 
     def __call__(self, segment: Segment, dropped_segments: int = 0) -> Path:
         rows = self.channels + self.references
@@ -178,11 +196,13 @@ class Chain:
                             "infinity); %s and the manifest counts them. Check the interface or the file.",
                             segment.device, what, segment.channels[row], bad, segment.start_time.isoformat(),
                             "its tensors are not exported" if row < m else "they are cancelled as silence")
-        mels = self.features(segment.audio[:m], segment.audio[m:] if self.references else None)
+        mels, room = self.tensors(segment.audio[:m], segment.audio[m:] if self.references else None)
         with SegmentWriter(self.config.output.dir, segment.start_time) as w:
             for mic in mics:
                 for k, name in enumerate(self.names):
                     w.save_tensor(mic, name, mels[mic, k][None].clone())  # clone: only this slice's storage
+                if room is not None:
+                    w.save_room(mic, room[mic].clone())
             if self.config.output.keep_raw:  # every recorded channel, the references too
                 write_flac(w.audio_path(), segment, self.config.capture.sample_format)
             return w.commit(self.manifest(segment, dropped_segments, nonfinite, mics))
@@ -224,6 +244,7 @@ class Chain:
             features=self.logmel.settings(),
             tensors={n: self.names for n in mics},
             reference=reference,
+            room=tuple(mics) if self.separates else (),
         )
 
 

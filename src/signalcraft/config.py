@@ -485,12 +485,20 @@ class DetectConfig:
     # the array cannot tell two machines apart, one's rise goes with the other when that
     # one clearly changed (detect/attribution.py). Takes effect when the detector trains.
     attribution: bool = True
+    # Where the room's own sound (what separation gave to no machine, saved as
+    # mic_<N>/_room.pt) is more than this many dB above its typical level in
+    # calibration, in a mel band and frame, a loud event is taken to hide the machines
+    # there: every machine's stream at that microphone is given its median over the
+    # band's other frames before scoring (detect/room.py). null: off. Takes effect
+    # when the detector trains; segments without a room tensor pass unmasked.
+    room_mask_db: Optional[float] = 10.0
     scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
     levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 
     def __post_init__(self):
         _require(self.calibration_segments >= 5, "calibration_segments", "must be at least 5")
+        _require(self.room_mask_db is None or self.room_mask_db > 0, "room_mask_db", "must be above 0 dB (or null)")
 
 
 # Keys of earlier versions, and where they are now.

@@ -41,11 +41,13 @@ from ..config import Config
 from ..files import keep_backup, temp_path
 from ..publish.messages import Outbox
 from ..segments import ManifestError, StoredSegment, candidate_names, list_segments, manifest_signature, open_segment
+from ..segments.layout import ROOM
 from . import thresholds as th
 from .attribution import (Levels, Profiles, SegmentTensors, SpatialAlikeness, attribute, band_shifts, fit_levels,
                           levels_from_data, levels_of, levels_to_data, profiles, shifted)
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
+from .room import fit_room_levels, masked
 from .scorers import SCORERS, cross_fit, fit_detector, pooled
 from .store import Store
 
@@ -151,8 +153,16 @@ def detect(
         detector = _train_when_ready(config, output_dir, store, detector, result)
         levels = _levels(store, c, detector is not None)
         alike = SpatialAlikeness(config)
+        unmasked_said = False
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
+            if detector is not None and c.room_mask_db is not None and segment.manifest.room:
+                if not any(key[1] == ROOM for key in levels) and not unmasked_said:
+                    unmasked_said = True
+                    log.info("detect.room_mask_db is set, but the detector was trained without the room's levels "
+                             "(by an earlier signalcraft, or on segments without room tensors): segments are "
+                             "scored unmasked until `signalcraft train-detector` retrains it")
+                tensors = masked(tensors, segment.load_room(), levels, c.room_mask_db)
             result.segments += 1
             if detector is not None and detector.features != segment.manifest.features:
                 # Recorded with other feature settings: not comparable. Recorded as seen
@@ -206,12 +216,12 @@ class _Scoring:
 
 def _levels(store: Store, c, trained: bool) -> Levels:
     """The band levels that attribution compares each stream with (none with
-    ``detect.attribution`` off, or before the detector trained with it on);
-    ``trained``: there is a detector."""
-    if not c.attribution:
-        return {}
-    levels = levels_from_data(store.band_levels())
-    if trained and not levels:
+    ``detect.attribution`` off, or before the detector trained with it on), and the
+    room's levels that masking compares the room tensors with (keyed (mic, ``ROOM``);
+    none with ``detect.room_mask_db`` null); ``trained``: there is a detector."""
+    levels = {key: db for key, db in levels_from_data(store.band_levels()).items()
+              if (c.room_mask_db is not None if key[1] == ROOM else c.attribution)}
+    if c.attribution and trained and not any(key[1] != ROOM for key in levels):
         log.info("detect.attribution is on, but the detector was trained without band levels (by an earlier "
                  "signalcraft, or with it off): streams are scored without attribution until `signalcraft "
                  "train-detector` retrains it")
@@ -384,7 +394,13 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
-    levels = fit_levels(loaded) if c.attribution else {}
+    room_levels: Levels = {}
+    if c.room_mask_db is not None:
+        rooms = [s.load_room() for s in chosen]
+        room_levels = fit_room_levels(rooms)
+        loaded = [masked(tensors, room, room_levels, c.room_mask_db) for tensors, room in zip(loaded, rooms)]
+        del rooms
+    levels = {**(fit_levels(loaded) if c.attribution else {}), **room_levels}
     alike = SpatialAlikeness(config)(features)
     loaded = [attribute(tensors, levels, alike) for tensors in loaded]  # as they will be scored
     kind = SCORERS[c.scorer.kind]
@@ -469,20 +485,25 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
         if len(folders) < c.calibration_segments:
             continue
         # Per segment the machine's own tensors, and every stream's typical level per
-        # band for attribution (the other machines' tensors are not kept).
+        # band for attribution (the other machines' tensors are not kept); masked where
+        # the room was loud, as in scoring.
+        stored = _levels(store, c, False)
         own: list[SegmentTensors] = []
         typical: list[Profiles] = []
         for folder in folders:
             try:
-                tensors = open_segment(output_dir / folder).load_tensors()[0]
+                segment = open_segment(output_dir / folder)
             except (ManifestError, FileNotFoundError) as e:
                 log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
                 continue
+            tensors = segment.load_tensors()[0]
+            if c.room_mask_db is not None and segment.manifest.room:
+                tensors = masked(tensors, segment.load_room(), stored, c.room_mask_db)
             if any(key[1] == source for key in tensors):
                 own.append({k: t for k, t in tensors.items() if k[1] == source})
                 typical.append(profiles(tensors) if c.attribution else {})
         fresh = levels_of([{k: db for k, db in by_stream.items() if k[1] == source} for by_stream in typical])
-        levels = {**{k: v for k, v in _levels(store, c, False).items() if k[1] != source}, **fresh}
+        levels = {**{k: v for k, v in stored.items() if k[1] != source}, **fresh}
         alike = SpatialAlikeness(config)(detector.features)
         loaded = [shifted(tensors, band_shifts(db, levels, alike)) for tensors, db in zip(own, typical)]
         if len(loaded) < max(2, c.calibration_segments // 2):

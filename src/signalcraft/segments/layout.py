@@ -5,10 +5,13 @@
     <output>/<YYYY-MM-DD_HH-MM-SS>[_k]/   local time of the segment's first sample
         manifest.json                     written last: a folder without it is no segment
         mic_<N>/<source>.pt               1 x n_mels x n_frames float32 log-mel tensor
+        mic_<N>/_room.pt                  the same of what separation left to no machine
         audio.flac                        the captured audio (output.keep_raw)
     <output>/.incomplete/                 segments being written or deleted
 
-``N`` counts from 0 over the recorded channels; ``source`` is a separator source name.
+``N`` counts from 0 over the recorded channels; ``source`` is a separator source name
+(or the machine's asset name). ``_room`` can never be a source name: they start with a
+letter or digit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .. import clock
 
 MANIFEST = "manifest.json"
 AUDIO = "audio.flac"
+ROOM = "_room"  # the room tensor's name in a microphone folder (never a source name)
 FOLDER_FORMAT = clock.FOLDER_TIME
 
 # A source name is a single, harmless path component (it comes from a model file and is
@@ -60,6 +64,11 @@ def tensor_file(mic: int, source: str) -> str:
         raise ValueError(f"{source!r} is not a usable source name (letters and digits, then also '_', '-', '.', "
                          "'+' or spaces; at most 64)")
     return f"{mic_folder(mic)}/{source}.pt"
+
+
+def room_file(mic: int) -> str:
+    """The room tensor of a microphone, relative to its segment folder."""
+    return f"{mic_folder(mic)}/{ROOM}.pt"
 
 
 def is_segment_name(name: str) -> bool:

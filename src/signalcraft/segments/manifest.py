@@ -3,7 +3,8 @@ it holds. Typed and versioned.
 
 ``FORMAT`` is the version this signalcraft writes; it reads that and every earlier
 one (format 1 had no per-microphone count of non-finite samples: read as 0; formats 1
-and 2 had no reference microphones: read as none). A
+and 2 had no reference microphones: read as none; formats 1 to 3 had no room tensors:
+read as none). A
 manifest of a newer version is refused with a message to upgrade (never
 half-understood); a known one is read strictly: every key of its version present,
 nothing unknown, each value of its type. Nothing read from disk is trusted: a source name that is not a plain file name,
@@ -23,9 +24,9 @@ from typing import Any, Optional
 
 from ..errors import StorageError
 from ..files import read_regular
-from .layout import AUDIO, MANIFEST, mic_folder, parse_mic_folder, tensor_file, valid_source
+from .layout import AUDIO, MANIFEST, mic_folder, parse_mic_folder, room_file, tensor_file, valid_source
 
-FORMAT = 3
+FORMAT = 4
 
 
 MAX_BYTES = 1_000_000  # a manifest is a few kB
@@ -80,6 +81,10 @@ class Manifest:
     # The reference microphones and the canceller's settings (channels, levels, method,
     # ...); None: no reference microphones. They are recorded, never exported as mic_N.
     reference: Optional[dict] = None
+    # The microphones with a room tensor (mic_<N>/_room.pt: what separation gave to no
+    # machine, as a log-mel tensor of the same shape), for detect to tell where the
+    # room, not a machine, was loud. Empty without separation.
+    room: tuple[int, ...] = ()
     files: tuple[str, ...] = ()  # relative paths, set by the writer
 
     @property
@@ -112,6 +117,7 @@ class Manifest:
             "features": self.features,
             "tensors": {mic_folder(mic): list(sources) for mic, sources in sorted(self.tensors.items())},
             "reference": self.reference,
+            "room": [mic_folder(mic) for mic in sorted(self.room)],
             "files": sorted(self.files),
         }
 
@@ -142,7 +148,8 @@ class Manifest:
                                 f"up to {FORMAT}). Upgrade signalcraft to read this segment.")
         if version < 1:
             raise ManifestError(f"{where}: manifest format {version} is not one signalcraft wrote")
-        optional = (_FORMAT_1_OPTIONAL if version == 1 else frozenset()) | (_BEFORE_3 if version < 3 else frozenset())
+        optional = (_FORMAT_1_OPTIONAL if version == 1 else frozenset()) | (_BEFORE_3 if version < 3 else frozenset()) \
+            | (_BEFORE_4 if version < 4 else frozenset())
         missing = sorted(_KEYS - optional - data.keys())
         unknown = sorted(data.keys() - _KEYS)
         if missing or unknown:
@@ -167,8 +174,17 @@ class Manifest:
                     or len(set(sources)) != len(sources):
                 raise ManifestError(f"{where}: tensors.{name} must be a list of distinct source names")
             tensors[mic] = tuple(sources)
+        room = []
+        for name in r.string_list("room") if "room" in data else []:
+            try:
+                mic = parse_mic_folder(name)
+            except ValueError as e:
+                raise ManifestError(f"{where}: room: {e}") from None
+            if mic not in tensors or mic in room:
+                raise ManifestError(f"{where}: room lists {name}, which is not one of its microphones once")
+            room.append(mic)
         files = r.string_list("files")
-        allowed = {tensor_file(m, s) for m, ss in tensors.items() for s in ss} | {AUDIO}
+        allowed = {tensor_file(m, s) for m, ss in tensors.items() for s in ss} | {room_file(m) for m in room} | {AUDIO}
         if not set(files) <= allowed:
             raise ManifestError(f"{where}: files lists {sorted(set(files) - allowed)[0]!r}, which is not a file of "
                                 "this layout")
@@ -194,7 +210,8 @@ class Manifest:
             dropped_segments=r.int("dropped_segments"),
             reconnects=r.int("reconnects") if "reconnects" in data else 0, levels=tuple(levels),
             denoise=denoise, separator=r.mapping("separator"), features=features, tensors=tensors,
-            signalcraft_version=r.string("signalcraft_version"), reference=reference, files=tuple(files),
+            signalcraft_version=r.string("signalcraft_version"), reference=reference, room=tuple(room),
+            files=tuple(files),
         )
 
 
@@ -203,6 +220,7 @@ _LEVEL_KEYS = frozenset(Level.__dataclass_fields__)
 # Keys that early format-1 manifests did not have yet (read as 0).
 _FORMAT_1_OPTIONAL = frozenset({"reconnects"})
 _BEFORE_3 = frozenset({"reference"})  # keys that formats 1 and 2 did not have
+_BEFORE_4 = frozenset({"room"})  # keys that formats 1 to 3 did not have
 
 
 def _is_int(x: Any) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Container, Optional
 
 from ..clock import FOLDER_TIME
 from ..files import load_failure, read_regular
-from .layout import MANIFEST, candidate_names, tensor_file
+from .layout import MANIFEST, candidate_names, room_file, tensor_file
 from .manifest import Manifest, ManifestError, read_manifest
 
 if TYPE_CHECKING:
@@ -62,6 +62,17 @@ class StoredSegment:
                 corrupt += 1
         return out, corrupt
 
+    def load_room(self) -> dict[int, "torch.Tensor"]:
+        """The room tensor of each microphone that has one (manifest format 4 on, with
+        separation), by mic; one that is unusable is logged and left out."""
+        out = {}
+        for mic in self.manifest.room:
+            try:
+                out[mic] = _read(self.path / room_file(mic), self.manifest.tensor_shape)
+            except TensorError as e:
+                log.warning("%s", e)
+        return out
+
 
 class TensorError(ValueError):
     """A tensor file that is not a usable log-mel tensor."""
@@ -78,9 +89,12 @@ def read_tensor(folder: Path, mic: int, source: str, shape: tuple[int, ...]) -> 
         is more than one: refused unread by ``weights_only``), of another shape, or
         holding NaN or infinity.
     """
+    return _read(Path(folder) / tensor_file(mic, source), shape)
+
+
+def _read(path: Path, shape: tuple[int, ...]) -> "torch.Tensor":
     import torch  # here: listing segments needs no torch
 
-    path = Path(folder) / tensor_file(mic, source)
     try:
         if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
             raise TensorError(f"{path}: skipped, {path.parent.name} is not a folder (a link is not followed)")

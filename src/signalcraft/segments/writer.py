@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import StorageError
 from ..files import save_torch, staging_path, storage_error, write_json
-from .layout import AUDIO, MANIFEST, folder_name, tensor_file
+from .layout import AUDIO, MANIFEST, folder_name, room_file, tensor_file
 from .manifest import Manifest
 
 
@@ -61,6 +61,10 @@ class SegmentWriter:
         slice) or the whole underlying buffer is saved."""
         return save_torch(self._path(tensor_file(mic, source)), tensor)
 
+    def save_room(self, mic: int, tensor) -> Path:
+        """Write the room tensor of ``mic`` (``save_tensor``'s rules)."""
+        return save_torch(self._path(room_file(mic)), tensor)
+
     def audio_path(self) -> Path:
         """Where to write the segment's audio (``audio.flac``)."""
         return self._path(AUDIO)
@@ -68,7 +72,7 @@ class SegmentWriter:
     def commit(self, manifest: Manifest) -> Path:
         """Write the manifest (with the file list) last, then move the folder into
         place under a free name. Returns the final folder."""
-        expected = {tensor_file(m, s) for m, s in manifest.tensor_keys()}
+        expected = {tensor_file(m, s) for m, s in manifest.tensor_keys()} | {room_file(m) for m in manifest.room}
         if not expected <= set(self.files):
             raise ValueError(f"the manifest lists tensors that were not written: {sorted(expected - set(self.files))}")
         manifest = dataclasses.replace(manifest, files=tuple(sorted(self.files)))
