@@ -11,6 +11,7 @@ from signalcraft import clock
 from signalcraft.detect.attribution import (OWN_BANDS, SpatialAlikeness, attribute, band_shifts, fit_levels,
                                            levels_from_data, levels_to_data, profiles, shifted)
 from signalcraft.detect.model import median_over_frames
+from signalcraft.detect.room import fit_room_levels
 from signalcraft.detect.store import Store
 
 N_MELS, N_FRAMES = 40, 30
@@ -74,6 +75,32 @@ def test_a_drop_under_another_streams_new_sound_is_taken_out_and_other_drops_sta
     np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)  # back to normal
     np.testing.assert_allclose(after[5:8], before[5:8])
     np.testing.assert_allclose(typical(out[(0, "pump")])[10:20], typical(segment[(0, "pump")])[10:20])
+
+
+def test_a_drop_where_the_room_gained_is_taken_out_and_the_room_never_takes_a_rise():
+    """Under a loud event the separator gives the machines' bins to the room."""
+    room_level = np.full(N_MELS, -50.0)
+    levels = {**fit_levels(calibration()), **fit_room_levels([{0: stream(room_level, 500 + k)} for k in range(8)])}
+    fan, room = FAN.copy(), room_level.copy()
+    fan[10:20] -= 8  # lost under the event
+    room[10:20] += 15  # the event: far more new power than the fan has there
+    fan[30:35] += 10  # the fan's own rise, where the room gained even more: stays
+    room[30:35] += 30
+    fan[5:8] -= 8  # a drop where the room did not change: stays
+    pump = PUMP - 1  # the pump gains nothing anywhere: it covers no drop
+    room[40:45] += 2  # a rise within the room's own variation covers nothing
+    fan[40:45] -= 8
+    segment = {(0, "pump"): stream(pump, 80), (0, "fan"): stream(fan, 81)}
+    out = attribute(segment, levels, rooms={0: stream(room, 82)})
+    after, before = typical(out[(0, "fan")]), typical(segment[(0, "fan")])
+    np.testing.assert_allclose(after[10:20], levels[(0, "fan")][10:20], atol=1e-4)
+    np.testing.assert_allclose(after[30:35], before[30:35])
+    np.testing.assert_allclose(after[5:8], before[5:8])
+    np.testing.assert_allclose(after[40:45], before[40:45])
+    assert set(out) == set(segment)  # the room is not scored
+    # Without the room's tensor, or its level, the drop stays.
+    for rooms, known in (None, levels), ({0: stream(room, 82)}, fit_levels(calibration())):
+        np.testing.assert_allclose(typical(attribute(segment, known, rooms=rooms)[(0, "fan")])[10:20], before[10:20])
 
 
 def test_one_streams_attribution_needs_only_the_other_streams_typical_levels():

@@ -64,11 +64,16 @@ def write_segment(out, start: dt.datetime, k: int, event_frames: int = 0) -> Non
         w.commit(manifest)
 
 
-@pytest.mark.parametrize("mask_db, flagged", [(10.0, False), (None, True)])
-def test_detect_masks_where_the_room_was_loud_with_levels_fitted_in_calibration(tmp_path, mask_db, flagged):
+@pytest.mark.parametrize("mask_db, attribution, flagged", [
+    (10.0, False, False),  # masked
+    (None, True, False),  # unmasked, but the room rose where the fan dropped: attribution takes the drop out
+    (None, False, True),
+])
+def test_detect_masks_where_the_room_was_loud_with_levels_fitted_in_calibration(tmp_path, mask_db, attribution,
+                                                                                 flagged):
     settings = {"capture": {"channels": [1]}, "output": {"dir": str(tmp_path / "out"), "keep_days": None},
                 "detect": {"calibration_segments": 10, "model": str(tmp_path / "detector.pt"),
-                           "scorer": {"kind": "profile"}, "room_mask_db": mask_db}}
+                           "scorer": {"kind": "profile"}, "room_mask_db": mask_db, "attribution": attribution}}
     config = config_from_dict(settings, tmp_path / "config.yaml")
     t0 = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
     for k in range(10):
@@ -76,7 +81,7 @@ def test_detect_masks_where_the_room_was_loud_with_levels_fitted_in_calibration(
     assert detect(config, tmp_path / "out").trained
     with Store(tmp_path / "out" / "signalcraft.sqlite") as store:
         saved = levels_from_data(store.band_levels())
-    if mask_db is None:
+    if mask_db is None and not attribution:
         assert (0, ROOM) not in saved
     else:
         expected = fit_room_levels([s.load_room() for s in list_segments(tmp_path / "out")])

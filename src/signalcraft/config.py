@@ -481,7 +481,8 @@ class DetectConfig:
     device: Literal["cpu", "cuda", "auto"] = "auto"  # for training and scoring; auto: CUDA when present
     # Where another machine's stream at the same microphone gained more new power in a
     # mel band, a stream's rise there is taken as a leak of that machine's sound and left
-    # out before scoring, and so is its drop where another's new sound covers it; where
+    # out before scoring, and so is its drop where another's new sound (or the room's,
+    # mic_<N>/_room.pt) covers it; where
     # the array cannot tell two machines apart, one's rise goes with the other when that
     # one clearly changed (detect/attribution.py). Takes effect when the detector trains.
     attribution: bool = True

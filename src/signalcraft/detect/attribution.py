@@ -19,7 +19,12 @@ got quieter, unless another stream gained more new power there than ``COVERED`` 
 this stream has in normal operation: then the other machine's new sound covers this one,
 the separator gives the covered bins to the louder machine, and the drop is not this
 machine's either (in bench_attribution's room, a fan's bearing resonance took 2 to 6 dB
-out of the motor's stream in the same bands).
+out of the motor's stream in the same bands). The room (``room``: what separation gave
+to no machine, with its own level from calibration) covers a drop the same way where it
+rose by more than ``RISE_DB``: under a loud event the separator gives the machines' bins
+to the room (in a busy shift of bench_attribution a fan's stream fell 8 dB at 50 Hz
+while the room there rose 6 dB). The room never takes a rise: a fault's new sound that
+the separator gave partly to the room still counts in the machine's stream.
 
 An array separator places sound by where it comes from, which fails where two machines
 reach the microphones alike: at the lowest frequencies, whose wavelengths dwarf the
@@ -51,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..segments.layout import ROOM
 from .model import median_over_frames
 
 if TYPE_CHECKING:
@@ -120,16 +126,23 @@ def levels_of(typical: Sequence[Profiles]) -> Levels:
 
 
 def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarray],
-              alike: Optional[Alike] = None) -> SegmentTensors:
+              alike: Optional[Alike] = None, rooms: Optional[Mapping[int, torch.Tensor]] = None) -> SegmentTensors:
     """``tensors`` with each stream's rise taken out of the bands in which another
     stream of the same microphone gained more new power, and its drop out of those in
     which another gained more than ``COVERED`` of what this one has there normally; with
     ``alike`` (pairs of sources the array cannot tell apart, per band), also its rise in
     the bands where a clearly changed stream alike with it explains it (module
-    docstring). Streams without levels, or of another number of bands, pass unchanged
-    and do not count for the others. Returns a new dict; the tensors it changes are new
-    tensors."""
-    return shifted(tensors, band_shifts(profiles(tensors), levels, alike))
+    docstring). With ``rooms`` (mic -> room tensor) and the room's levels (keyed (mic,
+    ``ROOM``)), the room also covers drops where it clearly rose. Streams without
+    levels, or of another number of bands, pass unchanged and do not count for the
+    others. Returns a new dict; the tensors it changes are new tensors."""
+    return shifted(tensors, band_shifts({**profiles(tensors), **room_profiles(rooms or {})}, levels, alike))
+
+
+def room_profiles(rooms: Mapping[int, torch.Tensor]) -> Profiles:
+    """The room tensors' typical level per band, keyed (mic, ``ROOM``) as ``band_shifts``
+    takes them."""
+    return {(mic, ROOM): _profile_db(t) for mic, t in rooms.items()}
 
 
 def shifted(tensors: SegmentTensors, shifts: Mapping[tuple[int, str], np.ndarray]) -> SegmentTensors:
@@ -152,20 +165,22 @@ def band_shifts(typical: Profiles, levels: Mapping[tuple[int, str], np.ndarray],
     by_mic: dict[int, list[str]] = {}
     for (mic, source), db in typical.items():
         ref = levels.get((mic, source))
-        if ref is not None and ref.shape == db.shape:
+        if ref is not None and ref.shape == db.shape and source != ROOM:
             by_mic.setdefault(mic, []).append(source)
     shifts = {}
     for mic, sources in by_mic.items():
-        if len(sources) < 2:
+        room = _room_gained(typical, levels, mic, typical[(mic, sources[0])].shape)
+        if len(sources) < 2 and room is None:
             continue
         rise = np.stack([typical[(mic, s)] - levels[(mic, s)] for s in sources])  # dB
         normal = np.stack([10.0 ** (levels[(mic, s)] / 10.0) for s in sources])  # power per band
         gained = normal * (10.0 ** (rise / 10.0) - 1.0)
         taken = []
         for i in range(len(sources)):
-            other = np.delete(gained, i, axis=0).max(axis=0)
+            other = np.delete(gained, i, axis=0).max(axis=0, initial=-np.inf)
             outdone = (other > np.maximum(gained[i], 0.0)) & (rise[i] > 0.0)
-            covered = (other > COVERED * normal[i]) & (rise[i] < 0.0)
+            covering = other if room is None else np.maximum(other, room)
+            covered = (covering > COVERED * normal[i]) & (rise[i] < 0.0)
             taken.append(outdone | covered)
         for i, explained in enumerate(_explained(sources, rise, taken, alike or {})):
             taken[i] |= explained & (rise[i] > 0.0)
@@ -174,6 +189,17 @@ def band_shifts(typical: Profiles, levels: Mapping[tuple[int, str], np.ndarray],
             if shift.any():
                 shifts[(mic, source)] = shift
     return shifts
+
+
+def _room_gained(typical: Profiles, levels: Mapping[tuple[int, str], np.ndarray], mic: int,
+                 shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    """The room's new power per band at ``mic`` over its level, in the bands where it
+    rose by more than ``RISE_DB`` (0 elsewhere); None without its profile or level."""
+    db, ref = typical.get((mic, ROOM)), levels.get((mic, ROOM))
+    if db is None or ref is None or db.shape != shape or ref.shape != shape:
+        return None
+    rise = db - ref
+    return np.where(rise > RISE_DB, 10.0 ** (ref / 10.0) * (10.0 ** (rise / 10.0) - 1.0), 0.0)
 
 
 def _explained(sources: list[str], rise: np.ndarray, taken: list[np.ndarray], alike: Alike) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..segments.layout import ROOM
-from .attribution import Levels, SegmentTensors, levels_of, profiles
+from .attribution import Levels, SegmentTensors, levels_of, room_profiles
 
 # A band is masked only where at least this fraction of its frames is left to stand in
 # for the masked ones. In replays of bench_attribution's cases (mask at 10 dB) this kept
@@ -40,7 +40,7 @@ Rooms = dict[int, torch.Tensor]  # mic -> room tensor, (1, n_mels, n_frames)
 def fit_room_levels(rooms: Sequence[Rooms]) -> Levels:
     """The room's typical level per band at each microphone in ``rooms`` (normal
     operation): keyed (mic, ``ROOM``) like the machines' levels (``attribution``)."""
-    return levels_of([profiles({(mic, ROOM): t for mic, t in by_mic.items()}) for by_mic in rooms])
+    return levels_of([room_profiles(by_mic) for by_mic in rooms])
 
 
 def masked(tensors: SegmentTensors, rooms: Rooms, levels: Mapping[tuple[int, str], np.ndarray],
@@ -63,7 +63,7 @@ def masked(tensors: SegmentTensors, rooms: Rooms, levels: Mapping[tuple[int, str
         if not bool(loud.any()):
             continue
         for key, t in tensors.items():
-            if key[0] == mic and t.shape == room.shape:
+            if key[0] == mic and key[1] != ROOM and t.shape == room.shape:
                 out[key] = _filled(t, loud)
     return out
 

@@ -44,7 +44,7 @@ from ..segments import ManifestError, StoredSegment, candidate_names, list_segme
 from ..segments.layout import ROOM
 from . import thresholds as th
 from .attribution import (Levels, Profiles, SegmentTensors, SpatialAlikeness, attribute, band_shifts, fit_levels,
-                          levels_from_data, levels_of, levels_to_data, profiles, shifted)
+                          levels_from_data, levels_of, levels_to_data, profiles, room_profiles, shifted)
 from .model import Detector, DetectorError, load_detector, save_detector
 from .recalibrated import with_source
 from .room import fit_room_levels, masked
@@ -156,13 +156,15 @@ def detect(
         unmasked_said = False
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
-            if detector is not None and c.room_mask_db is not None and segment.manifest.room:
+            rooms = {}
+            if detector is not None and _uses_room(c) and segment.manifest.room:
                 if not any(key[1] == ROOM for key in levels) and not unmasked_said:
                     unmasked_said = True
-                    log.info("detect.room_mask_db is set, but the detector was trained without the room's levels "
-                             "(by an earlier signalcraft, or on segments without room tensors): segments are "
-                             "scored unmasked until `signalcraft train-detector` retrains it")
-                tensors = masked(tensors, segment.load_room(), levels, c.room_mask_db)
+                    log.info("the detector was trained without the room's levels (by an earlier signalcraft, or on "
+                             "segments without room tensors): segments are scored without them until `signalcraft "
+                             "train-detector` retrains it")
+                rooms = segment.load_room()
+                tensors = masked(tensors, rooms, levels, c.room_mask_db)
             result.segments += 1
             if detector is not None and detector.features != segment.manifest.features:
                 # Recorded with other feature settings: not comparable. Recorded as seen
@@ -179,7 +181,7 @@ def detect(
                     _calibrate(store, segment, tensors, corrupt, result)
                 else:
                     _score(store, scoring(detector), segment,
-                           attribute(tensors, levels, alike(segment.manifest.features)), corrupt, c, result,
+                           attribute(tensors, levels, alike(segment.manifest.features), rooms), corrupt, c, result,
                            last_state, outbox)
             on_segment()
             trained, recalibrated = result.trained, len(result.recalibrated)
@@ -217,15 +219,21 @@ class _Scoring:
 def _levels(store: Store, c, trained: bool) -> Levels:
     """The band levels that attribution compares each stream with (none with
     ``detect.attribution`` off, or before the detector trained with it on), and the
-    room's levels that masking compares the room tensors with (keyed (mic, ``ROOM``);
-    none with ``detect.room_mask_db`` null); ``trained``: there is a detector."""
+    room's levels that masking and attribution compare the room tensors with (keyed
+    (mic, ``ROOM``); none with both off); ``trained``: there is a detector."""
     levels = {key: db for key, db in levels_from_data(store.band_levels()).items()
-              if (c.room_mask_db is not None if key[1] == ROOM else c.attribution)}
+              if (_uses_room(c) if key[1] == ROOM else c.attribution)}
     if c.attribution and trained and not any(key[1] != ROOM for key in levels):
         log.info("detect.attribution is on, but the detector was trained without band levels (by an earlier "
                  "signalcraft, or with it off): streams are scored without attribution until `signalcraft "
                  "train-detector` retrains it")
     return levels
+
+
+def _uses_room(c) -> bool:
+    """Whether ``detect`` reads the room tensors: for masking, and for attribution (the
+    room covers a machine's drop)."""
+    return c.room_mask_db is not None or c.attribution
 
 
 def still_rejected(store: Store, output_dir: Path, names: list[str]) -> set[str]:
@@ -394,15 +402,13 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
     loaded = [s.load_tensors()[0] for s in chosen]
-    room_levels: Levels = {}
-    if c.room_mask_db is not None:
-        rooms = [s.load_room() for s in chosen]
-        room_levels = fit_room_levels(rooms)
-        loaded = [masked(tensors, room, room_levels, c.room_mask_db) for tensors, room in zip(loaded, rooms)]
-        del rooms
+    rooms = [s.load_room() if _uses_room(c) else {} for s in chosen]
+    room_levels = fit_room_levels(rooms)
+    loaded = [masked(tensors, room, room_levels, c.room_mask_db) for tensors, room in zip(loaded, rooms)]
     levels = {**(fit_levels(loaded) if c.attribution else {}), **room_levels}
     alike = SpatialAlikeness(config)(features)
-    loaded = [attribute(tensors, levels, alike) for tensors in loaded]  # as they will be scored
+    loaded = [attribute(tensors, levels, alike, room) for tensors, room in zip(loaded, rooms)]  # as they are scored
+    del rooms
     kind = SCORERS[c.scorer.kind]
     folds = max(2, min(kind.cross_fit_folds, len(chosen)))
     sources = sorted({source for tensors in loaded for _, source in tensors})
@@ -497,11 +503,11 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
                 log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
                 continue
             tensors = segment.load_tensors()[0]
-            if c.room_mask_db is not None and segment.manifest.room:
-                tensors = masked(tensors, segment.load_room(), stored, c.room_mask_db)
+            rooms = segment.load_room() if _uses_room(c) else {}
+            tensors = masked(tensors, rooms, stored, c.room_mask_db)
             if any(key[1] == source for key in tensors):
                 own.append({k: t for k, t in tensors.items() if k[1] == source})
-                typical.append(profiles(tensors) if c.attribution else {})
+                typical.append({**profiles(tensors), **room_profiles(rooms)} if c.attribution else {})
         fresh = levels_of([{k: db for k, db in by_stream.items() if k[1] == source} for by_stream in typical])
         levels = {**{k: v for k, v in stored.items() if k[1] != source}, **fresh}
         alike = SpatialAlikeness(config)(detector.features)
