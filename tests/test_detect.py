@@ -227,6 +227,19 @@ def test_a_stream_with_too_few_readable_calibration_tensors_does_not_hold_the_ot
     assert [(r.mic, r.status) for r in scored.rows] == [(0, "NORMAL")]
 
 
+def test_a_damaged_calibration_tensor_is_reported_once_by_the_run_that_calibrates_and_trains(copy, caplog):
+    project, config = copy
+    (project / "out" / "signalcraft.sqlite").unlink()  # calibrate again from scratch, in one run
+    (project / "detector.pt").unlink()
+    damaged = list_segments(project / "out")[3].path / "mic_1" / "mix.pt"
+    damaged.write_bytes(b"damaged")
+    with caplog.at_level("DEBUG"):
+        result = detect(config, project / "out")
+    assert result.trained and result.corrupt == 1
+    said = [r for r in caplog.records if str(damaged) in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"]  # when calibrated; training reads it quietly
+
+
 def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(copy):
     project, _ = copy
     settings = {**SETTINGS, "detect": {**SETTINGS["detect"], "scorer": {"kind": "online"}}}

@@ -366,10 +366,11 @@ def _online_score(store: Store, detector, segment: StoredSegment, mic: int, sour
 
 def train_from_calibration(config: Config, output_dir: Path, store: Store) -> Detector:
     """Cold start: train on the calibration segments recorded in ``store``."""
-    # A folder whose manifest cannot be used was reported when detect came to it.
+    # A folder whose manifest cannot be used, and a damaged tensor, were reported when
+    # detect came to the segment.
     chosen = [s for s in list_segments(output_dir, on_error=lambda folder, error: None)
               if store.phase(s.name) == "calibration"]
-    return train_on_segments(config, output_dir, store, chosen)
+    return train_on_segments(config, output_dir, store, chosen, reported=True)
 
 
 def trainable(store: Store, segments: list[StoredSegment]) -> list[StoredSegment]:
@@ -384,11 +385,13 @@ def trainable(store: Store, segments: list[StoredSegment]) -> list[StoredSegment
 
 
 def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: list[StoredSegment],
-                      max_segments: Optional[int] = None) -> Detector:
+                      max_segments: Optional[int] = None, reported: bool = False) -> Detector:
     """Train the detector on ``chosen`` segments, taken as normal, and
     fit thresholds per (mic, source). More than ``max_segments`` are thinned evenly
     (every tensor is held in memory while training). The previous detector file stays in
-    place until the new one is saved, and is then kept as ``<model>.<time>.bak``."""
+    place until the new one is saved, and is then kept as ``<model>.<time>.bak``.
+    ``reported``: their damaged machine tensors were logged already (by ``detect``
+    calibrating them), so only the debug log has them again."""
     c = config.detect
     if max_segments is not None and len(chosen) > max_segments:
         keep = np.linspace(0, len(chosen) - 1, max_segments).round().astype(int)
@@ -401,7 +404,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
     if any(s.manifest.features != features for s in chosen):
         raise DetectorError(f"{output_dir}: the segments to train on were made with different feature settings "
                             "(features in their manifests); choose a period of one setting with --since/--until.")
-    loaded = [s.load_tensors()[0] for s in chosen]
+    loaded = [s.load_tensors(reported)[0] for s in chosen]
     rooms = [s.load_room() if _uses_room(c) else {} for s in chosen]
     room_levels = fit_room_levels(rooms)
     loaded = [masked(tensors, room, room_levels, c.room_mask_db) for tensors, room in zip(loaded, rooms)]

@@ -50,15 +50,16 @@ class StoredSegment:
         """The tensor of (mic, source); TensorError if it is not usable."""
         return read_tensor(self.path, mic, source, self.manifest.tensor_shape)
 
-    def load_tensors(self) -> tuple[dict[tuple[int, str], "torch.Tensor"], int]:
+    def load_tensors(self, reported: bool = False) -> tuple[dict[tuple[int, str], "torch.Tensor"], int]:
         """Every tensor the manifest lists, by (mic, source), and how many were
-        unusable (unreadable, of the wrong shape or type, non-finite; each is logged)."""
+        unusable (unreadable, of the wrong shape or type, non-finite; each is logged as
+        a warning, or only in the debug log if ``reported`` already)."""
         out, corrupt = {}, 0
         for mic, source in self.manifest.tensor_keys():
             try:
                 out[(mic, source)] = self.load_tensor(mic, source)
             except TensorError as e:
-                log.warning("%s", e)
+                log.log(logging.DEBUG if reported else logging.WARNING, "%s", e)
                 corrupt += 1
         return out, corrupt
 
