@@ -105,6 +105,9 @@ def test_a_manifest_before_reference_microphones_reads_as_without_them(tmp_path,
     data.pop("room")
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 2}))
     assert read_manifest(folder).reference is None
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 2, "reference": None}))
+    with pytest.raises(ManifestError, match="unknown reference$"):
+        read_manifest(folder)
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 3}))  # format 3 must say
     with pytest.raises(ManifestError, match="missing reference$"):
         read_manifest(folder)
@@ -121,6 +124,9 @@ def test_a_manifest_before_room_tensors_reads_as_without_them_and_a_room_must_be
     assert read_manifest(folder).room == ()
     (folder / MANIFEST).write_text(json.dumps({**data, "format": 4}))  # format 4 must say
     with pytest.raises(ManifestError, match="missing room$"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_text(json.dumps({**data, "format": 3, "room": ["mic_0"]}))  # format 3 cannot
+    with pytest.raises(ManifestError, match="unknown room$"):
         read_manifest(folder)
     for room, message in ((["mic_1"], "room lists mic_1, which is not one of its microphones"),
                           (["mic_0", "mic_0"], "room lists mic_0, which is not one of its microphones once"),

@@ -505,8 +505,9 @@ def _recalibrate_when_ready(config: Config, output_dir: Path, store: Store, dete
             except (ManifestError, FileNotFoundError) as e:
                 log.warning("%s: left out of the recalibration of %s: %s", folder, source, e)
                 continue
-            tensors = segment.load_tensors()[0]
-            rooms = segment.load_room() if _uses_room(c) else {}
+            # Scoring reported their damaged tensors when it collected them.
+            tensors = segment.load_tensors(reported=True)[0]
+            rooms = segment.load_room(reported=True) if _uses_room(c) else {}
             tensors = masked(tensors, rooms, stored, c.room_mask_db)
             if any(key[1] == source for key in tensors):
                 own.append({k: t for k, t in tensors.items() if k[1] == source})

@@ -148,10 +148,10 @@ class Manifest:
                                 f"up to {FORMAT}). Upgrade signalcraft to read this segment.")
         if version < 1:
             raise ManifestError(f"{where}: manifest format {version} is not one signalcraft wrote")
-        optional = (_FORMAT_1_OPTIONAL if version == 1 else frozenset()) | (_BEFORE_3 if version < 3 else frozenset()) \
-            | (_BEFORE_4 if version < 4 else frozenset())
-        missing = sorted(_KEYS - optional - data.keys())
-        unknown = sorted(data.keys() - _KEYS)
+        later = (_BEFORE_3 if version < 3 else frozenset()) | (_BEFORE_4 if version < 4 else frozenset())
+        optional = _FORMAT_1_OPTIONAL if version == 1 else frozenset()
+        missing = sorted(_KEYS - optional - later - data.keys())
+        unknown = sorted(data.keys() - (_KEYS - later))  # a later format's key is unknown to this one
         if missing or unknown:
             problems = [f"missing {', '.join(missing)}"] if missing else []
             problems += [f"unknown {', '.join(unknown)}"] if unknown else []

@@ -63,15 +63,16 @@ class StoredSegment:
                 corrupt += 1
         return out, corrupt
 
-    def load_room(self) -> dict[int, "torch.Tensor"]:
+    def load_room(self, reported: bool = False) -> dict[int, "torch.Tensor"]:
         """The room tensor of each microphone that has one (manifest format 4 on, with
-        separation), by mic; one that is unusable is logged and left out."""
+        separation), by mic; one that is unusable is left out and logged as
+        ``load_tensors`` logs it."""
         out = {}
         for mic in self.manifest.room:
             try:
                 out[mic] = _read(self.path / room_file(mic), self.manifest.tensor_shape)
             except TensorError as e:
-                log.warning("%s", e)
+                log.log(logging.DEBUG if reported else logging.WARNING, "%s", e)
         return out
 
 
