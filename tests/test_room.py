@@ -94,3 +94,31 @@ def test_detect_masks_where_the_room_was_loud_with_levels_fitted_in_calibration(
     busy, quiet = busy.isoformat(), quiet.isoformat()
     assert rows[(busy, "fan")] != "NORMAL" if flagged else rows[(busy, "fan")] == "NORMAL"
     assert rows[(busy, "pump")] == rows[(quiet, "pump")] == rows[(quiet, "fan")] == "NORMAL"
+
+
+def test_a_changed_room_mask_takes_effect_when_the_detector_trains_again(tmp_path, caplog):
+    from signalcraft.detect.run import train_on_segments
+
+    def config(mask_db):
+        return config_from_dict({
+            "capture": {"channels": [1]}, "output": {"dir": str(tmp_path / "out"), "keep_days": None},
+            "detect": {"calibration_segments": 10, "model": str(tmp_path / "detector.pt"),
+                       "scorer": {"kind": "profile"}, "room_mask_db": mask_db, "attribution": False}},
+            tmp_path / "config.yaml")
+
+    t0 = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
+    for k in range(10):
+        write_segment(tmp_path / "out", t0 + dt.timedelta(seconds=10 * k), k)
+    assert detect(config(10.0), tmp_path / "out").trained
+    calibration = list_segments(tmp_path / "out")
+    write_segment(tmp_path / "out", t0 + dt.timedelta(seconds=200), 50, event_frames=150)
+    with caplog.at_level("WARNING"):
+        rows = detect(config(None), tmp_path / "out").rows
+    assert {r.source: r.status for r in rows}["fan"] == "NORMAL"  # still masked, as the thresholds were fitted
+    assert "detect.room_mask_db is null, but the detector was trained with 10: scoring with 10 until" in caplog.text
+    with Store(tmp_path / "out" / "signalcraft.sqlite") as store:
+        train_on_segments(config(None), tmp_path / "out", store, calibration)
+    write_segment(tmp_path / "out", t0 + dt.timedelta(seconds=210), 51, event_frames=150)
+    caplog.clear()
+    rows = detect(config(None), tmp_path / "out").rows
+    assert {r.source: r.status for r in rows}["fan"] != "NORMAL" and "trained with" not in caplog.text

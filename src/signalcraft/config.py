@@ -490,9 +490,9 @@ class DetectConfig:
     # mic_<N>/_room.pt) is more than this many dB above its typical level in
     # calibration, in a mel band and frame, a loud event is taken to hide the machines
     # there: every machine's stream at that microphone is given its median over the
-    # band's other frames before scoring (detect/room.py). null: off. Set it before
-    # the detector trains, or retrain after a change (the thresholds were fitted with
-    # the value in use then); segments without a room tensor pass unmasked.
+    # band's other frames before scoring (detect/room.py). null: off. Takes effect
+    # when the detector trains (the state file keeps the value it trained with);
+    # segments without a room tensor pass unmasked.
     room_mask_db: Optional[float] = 10.0
     scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
     levels: LevelsConfig = dataclasses.field(default_factory=LevelsConfig)

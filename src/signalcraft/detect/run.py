@@ -29,7 +29,9 @@ manifest is left for a later run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATING = "CALIBRATING"
 STATE_FILE = "signalcraft.sqlite"
+MASK_META = "room_mask_db"  # the state file's record of the room mask the detector trained with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +154,7 @@ def detect(
         outbox = Outbox.of(config)  # None: publishing off
         # Enough may have been collected by a run that was stopped while training.
         detector = _train_when_ready(config, output_dir, store, detector, result)
+        c = _as_trained(config.detect, store)
         levels = _levels(store, c, detector is not None)
         alike = SpatialAlikeness(config)
         unmasked_said = False
@@ -187,8 +191,10 @@ def detect(
             trained, recalibrated = result.trained, len(result.recalibrated)
             detector = _train_when_ready(config, output_dir, store, detector, result)
             if detector is not None:
-                detector = _recalibrate_when_ready(config, output_dir, store, detector, result)
+                detector = _recalibrate_when_ready(dataclasses.replace(config, detect=c), output_dir, store, detector,
+                                                   result)
             if (result.trained, len(result.recalibrated)) != (trained, recalibrated):
+                c = _as_trained(config.detect, store)
                 levels = _levels(store, c, True)
         result.calibration = (store.calibration_count(), c.calibration_segments) if detector is None else (0, 0)
     return result
@@ -228,6 +234,30 @@ def _levels(store: Store, c, trained: bool) -> Levels:
                  "signalcraft, or with it off): streams are scored without attribution until `signalcraft "
                  "train-detector` retrains it")
     return levels
+
+
+def _as_trained(c, store: Store):
+    """``c`` (``DetectConfig``) with the ``room_mask_db`` that the detector in use was
+    trained with (its thresholds were fitted on tensors masked so): a changed value takes
+    effect when the detector trains again, and until then each run says so."""
+    text = store.get_meta(MASK_META)
+    if text is None:  # not trained yet, or by a signalcraft before room masking
+        return c
+    try:
+        value = json.loads(text)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError("not a positive number or null")
+    except ValueError:
+        log.error("%s: the room mask the detector trained with is recorded as %.40r, which is damaged: using "
+                  "detect.room_mask_db (%s); retrain with `signalcraft train-detector`", store.path, text,
+                  c.room_mask_db)
+        return c
+    if value != c.room_mask_db:
+        said = {k: "null" if v is None else f"{v:g}" for k, v in (("set", c.room_mask_db), ("trained", value))}
+        log.warning("detect.room_mask_db is %s, but the detector was trained with %s: scoring with %s until "
+                    "`signalcraft train-detector` retrains it", said["set"], said["trained"], said["trained"])
+    return dataclasses.replace(c, room_mask_db=value)
 
 
 def _uses_room(c) -> bool:
@@ -424,6 +454,7 @@ def train_on_segments(config: Config, output_dir: Path, store: Store, chosen: li
 
     def commit(at: str) -> None:
         store.set_band_levels(levels_to_data(levels), at)
+        store.set_meta(MASK_META, json.dumps(c.room_mask_db))
         store.clear_scorer_states()  # online models start again from the new detector's
         store.mark_calibration_done()
         for m in store.maintenance(pending=True):  # the new detector was fitted on the period chosen
