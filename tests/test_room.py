@@ -122,3 +122,18 @@ def test_a_changed_room_mask_takes_effect_when_the_detector_trains_again(tmp_pat
     caplog.clear()
     rows = detect(config(None), tmp_path / "out").rows
     assert {r.source: r.status for r in rows}["fan"] != "NORMAL" and "trained with" not in caplog.text
+
+
+def test_a_damaged_record_of_the_trained_room_mask_is_said_and_the_configured_one_used(tmp_path, caplog):
+    from signalcraft.detect.run import MASK_META, _as_trained
+
+    config = config_from_dict({"detect": {"room_mask_db": 8}}, tmp_path / "config.yaml")
+    with Store(tmp_path / "state.sqlite") as store:
+        assert _as_trained(config.detect, store).room_mask_db == 8  # nothing trained yet
+        for text in ("{", "-3", "true", '"10"'):
+            store.set_meta(MASK_META, text)
+            caplog.clear()
+            assert _as_trained(config.detect, store).room_mask_db == 8
+            assert "which is damaged: using detect.room_mask_db (8)" in caplog.text
+        store.set_meta(MASK_META, "null")
+        assert _as_trained(config.detect, store).room_mask_db is None

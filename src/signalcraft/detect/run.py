@@ -248,16 +248,20 @@ def _as_trained(c, store: Store):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                   or not math.isfinite(value) or value <= 0):
             raise ValueError("not a positive number or null")
-    except ValueError:
+    except (TypeError, ValueError):
         log.error("%s: the room mask the detector trained with is recorded as %.40r, which is damaged: using "
                   "detect.room_mask_db (%s); retrain with `signalcraft train-detector`", store.path, text,
-                  c.room_mask_db)
+                  _as_yaml(c.room_mask_db))
         return c
     if value != c.room_mask_db:
-        said = {k: "null" if v is None else f"{v:g}" for k, v in (("set", c.room_mask_db), ("trained", value))}
         log.warning("detect.room_mask_db is %s, but the detector was trained with %s: scoring with %s until "
-                    "`signalcraft train-detector` retrains it", said["set"], said["trained"], said["trained"])
+                    "`signalcraft train-detector` retrains it", _as_yaml(c.room_mask_db), _as_yaml(value),
+                    _as_yaml(value))
     return dataclasses.replace(c, room_mask_db=value)
+
+
+def _as_yaml(db: Optional[float]) -> str:
+    return "null" if db is None else f"{db:g}"
 
 
 def _uses_room(c) -> bool:
