@@ -3,10 +3,10 @@ left out of every machine's tensor at that microphone before it is scored.
 
 A forklift, a door or a beep is no machine, and the separator gives most of it to no
 machine: it stays in the room tensor (``mic_<N>/_room.pt``: the cleaned audio less the
-separated sources of the machines in the room, as a log-mel tensor). But under a loud event the separator also loses
-track of the machines: in bench_attribution's busy shifts a fan's stream fell 8 dB below
-its calibration level in the bands and frames of the events, and a healthy machine went
-WARNING for it. Where the room tensor is more than ``detect.room_mask_db`` above the
+separated sources of the machines in the room, as a log-mel tensor). But under a loud
+event the separator also loses track of the machines: in bench_attribution's busy
+shifts a fan's stream fell 8 dB below its calibration level in the bands and frames of
+the events, and a healthy machine went WARNING for it. Where the room tensor is more than ``detect.room_mask_db`` above the
 room's typical level in calibration (its band medians' power mean, kept in the state file
 with the machines' levels under the name ``_room``), a cell says more about the event
 than about the machines: in those cells every stream of the microphone is replaced by its
