@@ -152,6 +152,33 @@ def test_a_rise_where_the_array_cannot_tell_two_machines_apart_goes_with_the_one
                                typical(clear[(0, "pump")])[10:22])
 
 
+def test_a_rise_where_a_clearly_changed_machine_rose_too_is_that_machines_even_where_this_stream_gained_more():
+    fan_normal = FAN.copy()
+    fan_normal[22:26] = -10.0  # bands where the fan is normally 10 dB louder than the pump
+    levels = fit_levels([{(0, "pump"): stream(PUMP, 2 * k), (0, "fan"): stream(fan_normal, 2 * k + 1)}
+                         for k in range(8)])
+
+    def segment(changed_bands: int) -> dict:
+        pump, fan = PUMP.copy(), fan_normal.copy()
+        pump[5:5 + changed_bands] += 10  # the pump's fault, told apart everywhere
+        pump[22:26] += 6  # the edge of its new sound, in the fan's loud bands
+        fan[22:26] += 3  # the separator gives the louder fan stream a few dB of it: more power than the pump got
+        fan[30:33] += 8  # the fan's own new sound, where the pump did not rise
+        return {(0, "pump"): stream(pump, 80), (0, "fan"): stream(fan, 81)}
+
+    clear = segment(OWN_BANDS + 2)
+    after = typical(attribute(clear, levels)[(0, "fan")])
+    np.testing.assert_allclose(after[22:26], levels[(0, "fan")][22:26], atol=1e-4)  # back to normal
+    np.testing.assert_allclose(after[30:33], typical(clear[(0, "fan")])[30:33])  # its own rise stays
+    # Without a clear change of the pump the fan's rise there is its own: it gained more.
+    slight = segment(OWN_BANDS - 8)
+    np.testing.assert_allclose(typical(attribute(slight, levels)[(0, "fan")])[22:26],
+                               typical(slight[(0, "fan")])[22:26])
+    # The pump's fault stays whole where nothing outdid it.
+    np.testing.assert_allclose(typical(attribute(clear, levels)[(0, "pump")])[5:5 + OWN_BANDS + 2],
+                               typical(clear[(0, "pump")])[5:5 + OWN_BANDS + 2])
+
+
 def _spatial_repo(repo, sources=("pump", "fan")) -> None:
     """An array model whose pump and fan reach the 4 microphones alike below 39 Hz (the
     same covariance, all microphones in phase) and apart above (the fan at microphones

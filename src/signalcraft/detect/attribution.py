@@ -38,9 +38,17 @@ clearly where it can be told apart (at least ``OWN_BANDS`` bands alike with no o
 stream rose by more than ``RISE_DB`` without being outdone) and more than this stream
 did there, this stream's rise in the band is that machine's sound too and is taken out.
 A rise in such a band that no clearly changed machine explains stays (a fan's
-imbalance, whose 1x tone lies where all three machines are alike, is seen). Two faults
-at once in machines alike at low frequencies would hide the lesser one's low bands, not
-its others.
+imbalance, whose 1x tone lies where all three machines are alike, is seen).
+
+A clearly changed machine also explains another stream's rise in the bands where its own
+stream rose by more than ``RISE_DB`` too, whoever gained more power there: at the edges
+of a fault's new sound, where another machine's stream is normally much the louder, the
+separator gives that louder stream a few dB of it, which is more power than the faulty
+stream gained there (in bench_attribution's room at the default calibration, a fan's
+bearing resonance raised the motor's stream by 3 to 5 dB in the bands around it, and the
+motor went CRITICAL). Two faults at once would hide the lesser one's bands that the
+greater one's new sound shares (and, in machines alike at low frequencies, its low
+bands), not its others.
 
 Calibration tensors pass through the same step before the detector and its levels are
 fitted on them, so scores in operation are comparable with the calibration's.
@@ -129,10 +137,10 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
               alike: Optional[Alike] = None, rooms: Optional[Mapping[int, torch.Tensor]] = None) -> SegmentTensors:
     """``tensors`` with each stream's rise taken out of the bands in which another
     stream of the same microphone gained more new power, and its drop out of those in
-    which another gained more than ``COVERED`` of what this one has there normally; with
-    ``alike`` (pairs of sources the array cannot tell apart, per band), also its rise in
-    the bands where a clearly changed stream alike with it explains it (module
-    docstring). With ``rooms`` (mic -> room tensor) and the room's levels (keyed (mic,
+    which another gained more than ``COVERED`` of what this one has there normally; and
+    its rise in the bands that a clearly changed stream explains: where that stream rose
+    too, and with ``alike`` (pairs of sources the array cannot tell apart, per band)
+    where the two are alike (module docstring). With ``rooms`` (mic -> room tensor) and the room's levels (keyed (mic,
     ``ROOM``)), the room also covers drops where it clearly rose. Streams without
     levels, or of another number of bands, pass unchanged and do not count for the
     others. Returns a new dict; the tensors it changes are new tensors."""
@@ -203,8 +211,10 @@ def _room_gained(typical: Profiles, levels: Mapping[tuple[int, str], np.ndarray]
 
 
 def _explained(sources: list[str], rise: np.ndarray, taken: list[np.ndarray], alike: Alike) -> list[np.ndarray]:
-    """Per stream of one microphone, the bands in which another stream alike with it
-    changed clearly, and more than it, where the array tells them apart (bool per band)."""
+    """Per stream of one microphone, the bands that another stream which changed
+    clearly, and more than it, where the array tells them apart, explains: those in which
+    the two are alike, and those in which that stream rose by more than ``RISE_DB`` too
+    (bool per band)."""
     n, bands = rise.shape
     pairs = [[_pair(alike, a, b, bands) for b in sources] for a in sources]
     told_apart = [~np.logical_or.reduce(pairs[i]) for i in range(n)]
@@ -214,7 +224,7 @@ def _explained(sources: list[str], rise: np.ndarray, taken: list[np.ndarray], al
         bands_i = np.zeros(bands, dtype=bool)
         for j in range(n):
             if j != i and owned[j] >= OWN_BANDS and owned[j] > owned[i]:
-                bands_i |= pairs[i][j]
+                bands_i |= pairs[i][j] | (rise[j] > RISE_DB)
         explained.append(bands_i)
     return explained
 
