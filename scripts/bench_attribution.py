@@ -4,9 +4,9 @@ The end-to-end figure of separation plus detection, run as a plant engineer runs
 signalcraft. A simulated pump room (the demo's: a pump, a fan and a motor, four
 microphones; one installation, a new recording every segment) is calibrated once per
 separator: noise clips of the room alone, then `process` and `detect` over
-CALIBRATION segments of normal running, so the detector trains itself. Each case
-then starts from a copy of that calibrated project, `process`es TEST_SEGMENTS more
-segments and reads `detect --csv`:
+CALIBRATION segments of normal running (the default of detect.calibration_segments,
+10 minutes), so the detector trains itself. Each case then starts from a copy of that
+calibrated project, `process`es TEST_SEGMENTS more segments and reads `detect --csv`:
 
 - one case per machine and fault kind it can have (simulate.FAULTS), the fault present
   through every test segment;
@@ -18,13 +18,14 @@ Per case: which assets have at least one WARNING or CRITICAL row (any microphone
 how many CRITICAL rows fall on the faulty machine. Separators compared side by side in
 the same run: the array model (all microphones in, every source at every microphone,
 then its spatial filter, the room's power capped at its level in the noise clips but
-for its transients: separation.room_headroom 1), the same scored without room masking
-(detect.room_mask_db null: the cells where the room was loud are scored as they are),
-the same capped at 4 times the room's level and uncapped (null), the array model scored
-without `detect.attribution` (a stream's rise left out where another stream of its
-microphone gained more, its drop where another's new sound covers it, its rise in the
-bands where the array cannot tell it from a machine that clearly changed), the same network
-without the filter (separation.spatial_iterations 0), the per-microphone model, if
+for its transients: separation.room_headroom 1), the same calibrated on only
+SHORT_CALIBRATION segments (looser levels: what a short calibration flatters), the
+same scored without room masking (detect.room_mask_db null: the cells where the room
+was loud are scored as they are), the same capped at 4 times the room's level and
+uncapped (null), the array model scored without `detect.attribution` (a stream's rise
+left out where another stream of its microphone gained more, its drop where another's
+new sound covers it, its rise in the bands where a machine that clearly changed rose
+too or which the array cannot tell from it), the same network without the filter (separation.spatial_iterations 0), the per-microphone model, if
 given, and no separation (one `mix` stream per microphone: it can say that something is
 wrong, never which machine).
 
@@ -52,6 +53,7 @@ import yaml
 
 from benchlib import ROOT, write_section
 from signalcraft import simulate, vdevice
+from signalcraft.config import DetectConfig
 from signalcraft.noise import NoiseClip, save_clips
 
 SR = 16000  # Hz
@@ -61,7 +63,10 @@ ROOM = ("pump", "fan", "motor")
 ASSETS = {"P-101": "pump", "F-201": "fan", "M-301": "motor"}
 ASSET_OF = {kind: asset for asset, kind in ASSETS.items()}
 UNIT = 7  # the installation: machine designs and operating points, the room
-CALIBRATION = 12  # segments of normal running the detector calibrates on
+# Segments of normal running the detector calibrates on: the product's default
+# (detect.calibration_segments), as a plant engineer runs it.
+CALIBRATION = DetectConfig().calibration_segments
+SHORT_CALIBRATION = 12  # the comparison row's: how far a short calibration flatters
 TEST_SEGMENTS = 6
 BUSY_FACTOR = 5
 SIGNALCRAFT = [sys.executable, "-m", "signalcraft"]
@@ -100,15 +105,17 @@ def stage(segments: list[np.ndarray], folder: Path, start: float) -> list[Path]:
 
 def calibrated_project(work: Path, repo: Path, model: Optional[str], separation: Optional[dict] = None,
                        detect: Optional[dict] = None) -> Path:
-    """A project folder calibrated on CALIBRATION normal segments; returns its config.
-    ``separation``, ``detect``: more settings of those sections."""
+    """A project folder calibrated on CALIBRATION normal segments (or
+    ``detect["calibration_segments"]``); returns its config. ``separation``, ``detect``:
+    more settings of those sections."""
     work.mkdir(parents=True)
+    n = (detect or {}).get("calibration_segments", CALIBRATION)
     settings = {
         "capture": {"channels": list(range(1, MICS + 1)), "sample_rate": SR, "segment_seconds": SEGMENT_S},
         "noise": {"dir": "noise_samples"},
         "separation": ({"repo": str(repo), "model": model, "assets": ASSETS, **(separation or {})} if model
                        else {"model": None}),
-        "detect": {"model": "detector.pt", "calibration_segments": CALIBRATION, **(detect or {})},
+        "detect": {"model": "detector.pt", "calibration_segments": n, **(detect or {})},
         "output": {"dir": "out"},
         "log": {"file": None},
     }
@@ -120,7 +127,7 @@ def calibrated_project(work: Path, repo: Path, model: Optional[str], separation:
     save_clips([NoiseClip(np.ascontiguousarray(room[m]), SR, m + 1, "simulated room", now) for m in range(MICS)],
                work / "noise_samples")
     base = time.time() - 3600 * 24
-    run(config, "process", *map(str, stage([recording(1000 + k) for k in range(CALIBRATION)], work / "cal", base)))
+    run(config, "process", *map(str, stage([recording(1000 + k) for k in range(n)], work / "cal", base)))
     run(config, "detect", str(work / "out"))
     return config
 
@@ -167,9 +174,12 @@ def main() -> None:
     args = parser.parse_args()
 
     # (label, model, more separation settings, more detect settings): the array model as
-    # `record` runs it and `detect` scores it, the same without room masking or without
-    # attribution in `detect`, its network without the spatial filter, and the references.
+    # `record` runs it and `detect` scores it, the same calibrated for less time, without
+    # room masking or without attribution in `detect`, its network without the spatial
+    # filter, and the references.
     separators = [(f"array model `{args.array}`", args.array, None, None),
+                  (f"array model `{args.array}`, calibrated on {SHORT_CALIBRATION} segments", args.array, None,
+                   {"calibration_segments": SHORT_CALIBRATION}),
                   (f"array model `{args.array}`, detect.room_mask_db null", args.array, None,
                    {"room_mask_db": None}),
                   (f"array model `{args.array}`, separation.room_headroom 4", args.array, {"room_headroom": 4.0},
