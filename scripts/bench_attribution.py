@@ -25,9 +25,10 @@ was loud are scored as they are), the same capped at 4 times the room's level an
 uncapped (null), the array model scored without `detect.attribution` (a stream's rise
 left out where another stream of its microphone gained more, its drop where another's
 new sound covers it, its rise in the bands where a machine that clearly changed rose
-too or which the array cannot tell from it), the same network without the filter (separation.spatial_iterations 0), the per-microphone model, if
-given, and no separation (one `mix` stream per microphone: it can say that something is
-wrong, never which machine).
+too or which the array cannot tell from it), the same network without the filter
+(separation.spatial_iterations 0), the per-microphone model, if given, and no
+separation (one `mix` stream per microphone: it can say that something is wrong, never
+which machine).
 
     python scripts/bench_attribution.py [--array plant_array] [--mono plant] [--repo models/separator]
 """

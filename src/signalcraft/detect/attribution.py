@@ -45,7 +45,7 @@ stream rose by more than ``RISE_DB`` too, whoever gained more power there: at th
 of a fault's new sound, where another machine's stream is normally much the louder, the
 separator gives that louder stream a few dB of it, which is more power than the faulty
 stream gained there (in bench_attribution's room at the default calibration, a fan's
-bearing resonance raised the motor's stream by 3 to 5 dB in the bands around it, and the
+bearing resonance raised the motor's stream by 3 to 7 dB in the bands around it, and the
 motor went CRITICAL). Two faults at once would hide the lesser one's bands that the
 greater one's new sound shares (and, in machines alike at low frequencies, its low
 bands), not its others.
@@ -140,10 +140,11 @@ def attribute(tensors: SegmentTensors, levels: Mapping[tuple[int, str], np.ndarr
     which another gained more than ``COVERED`` of what this one has there normally; and
     its rise in the bands that a clearly changed stream explains: where that stream rose
     too, and with ``alike`` (pairs of sources the array cannot tell apart, per band)
-    where the two are alike (module docstring). With ``rooms`` (mic -> room tensor) and the room's levels (keyed (mic,
-    ``ROOM``)), the room also covers drops where it clearly rose. Streams without
-    levels, or of another number of bands, pass unchanged and do not count for the
-    others. Returns a new dict; the tensors it changes are new tensors."""
+    where the two are alike (module docstring). With ``rooms`` (mic -> room tensor) and
+    the room's levels (keyed (mic, ``ROOM``)), the room also covers drops where it
+    clearly rose. Streams without levels, or of another number of bands, pass unchanged
+    and do not count for the others. Returns a new dict; the tensors it changes are new
+    tensors."""
     return shifted(tensors, band_shifts({**profiles(tensors), **room_profiles(rooms or {})}, levels, alike))
 
 
