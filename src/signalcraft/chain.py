@@ -157,23 +157,23 @@ class Chain:
         """float32 audio, shape = (mics, samples), and the references' audio, shape =
         (references, samples) -> log-mel tensor, shape = (mics, len(names), n_mels,
         n_frames), one per exported machine. Does not change ``audio``."""
-        return self.tensors(audio, reference)[0]
+        return self.tensors(audio, reference, room=False)[0]
 
     @property
     def separates(self) -> bool:
         """A separator model is in use (so there is a room part to export)."""
         return self.config.separation.model is not None
 
-    def tensors(self, audio: np.ndarray, reference: Optional[np.ndarray] = None
+    def tensors(self, audio: np.ndarray, reference: Optional[np.ndarray] = None, room: bool = True
                 ) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
-        """``features``, and with a separator model the room's log-mel tensor per
-        microphone, shape = (mics, 1, n_mels, n_frames): the cleaned audio less the
-        sources of the machines exported, what separation gave to no machine in the room
-        (else None)."""
+        """``features``, and with a separator model (and ``room``) the room's log-mel
+        tensor per microphone, shape = (mics, 1, n_mels, n_frames): the cleaned audio less
+        the sources of the machines exported, what separation gave to no machine in the
+        room (else None)."""
         clean = self.clean(audio, reference)
         sources = self.separator(clean)  # (mics, sources, samples)
         mels = self.logmel(sources[:, [k for _, k in self.exports]])
-        if not self.separates:
+        if not (room and self.separates):
             return mels, None
         machines = sorted({k for _, k in self.exports})  # two assets of one source count once
         return mels, self.logmel((clean - sources[:, machines].sum(axis=1))[:, None])

@@ -482,9 +482,9 @@ class DetectConfig:
     # Where another machine's stream at the same microphone gained more new power in a
     # mel band, a stream's rise there is taken as a leak of that machine's sound and left
     # out before scoring, and so is its drop where another's new sound (or the room's,
-    # mic_<N>/_room.pt) covers it; where
-    # the array cannot tell two machines apart, one's rise goes with the other when that
-    # one clearly changed (detect/attribution.py). Takes effect when the detector trains.
+    # mic_<N>/_room.pt) covers it; where the array cannot tell two machines apart, or
+    # where another that clearly changed rose too, one's rise goes with that one
+    # (detect/attribution.py). Takes effect when the detector trains.
     attribution: bool = True
     # Where the room's own sound (what separation gave to no machine, saved as
     # mic_<N>/_room.pt) is more than this many dB above its typical level in

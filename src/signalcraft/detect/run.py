@@ -160,15 +160,6 @@ def detect(
         unmasked_said = False
         for segment in list_segments(output_dir, skip=seen, on_error=reject):
             tensors, corrupt = segment.load_tensors()
-            rooms = {}
-            if detector is not None and _uses_room(c) and segment.manifest.room:
-                if not any(key[1] == ROOM for key in levels) and not unmasked_said:
-                    unmasked_said = True
-                    log.info("the detector was trained without the room's levels (by an earlier signalcraft, or on "
-                             "segments without room tensors): segments are scored without them until `signalcraft "
-                             "train-detector` retrains it")
-                rooms = segment.load_room()
-                tensors = masked(tensors, rooms, levels, c.room_mask_db)
             result.segments += 1
             if detector is not None and detector.features != segment.manifest.features:
                 # Recorded with other feature settings: not comparable. Recorded as seen
@@ -179,6 +170,15 @@ def detect(
                     log.error("%s: skipped: %s", segment.name, e)
                 corrupt += len(tensors)
                 tensors = {}
+            rooms = {}
+            if detector is not None and tensors and _uses_room(c) and segment.manifest.room:
+                if not any(key[1] == ROOM for key in levels) and not unmasked_said:
+                    unmasked_said = True
+                    log.info("the detector was trained without the room's levels (by an earlier signalcraft, or on "
+                             "segments without room tensors): segments are scored without them until `signalcraft "
+                             "train-detector` retrains it")
+                rooms = segment.load_room()
+                tensors = masked(tensors, rooms, levels, c.room_mask_db)
             result.corrupt += corrupt
             with store.transaction():
                 if detector is None:
