@@ -6,7 +6,9 @@ sources):
 1. Simulated, per microphone: microphone 0 of scenes rendered by `simulate` (seeds from
    TEST_SEED, never used in training), 2 and 4 sources, without and with the factory
    background at 0 dB against the machines. The per-microphone model (by default the
-   bundled `plant`, built by scripts/build_demo_separator.sh).
+   bundled `plant`, built by scripts/build_demo_separator.sh), and beside it a hybrid
+   model (HDemucs, 4096-point spectrogram branch) trained in this run on the same data
+   with the same recipe for at most --hybrid-minutes.
 2. Simulated, array: the demo's room (pump, fan and motor where they stand, 4
    microphones, a new installation and recording per mixture), with 2 of the machines
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
@@ -20,8 +22,8 @@ sources):
    machine A of ../shared/data/dcase2020, isolated clips. A per-microphone model is
    trained here, with the product's train-separator and the recipe of
    scripts/plant_separator.yaml, on disjoint clips (rail 0-79, machine A 0-7) for at
-   most --real-minutes; the mixtures are the other clips (rail 80-99 with machine A
-   8-9) at 0 dB. The recordings carry their own factory noise, which stays in each
+   most --real-minutes, and the hybrid recipe's model beside it; the mixtures are the
+   other clips (rail 80-99 with machine A 8-9) at 0 dB. The recordings carry their own factory noise, which stays in each
    source's reference.
 
 Beside each model: an NMF baseline (per-source dictionaries learnt with
@@ -29,13 +31,14 @@ librosa.decompose on the same training recordings, and one for the background wh
 there is one; activations fitted to the mixture with the dictionaries fixed, soft
 masks), an oracle (the ideal ratio mask from the true sources per microphone, or in
 the array the multichannel Wiener filter from the true sources' spatial covariances:
-what a filter of that kind could reach at best, not a method) and no separation (the
+what a filter of that kind could reach at best, not a method; per microphone also the
+time-invariant filter from each true source's long-term spectrum) and no separation (the
 mixture as every source's estimate, SI-SDRi 0 by definition).
 
 SI-SDRi = SI-SDR(estimate, source) - SI-SDR(mixture, source), averaged over sources,
 microphones and mixtures. Also reports training time and separation time per 10 s.
 
-    python scripts/bench_separation.py [--repo models/separator] [--real-minutes 30]
+    python scripts/bench_separation.py [--repo models/separator] [--real-minutes 30] [--hybrid-minutes 30]
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ SR = 16000  # Hz
 SECONDS = 10.0
 N_FFT = 1024  # NMF and oracle STFT size, samples
 HOP = 256
+LONG_FFT = 16384  # the time-invariant oracle's STFT size, samples
 COMPONENTS = 16  # NMF dictionary atoms per source
 TEST_SEED = 10_000  # test scenes use seeds from here; training sets use small seeds
 ROOM = ("pump", "fan", "motor")  # the demo's room, where the array model was trained
@@ -71,6 +75,9 @@ SHARED = ROOT.parent / "shared" / "data"
 RAIL = SHARED / "dcase2020_slider" / "id_00" / "normal"
 MACHINE_A = SHARED / "dcase2020"
 RECIPE = ROOT / "scripts" / "plant_separator.yaml"
+# The hybrid per-microphone model trained in the run: plant_separator.yaml's recipe with
+# HDemucs, whose spectrogram branch at 4096 points resolves tones 4 Hz apart.
+HYBRID = {"architecture": "hdemucs", "nfft": 4096, "depth": 5}
 
 
 # --- References ---------------------------------------------------------------------------
@@ -128,6 +135,22 @@ def ideal_ratio_mask(mix: np.ndarray, sources: np.ndarray) -> np.ndarray:
     X = stft(mix)
     power = np.stack([np.abs(stft(s)) ** 2 for s in with_rest(mix, sources)])
     return np.stack([istft(p / (power.sum(0) + 1e-12) * X, mix.size) for p in power[:len(sources)]])
+
+
+def time_invariant_wiener(mix: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Oracle per microphone: one gain per frequency for the whole mixture, from each true
+    source's (and the room's) mean power spectrum at LONG_FFT points (1 Hz bins at 16
+    kHz, fine enough to part two machines' shaft harmonics). What a filter that knows each
+    machine's spectrum exactly, but not how it varies in time, can do. (samples,),
+    (n, samples) -> (n, samples)."""
+    import librosa
+
+    spectrum = lambda x: librosa.stft(x, n_fft=LONG_FFT, hop_length=LONG_FFT // 4)  # noqa: E731
+    X = spectrum(mix)
+    power = np.stack([np.mean(np.abs(spectrum(s)) ** 2, axis=1) for s in with_rest(mix, sources)])
+    gains = power / (power.sum(0) + 1e-20)
+    return np.stack([librosa.istft(g[:, None] * X, hop_length=LONG_FFT // 4, length=mix.size)
+                     for g in gains[:len(sources)]])
 
 
 def multichannel_wiener(mix: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -264,28 +287,57 @@ def model_facts(repo: Path, name: str) -> str:
         return f"`{name}` ({path.name}): its checkpoint is of another model, so how it was trained is not known here"
     c = ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values() if v.is_floating_point())
-    return (f"`{name}`: {c['architecture']}, {c['channels']} channels, depth {c['depth']}, "
+    nfft = "" if c["architecture"] == "demucs" else f", nfft {c.get('nfft', 1024)}"
+    return (f"`{name}`: {c['architecture']}, {c['channels']} channels, depth {c['depth']}{nfft}, "
             f"{params / 1e6:.2f} M parameters, {model_file(repo, name).stat().st_size / 1e6:.1f} MB; "
             f"{c.get('loss', 'l1')} loss, {c['segment_seconds']:g} s excerpts, batch {c['batch_size']}, "
             f"learning rate {c['learning_rate']:g}; {ckpt['step']} steps in {ckpt['train_seconds'] / 60:.1f} min "
             f"(validation SI-SDRi {ckpt['best_sdri']:.2f} dB)")
 
 
-def simulated_mono(repo: Path, name: str, data: Path, n: int) -> tuple[str, list, dict]:
-    separator = load_separator(SeparationConfig(repo=repo, model=name), SR)
-    sources = list(separator.sources)
-    dictionaries = nmf_dictionaries(mono_recordings(data, sources))
-    methods = {
-        "trained model": lambda mix, refs, kinds: separator(mix[None])[0][[sources.index(k) for k in kinds]],
+def train_here(data: Path, repo: Path, name: str, minutes: float, **recipe) -> tuple[Callable, str]:
+    """A per-microphone model trained in this run with the product's train-separator, on
+    ``data``, with scripts/plant_separator.yaml's recipe changed by ``recipe``, for
+    ``minutes``: the separator and its facts."""
+    settings = yaml.safe_load(RECIPE.read_text())["train_separator"]
+    settings.update(name=name, max_minutes=minutes, epochs=10_000, patience=10_000, export_half=False, **recipe)
+    config = config_from_dict({"separation": {"repo": str(repo)}, "train_separator": settings})
+    train_separator(data, config, progress=False, force=True)
+    return load_separator(SeparationConfig(repo=repo, model=name), SR), model_facts(repo, name)
+
+
+def mono_methods(separators: dict[str, Callable], dictionaries: dict[str, np.ndarray]) -> dict[str, Callable]:
+    """The per-microphone methods: each model in ``separators`` (by column name), NMF on
+    the first model's sources, the oracles and no separation."""
+    def model(separator):
+        names = list(separator.sources)
+        return lambda mix, refs, kinds: separator(mix[None])[0][[names.index(k) for k in kinds]]
+
+    sources = list(next(iter(separators.values())).sources)
+    return {
+        **{column: model(separator) for column, separator in separators.items()},
         "NMF": lambda mix, refs, kinds: nmf_separate(mix, dictionaries, sources)[[sources.index(k) for k in kinds]],
         "oracle ratio mask": lambda mix, refs, kinds: ideal_ratio_mask(mix, refs),
+        "oracle time-invariant filter": lambda mix, refs, kinds: time_invariant_wiener(mix, refs),
         "no separation": lambda mix, refs, kinds: np.repeat(mix[None], len(kinds), 0),
     }
+
+
+def simulated_mono(repo: Path, name: str, data: Path, n: int, hybrid_minutes: float,
+                   tmp: Path) -> tuple[list[str], list, dict]:
+    separators = {"trained model": load_separator(SeparationConfig(repo=repo, model=name), SR)}
+    facts = [model_facts(repo, name)]
+    if hybrid_minutes:
+        separators["hybrid model"], hybrid_facts = train_here(data, tmp / "models", "plant_hybrid", hybrid_minutes,
+                                                              **HYBRID)
+        facts.append(hybrid_facts)
+    dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["trained model"].sources)))
+    methods = mono_methods(separators, dictionaries)
     conditions = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
                   for kinds in (("pump", "fan"), ("pump", "fan", "motor", "valve")) for bg in (False, True)]
     rows, times = score_rows(conditions, lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg),
                              methods, n)
-    return model_facts(repo, name), rows, times
+    return facts, rows, times
 
 
 def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tuple[str, list, dict]:
@@ -329,7 +381,7 @@ def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tup
     return model_facts(repo, name), rows, times
 
 
-def real_mono(minutes: float, n: int) -> tuple[str, list, dict, float]:
+def real_mono(minutes: float, n: int, hybrid: bool) -> tuple[list[str], list, dict]:
     """Train on isolated real clips, score held-out real mixtures at 0 dB."""
     import soundfile as sf
 
@@ -343,15 +395,14 @@ def real_mono(minutes: float, n: int) -> tuple[str, list, dict, float]:
             (data / name).mkdir(parents=True)
             for f in files:
                 (data / name / f.name).symlink_to(f)
-        recipe = yaml.safe_load(RECIPE.read_text())["train_separator"]
-        recipe.update(name="real", max_minutes=minutes, epochs=10_000, patience=10_000)
-        config = config_from_dict({"separation": {"repo": str(Path(tmp) / "models")}, "train_separator": recipe})
-        result = train_separator(data, config, progress=False, force=True)
         repo = Path(tmp) / "models"
-        separator = load_separator(SeparationConfig(repo=repo, model="real"), SR)
-        sources = list(separator.sources)
-        facts = model_facts(repo, "real")
-        dictionaries = nmf_dictionaries(mono_recordings(data, sources))
+        separators, facts = {}, []
+        separators["trained model"], real_facts = train_here(data, repo, "real", minutes)
+        facts.append(real_facts)
+        if hybrid:
+            separators["hybrid model"], hybrid_facts = train_here(data, repo, "real_hybrid", minutes, **HYBRID)
+            facts.append(hybrid_facts)
+        dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["trained model"].sources)))
         tests = {"rail": [sf.read(f, dtype="float32")[0] for f in rail[80:]],
                  "machineA": [sf.read(f, dtype="float32")[0] for f in machine_a[8:]]}
 
@@ -359,15 +410,9 @@ def real_mono(minutes: float, n: int) -> tuple[str, list, dict, float]:
             stems = equal(np.stack([tests[s][k % len(tests[s])] for s in kinds]).astype(np.float64))
             return stems.sum(0).astype(np.float32), stems.astype(np.float32)
 
-        methods = {
-            "trained model": lambda mix, refs, kinds: separator(mix[None])[0][[sources.index(k) for k in kinds]],
-            "NMF": lambda mix, refs, kinds: nmf_separate(mix, dictionaries, sources)[[sources.index(k) for k in kinds]],
-            "oracle ratio mask": lambda mix, refs, kinds: ideal_ratio_mask(mix, refs),
-            "no separation": lambda mix, refs, kinds: np.repeat(mix[None], len(kinds), 0),
-        }
         rows, times = score_rows([("2 (slide rail id 00, machine A)", ("rail", "machineA"), False)], mixture,
-                                 methods, n)
-    return facts, rows, times, result.seconds
+                                 mono_methods(separators, dictionaries), n)
+    return facts, rows, times
 
 
 def main() -> None:
@@ -380,16 +425,21 @@ def main() -> None:
     parser.add_argument("--array-data", type=Path, default=ROOT / "data" / "separator-training-array",
                         help="the array model's training data (for the NMF dictionaries)")
     parser.add_argument("--mixtures", type=int, default=12, help="held-out mixtures per condition")
-    parser.add_argument("--real-minutes", type=float, default=30.0, help="training budget of the real-data model")
+    parser.add_argument("--real-minutes", type=float, default=30.0, help="training budget of the real-data models")
+    parser.add_argument("--hybrid-minutes", type=float, default=30.0,
+                        help="training budget of the hybrid per-microphone model trained in the run on --data "
+                             "(0: none, and no hybrid model on the real recordings either)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    mono_facts, mono_rows, mono_times = simulated_mono(args.repo, args.mono, args.data, args.mixtures)
+    with tempfile.TemporaryDirectory() as tmp:
+        mono_facts, mono_rows, mono_times = simulated_mono(args.repo, args.mono, args.data, args.mixtures,
+                                                           args.hybrid_minutes, Path(tmp))
     print(table(mono_rows, list(mono_rows[0][1]), "per microphone"), flush=True)
     array_facts, array_rows, array_times = simulated_array(args.repo, args.array, args.mono, args.array_data,
                                                            args.mixtures)
     print(table(array_rows, list(array_rows[0][1]), "array"), flush=True)
-    real_facts, real_rows, real_times, _ = real_mono(args.real_minutes, 2 * args.mixtures)
+    real_facts, real_rows, real_times = real_mono(args.real_minutes, 2 * args.mixtures, bool(args.hybrid_minutes))
     print(table(real_rows, list(real_rows[0][1]), "real"), flush=True)
 
     def verdict(rows, model: str, target: float, selector=lambda label: True) -> str:
@@ -402,20 +452,36 @@ def main() -> None:
 
     two = lambda label: label.startswith("2 ")  # noqa: E731
     ms = lambda times: statistics.median(times) * 1000  # noqa: E731
+    hybrid = bool(args.hybrid_minutes)
+
+    def models(facts: list[str], times: dict) -> str:
+        """The models' facts and their time per 10 s."""
+        columns = ["trained model", "hybrid model"][:len(facts)]
+        return "\n".join(f"- {column}: {fact}; {ms(times[column]):.0f} ms per 10 s."
+                          for column, fact in zip(columns, facts))
+
+    hybrid_note = f"""
+"hybrid model" is trained in this run, {args.hybrid_minutes:g} minutes on 2 cores, with the same recipe
+(scripts/plant_separator.yaml) and data but HDemucs with a 4096-point spectrogram branch
+(train_separator.architecture hdemucs, nfft 4096, depth 5)."""if hybrid else ""
     body = f"""## Separation quality (scripts/bench_separation.py)
 
 SI-SDRi (and SI-SDR) in dB, mean over sources, microphones and held-out mixtures, machines
 at equal level; {args.mixtures} mixtures per simulated row, {2 * args.mixtures} for the real one. The oracle
 columns use the true sources: the best a mask (one microphone) or a linear spatial filter
-(the array) of that kind can do, not a method. Torch threads: {torch.get_num_threads()}.
+(the array) of that kind can do, not a method. "oracle time-invariant filter" (one
+microphone) is one gain per frequency for the whole 10 s from each true source's mean
+power spectrum at {LONG_FFT} points: a filter that knows each machine's spectrum exactly
+but not how it varies in time. Torch threads: {torch.get_num_threads()}.
 
 ### Simulated, one microphone (mic 0)
+{hybrid_note}
 
-Model {mono_facts}.
+{models(mono_facts, mono_times)}
 
 {table(mono_rows, list(mono_rows[0][1]), "sources, background")}
 
-Time per 10 s of audio: model {ms(mono_times['trained model']):.0f} ms, NMF {ms(mono_times['NMF']):.0f} ms.
+NMF: {ms(mono_times['NMF']):.0f} ms per 10 s.
 
 ### Simulated, array (the demo room, 4 microphones)
 
@@ -437,13 +503,15 @@ model {ms(array_times['per-microphone model']):.0f} ms, NMF {ms(array_times['NMF
 
 ### Real recordings, one microphone
 
-Model {real_facts}; trained in this run on rail clips 0-79 and machine A clips 0-7 (every
-recording's last 15% of files held out for validation), tested on rail clips 80-99 mixed
-with machine A clips 8-9.
+Trained in this run, {args.real_minutes:g} minutes each, on rail clips 0-79 and machine A clips 0-7
+(every recording's last 15% of files held out for validation), tested on rail clips
+80-99 mixed with machine A clips 8-9{"; the hybrid model with the hybrid recipe above" if hybrid else ""}.
+
+{models(real_facts, real_times)}
 
 {table(real_rows, list(real_rows[0][1]), "sources")}
 
-Time per 10 s: model {ms(real_times['trained model']):.0f} ms, NMF {ms(real_times['NMF']):.0f} ms.
+NMF: {ms(real_times['NMF']):.0f} ms per 10 s.
 
 ### Targets
 
@@ -453,6 +521,10 @@ Time per 10 s: model {ms(real_times['trained model']):.0f} ms, NMF {ms(real_time
 - One microphone, 2 sources, at least 6 dB and above NMF:
   {verdict(mono_rows, 'trained model', 6.0, two)}; all rows above NMF: {verdict(mono_rows, 'trained model', -np.inf)}.
 - Real mixtures, one microphone, at least 6 dB: {verdict(real_rows, 'trained model', 6.0)}.
+"""
+    if hybrid:
+        body += f"""- The same for the hybrid model: one microphone {verdict(mono_rows, 'hybrid model', 6.0, two)}; all rows
+  above NMF: {verdict(mono_rows, 'hybrid model', -np.inf)}; real mixtures {verdict(real_rows, 'hybrid model', 6.0)}.
 """
     print(body)
     print(f"written to {write_section('bench_separation', body)}")

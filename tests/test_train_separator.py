@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from signalcraft.config import config_from_dict
-from signalcraft.errors import ExitCode
+from signalcraft.errors import ConfigError, ExitCode
 from signalcraft.dsp.spatial import N_FFT
 from signalcraft.separate import load_separator, model_file, read_package
 from signalcraft.training.separator import (
@@ -160,6 +160,34 @@ def test_training_with_the_snr_loss_runs_and_records_it(tmp_path):
     assert result.steps == 2 and np.isfinite(result.best_si_sdr)
     saved = torch.load(checkpoint_path(tiny_config(tmp_path)), weights_only=True)
     assert saved["config"]["loss"] == "snr"
+
+
+def test_a_hybrid_model_trains_at_the_configured_stft_size_and_resumes_only_at_it(tmp_path):
+    data = write_data(tmp_path / "data")
+    config = tiny_config(tmp_path, architecture="hdemucs", nfft=4096, depth=5, segment_seconds=1.0)
+    result = train_separator(data, config, progress=False, force=True)
+    assert result.steps == 2
+    from demucs.pretrained import get_model
+
+    model = get_model("tiny", repo=tmp_path / "models")
+    assert type(model).__name__ == "HDemucs" and model.nfft == 4096
+    separator = load_separator(dataclasses.replace(config.separation, model="tiny"), SR)
+    assert separator.sources == ("hum", "whine")
+    assert separator(np.zeros((1, SR), np.float32) + 0.01).shape == (1, 2, SR)
+    with pytest.raises(ConfigError, match=r"train_separator.nfft = 4096, the config now says 1024"):
+        train_separator(data, tiny_config(tmp_path, architecture="hdemucs", nfft=1024, depth=5,
+                                          segment_seconds=1.0), resume=True, progress=False, force=True)
+
+
+def test_a_stft_size_that_does_not_fit_the_depth_is_a_config_error_before_training(tmp_path):
+    data = write_data(tmp_path / "data")
+    config = tiny_config(tmp_path, architecture="hdemucs", nfft=4096, depth=4, segment_seconds=1.0)
+    with pytest.raises(ConfigError, match=r"hdemucs with nfft 4096 and depth 4 does not fit together.*"
+                                          r"4096 with depth 5 or 6"):
+        train_separator(data, config, progress=False, force=True)
+    assert not checkpoint_path(config).exists()
+    with pytest.raises(ConfigError, match=r"train_separator.nfft.*power of 2"):
+        tiny_config(tmp_path, nfft=3000)
 
 
 def test_cli_trains_on_a_simulated_set_and_process_uses_the_model(tmp_path):

@@ -270,10 +270,25 @@ def build_model(config: TrainSeparatorConfig, sources: tuple[str, ...], sample_r
     if config.architecture == "hdemucs":
         from demucs.hdemucs import HDemucs
 
-        return HDemucs(nfft=1024, **common)  # depth 4 needs nfft 1024 at these sizes
+        return HDemucs(nfft=config.nfft, **common)
     from demucs.htdemucs import HTDemucs
 
-    return HTDemucs(nfft=1024, **common)
+    return HTDemucs(nfft=config.nfft, **common)
+
+
+def check_model_fits(model: torch.nn.Module, config: TrainSeparatorConfig, audio_channels: int,
+                     sample_rate: int) -> None:
+    """Run one training excerpt of silence through ``model``: a hybrid model whose
+    spectrogram branch does not meet its waveform branch at the configured nfft and depth
+    fails here, with a config error, rather than at the first training step."""
+    samples = round(config.segment_seconds * sample_rate)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, audio_channels, samples, device=next(model.parameters()).device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ConfigError(f"train_separator: {config.architecture} with nfft {config.nfft} and depth {config.depth} "
+                          f"does not fit together ({type(e).__name__}: {str(e)[:120]}). For hdemucs use nfft 1024 "
+                          "with depth 4, or 4096 with depth 5 or 6.") from None
 
 
 def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, device, batch: int) -> tuple[float, float]:
@@ -338,6 +353,8 @@ def train_separator(
     samples = round(c.segment_seconds * sr)
     torch.manual_seed(c.seed)
     model = build_model(c, data.sources, sr, data.channels).to(device)
+    if c.architecture != "demucs":
+        check_model_fits(model, c, data.channels, sr)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
     rng = np.random.default_rng(c.seed)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_sdri": -math.inf, "bad_epochs": 0, "best_state": None,
@@ -353,8 +370,8 @@ def train_separator(
     valid_mix, valid_sources = valid.sample(c.validation_mixtures, all_active=True)
     train = MixtureSampler(data.train, data.noise_train, samples, c, rng)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %d channels, depth %d, %.2f M parameters, on %s", c.architecture, c.channels, c.depth,
-             n_params / 1e6, device)
+    log.info("model: %s, %d channels, depth %d%s, %.2f M parameters, on %s", c.architecture, c.channels, c.depth,
+             "" if c.architecture == "demucs" else f", nfft {c.nfft}", n_params / 1e6, device)
 
     began = time.monotonic()
     resumed_seconds = state["train_seconds"]
@@ -481,9 +498,12 @@ def _load_checkpoint(path, c, sources, model, optimizer, rng) -> dict:
         raise StorageError(f"{path}: not a readable checkpoint ({load_failure(e)}). "
                            "Delete it and train without --resume.") from None
     saved = data["config"]
-    for key in ("architecture", "channels", "depth", "segment_seconds", "array"):
-        if saved.get(key, False) != getattr(c, key):
-            raise ConfigError(f"{path}: was trained with train_separator.{key} = {saved[key]!r}, the config now says "
+    defaults = {"array": False, "nfft": 1024}  # keys that checkpoints of earlier versions lack
+    keys = ("architecture", "channels", "depth", "segment_seconds", "array")
+    for key in keys if c.architecture == "demucs" else keys + ("nfft",):
+        was = saved.get(key, defaults.get(key))
+        if was != getattr(c, key):
+            raise ConfigError(f"{path}: was trained with train_separator.{key} = {was!r}, the config now says "
                               f"{getattr(c, key)!r}. Restore the setting or train without --resume.")
     if tuple(data["sources"]) != tuple(sources):
         raise ConfigError(f"{path}: was trained on sources {data['sources']}, the data folder now has "
