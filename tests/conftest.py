@@ -202,7 +202,11 @@ SETTINGS = {
     "denoise": {"enabled": False},
     # No retention: the faketime run moves the clock 400 days past the files' times.
     "output": {"dir": "out", "keep_days": None},
-    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt"},
+    # WARNING on every segment above its level (not 3 of 5), so that one faulty segment
+    # alerts and the tests of what an alert does need few segments; test_thresholds and
+    # test_detect cover the default rule.
+    "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt",
+               "alerts": {"warning_k": 1, "warning_n": 1}},
 }
 
 

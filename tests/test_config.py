@@ -81,7 +81,7 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
     path = write(tmp_path, yaml.safe_dump({  # in this order in the file, and in the message
         "capture": {"sampel_rate": 8000, "segment_seconds": -1, "channels": [0, 1]},
         "noise": {"clip_level": 2},
-        "detect": {"alert_k": 3, "calibration_segments": 2, "room_mask_db": 0, "alerts": {"k": 9, "n": "five"},
+        "detect": {"alert_k": 3, "calibration_segments": 2, "room_mask_db": 0, "alerts": {"k": 9, "n": "five", "warning_k": 4, "warning_n": 3},
                    "levels": {"method": "magic"}},
         "features": {"f_max": 20000},
         "output": 3,
@@ -97,6 +97,7 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
         "detect.alert_k: this key is now detect.alerts.k; move it there (see config.yaml in the signalcraft source).",
         "detect.alerts.n: expected an integer, got a string 'five'",
         "detect.alerts.k: must be between 1 and n",
+        "detect.alerts.warning_k: must be between 1 and warning_n",
         "detect.levels.method: must be one of 'gamma', 'sigma', 'percentile', got 'magic'",
         "detect.calibration_segments: must be at least 5",
         "detect.room_mask_db: must be above 0 dB (or null)",

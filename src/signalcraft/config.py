@@ -454,11 +454,17 @@ class LevelsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlertsConfig:
-    """When a score above the levels becomes CRITICAL."""
+    """When scores above the levels become WARNING or CRITICAL."""
 
     # CRITICAL needs at least k of the last n segments above the critical level.
     k: int = 3
     n: int = 5
+    # WARNING needs at least warning_k of the last warning_n segments above the warning
+    # level (a score above the critical level is above the warning level too): one
+    # segment above it alone (a door, a forklift, a machine's odd minute) is no alert.
+    # 1 and 1: every score above the warning level is WARNING.
+    warning_k: int = 3
+    warning_n: int = 5
     # Or a fault too small for any one segment: a CUSUM of standardised scores (how many
     # standard deviations above the mean of normal scores, less cusum_slack each
     # segment) that passes cusum_limit. null: off.
@@ -467,6 +473,7 @@ class AlertsConfig:
 
     def __post_init__(self):
         _require(1 <= self.k <= self.n, "k", "must be between 1 and n")
+        _require(1 <= self.warning_k <= self.warning_n, "warning_k", "must be between 1 and warning_n")
         _require(self.cusum_slack > 0, "cusum_slack", "must be positive")
         _require(self.cusum_limit is None or self.cusum_limit > 0, "cusum_limit", "must be positive or null")
 

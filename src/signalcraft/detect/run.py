@@ -10,10 +10,10 @@ database has not seen, oldest first, and handles each in one transaction:
   were not fitted on (``scorers.cross_fit`` over the calibration segments: in-sample
   scores are too low and would set the levels too low).
 - scoring: each (mic, source) tensor gets the detector's score; the thresholds decide
-  NORMAL / WARNING / CRITICAL (k of n segments, or the CUSUM, for CRITICAL) and adapt
-  to slow drift from NORMAL scores only. A scorer that learns online (``online``)
-  keeps a model per (mic, source) in the state and learns each NORMAL segment, in the
-  same transaction as its score.
+  NORMAL / WARNING / CRITICAL (k of n segments above its level for either, or the CUSUM
+  for CRITICAL) and adapt to slow drift from scores at or below the warning level only.
+  A scorer that learns online (``online``) keeps a model per (mic, source) in the state
+  and learns each of those segments, in the same transaction as its score.
 - operators: an acknowledged machine (``signalcraft ack``) raises alerts that the
   acknowledgement covers (they do not count for the exit code) until its state changes;
   after ``signalcraft maintenance`` a machine's tensors are collected as CALIBRATING
@@ -329,7 +329,8 @@ def _score(store: Store, detector: Detector, segment: StoredSegment, tensors, co
         state = th.ThresholdState.from_dict(saved)
         decision = th.decide(state, score, c)
         store.add_score(seg, mic, source, score, state.warning, state.critical, decision.status)
-        if learns and decision.status == th.NORMAL:  # a WARNING or CRITICAL segment is never learnt
+        if learns and decision.status == th.NORMAL and not decision.above_warning:
+            # a WARNING or CRITICAL segment is never learnt, nor a lone one above the warning level
             store.set_scorer_state(mic, source, detector.learn(source, tensor[None], state=model_state), at)
         if decision.state != state:
             store.set_threshold(mic, source, decision.state.to_dict(), decision.change or "", at,
