@@ -153,18 +153,20 @@ def fitted_levels(train: torch.Tensor, kind: str, config: DetectConfig) -> th.Th
     return th.fit(np.asarray(scores[(0, kind)]), config)
 
 
-def false_alarms(state: th.ThresholdState, scores: np.ndarray, config: DetectConfig) -> tuple[int, int, int]:
-    """(WARNING, CRITICAL, above the CRITICAL level) counts of the decision rule on a
-    stream of normal scores; the last counts segments over the level whether or not k
-    of n held."""
-    warnings = critical = above = 0
+def false_alarms(state: th.ThresholdState, scores: np.ndarray,
+                 config: DetectConfig) -> tuple[int, int, int, int]:
+    """(above the WARNING level, WARNING, CRITICAL, above the CRITICAL level) counts of
+    the decision rule on a stream of normal scores; the first and last count segments
+    over the level whether or not k of n held."""
+    over_warning = warnings = critical = above = 0
     for s in scores:
         above += float(s) > state.critical
         d = th.decide(state, float(s), config)
         state = d.state
+        over_warning += d.above_warning
         warnings += d.status == th.WARNING
         critical += d.status == th.CRITICAL
-    return warnings, critical, above
+    return over_warning, warnings, critical, above
 
 
 def first_critical(state: th.ThresholdState, scores: np.ndarray, config: DetectConfig) -> int | None:
@@ -327,10 +329,12 @@ def main() -> None:
     means = " | ".join(f"**{mean[c][0]:.3f}** / **{mean[c][1]:.3f}**" for c in columns)
     ratios = ", ".join(f"{mean[names[0]][0] / mean[c][0]:.2f}x {c}" for c in columns[1:])
     alarm_table = "\n".join(
-        f"| {k} | {s:+g} dB | {w} ({w / args.stream * SEGMENTS_PER_DAY:.0f}/day) | {a} | {c} ({c / args.stream * SEGMENTS_PER_DAY:.0f}/day) |"
-        for k, s, w, c, a in alarms)
-    total_warning = sum(w for _, _, w, _, _ in alarms)
-    total_critical = sum(c for _, _, _, c, _ in alarms)
+        f"| {k} | {s:+g} dB | {o} | {w} ({w / args.stream * SEGMENTS_PER_DAY:.0f}/day) | {a} | "
+        f"{c} ({c / args.stream * SEGMENTS_PER_DAY:.0f}/day) |"
+        for k, s, o, w, c, a in alarms)
+    total_over = sum(o for _, _, o, *_ in alarms)
+    total_warning = sum(w for _, _, _, w, _, _ in alarms)
+    total_critical = sum(c for _, _, _, _, c, _ in alarms)
     total_above = sum(a for *_, a in alarms)
     streamed = args.stream * len(alarms)
     days = streamed / SEGMENTS_PER_DAY
@@ -368,15 +372,16 @@ time {(time.monotonic() - began) / 60:.1f} min.
 Mean AUC of `{names[0]}` as a ratio: {ratios}.
 
 **False alarms** of the full decision rule with `{names[0]}` (levels fitted as `detect` does,
-on {SCORERS[names[0]].cross_fit_folds}-fold cross-fitted calibration scores; CRITICAL needs
-{alerts.k} of {alerts.n}, or the CUSUM past {alerts.cusum_limit}) on {args.stream} further normal
+on {SCORERS[names[0]].cross_fit_folds}-fold cross-fitted calibration scores; WARNING needs
+{alerts.warning_k} of {alerts.warning_n} above the WARNING level, CRITICAL {alerts.k} of {alerts.n} above the
+CRITICAL level or the CUSUM past {alerts.cusum_limit}) on {args.stream} further normal
 recordings of the first unit per row, and the rate per day of 10 s segments that count
-implies. The warning level is the {lead.levels.warning_quantile:g} quantile, so about
-{100 * (1 - lead.levels.warning_quantile):.0f}% WARNING is expected; here {total_warning} of {streamed}
-({100 * total_warning / streamed:.1f}%).
+implies. The WARNING level is the {lead.levels.warning_quantile:g} quantile, so about
+{100 * (1 - lead.levels.warning_quantile):.0f}% of normal segments are expected above it; here {total_over} of
+{streamed} ({100 * total_over / streamed:.1f}%), and {total_warning} WARNING.
 
-| machine | SNR | WARNING | over the CRITICAL level | CRITICAL |
-|---|---|---|---|---|
+| machine | SNR | over the WARNING level | WARNING | over the CRITICAL level | CRITICAL |
+|---|---|---|---|---|---|
 {alarm_table}
 
 {total_critical} false CRITICAL in {streamed} normal segments ({days:.1f} simulated days:

@@ -245,6 +245,7 @@ def main() -> None:
                 f"{'clip ' + str(m['first_critical']) if m['first_critical'] else 'none'} | {m['cold_start_s']:.0f} s | "
                 + " | ".join(f"{r['refs'][k]:.3f}" for k in ref_names)
                 + f" | {PUBLISHED[mid]:.3f} | {'yes' if met else 'no'} / {'yes' if flags else 'no'} |")
+    alerts = DetectConfig().alerts
     body = f"""## Detection on real recordings (scripts/bench_detection_real.py)
 
 Real slide rails with real faults (DCASE 2020 Task 2 development data, MIMII dataset,
@@ -253,7 +254,9 @@ Hitachi, Ltd., CC BY-SA 4.0), run through the `signalcraft` command as in produc
 from that calibrated state, two streams, each into its own copy of the project: the
 healthy rail (the other 50 normals, in time order) and the faulty rail (the 100 real
 anomalies, one seeded shuffled order), each through `process` and `detect --csv`.
-Flagged: WARNING or CRITICAL by the full decision rule. First CRITICAL: the position in
+Flagged: WARNING or CRITICAL by the full decision rule (WARNING: {alerts.warning_k} of the last
+{alerts.warning_n} clips above the WARNING level; CRITICAL: {alerts.k} of {alerts.n} above the CRITICAL
+level, or the CUSUM). First CRITICAL: the position in
 the faulty stream of its first CRITICAL clip. The references
 were computed in the same run on the same split ({CALIBRATION} normal clips seen; the
 published baseline saw about 1,000). Cold start: wall time of the first `detect`
@@ -267,7 +270,7 @@ Run time {(time.monotonic() - began) / 60:.1f} min.
 AUC target: at least the published full-data baseline and at least the best simple
 reference + 0.03. Alert target: at least 60% of anomalies flagged with at most 2% of
 normals flagged. "k of n alone": the same calibrated detector and stream with
-`detect.alerts.cusum_limit: null`: what single clips flag, without the evidence the
+`detect.alerts.cusum_limit: null`: what the k-of-n rules flag, without the evidence the
 CUSUM accumulates over a faulty stream.
 
 machineA (real normal recordings): calibrated on clips 00-06; clips 07-09 scored

@@ -396,7 +396,9 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     OUTPUT/signalcraft.sqlite, or detect.state). With no trained detector yet, the
     first detect.calibration_segments segments are taken as normal ("calibrating
     37/60"); then the detector trains itself and sets WARNING and CRITICAL levels per
-    microphone and machine. CRITICAL needs detect.alerts.k of the last
+    microphone and machine. WARNING needs detect.alerts.warning_k of the last
+    detect.alerts.warning_n segments above the warning level (default 3 of 5: one
+    segment above it alone is no alert); CRITICAL needs detect.alerts.k of the last
     detect.alerts.n segments above the critical level, or the CUSUM of small rises
     past detect.alerts.cusum_limit.
 

@@ -13,7 +13,8 @@ A scorer kind is a class with
 - ``cross_fit_folds``: how many folds ``cross_fit`` uses for it;
 - optionally ``learns_online = True`` with ``score(source, tensors, state=None)`` and
   ``learn(source, tensors, state=None) -> state``: `detect` keeps a state per
-  (microphone, source) and has it learn every NORMAL segment (``online``).
+  (microphone, source) and has it learn every NORMAL segment at or below the warning
+  level (``online``).
 
 ``detect.scorer.kind`` chooses the kind. Add a kind by writing such a class and listing it
 in ``SCORERS``. The kinds: ``ensemble`` (the default; ``ensemble.py``), ``profile``

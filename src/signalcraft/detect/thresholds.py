@@ -7,8 +7,9 @@ score and the next state. The caller saves the state beside the score (``store.p
 records every reported change of level.
 
 Adaptation follows slow drift (a bearing warming in, a room getting louder) and nothing
-else: only NORMAL scores update the running mean and variance the levels derive from, so
-a developing fault, whose scores are WARNING or CRITICAL, is never learnt as normal.
+else: only NORMAL scores at or below the warning level update the running mean and
+variance the levels derive from, so a developing fault, whose scores are above the
+warning level, is never learnt as normal.
 
 A single loud segment (a door, a forklift) must not page anyone: CRITICAL needs
 ``alerts.k`` of the last ``alerts.n`` scores above the critical level, and WARNING
@@ -65,8 +66,8 @@ class ThresholdError(SignalcraftError, ValueError):
 class ThresholdState:
     """Levels of one (microphone, source) and what they are derived from.
 
-    ``mean`` and ``var`` follow the NORMAL scores only, which are the scores at or below
-    the warning level: a distribution cut off at its top ``1 - warning_quantile``. Levels
+    ``mean`` and ``var`` follow the NORMAL scores at or below the warning level only:
+    a distribution cut off at its top ``1 - warning_quantile``. Levels
     need the moments of all scores, so the fit keeps the ratio of the two
     (``mean_factor``, ``var_factor``); without it the cut-off tail would pull the levels
     down at every update and about double the rate of WARNING on a healthy machine.
