@@ -242,9 +242,9 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     - WARNING: ``score > warning`` and at least ``alerts.warning_k`` of the last
       ``alerts.warning_n`` scores (this one included) were above warning.
     - NORMAL: otherwise. If also ``score <= warning``, the running mean and variance
-      take the score with weight ``adapt_rate`` and the levels are recomputed from them, scaled to all
-      scores by the fit's ``mean_factor`` and ``var_factor``: gamma by the method of
-      moments, sigma as mean + k std; percentile as the fitted levels times
+      take the score with weight ``adapt_rate`` and the levels are recomputed from
+      them, scaled to all scores by the fit's ``mean_factor`` and ``var_factor``: gamma
+      by the method of moments, sigma as mean + k std; percentile as the fitted levels times
       ``mean / fit_mean`` (a ratio, not a difference: reconstruction errors drift in
       scale, as with a gain change, and a ratio keeps levels positive and their spread in
       proportion).
