@@ -173,7 +173,7 @@ def test_by_default_a_lone_segment_above_the_warning_level_is_no_alert_three_of_
     assert invoke("--config", cfg, "detect", out).returncode == 0
     process_files(config, [scene_file(project, 620, "bearing")])
     lone = detect(config, project / "out")
-    assert all(r.score > r.warning and r.status == "NORMAL" for r in lone.rows), lone.rows
+    assert lone.rows and all(r.score > r.warning and r.status == "NORMAL" for r in lone.rows), lone.rows
     assert lone.anomalies == 0
     process_files(config, [scene_file(project, seed, "bearing") for seed in (621, 622)])
     result = invoke("--config", cfg, "detect", out, "--csv")
@@ -262,7 +262,10 @@ def test_a_damaged_calibration_tensor_is_reported_once_by_the_run_that_calibrate
 
 def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(copy):
     project, _ = copy
-    settings = {**SETTINGS, "detect": {**SETTINGS["detect"], "scorer": {"kind": "online"}}}
+    # The default alert rule: a lone segment above the warning level is NORMAL, and is
+    # not learnt either.
+    detect_settings = {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}
+    settings = {**SETTINGS, "detect": {**detect_settings, "scorer": {"kind": "online"}}}
     (project / "config.yaml").write_text(yaml.safe_dump(settings))
     config = config_from_dict(settings, project / "config.yaml")
     # On the calibration segments (other tests may have added faulty ones to the project).
@@ -283,8 +286,8 @@ def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(co
             for row in rows:
                 learnt = store.get_scorer_state(row.mic, "mix") != before[row.mic]
                 assert learnt == (row.status == "NORMAL" and row.score <= row.warning), (seed, row)
-                outcomes.add((fault, learnt))
-    assert (None, True) in outcomes and ("hiss", False) in outcomes
+                outcomes.add((fault, row.status, row.score > row.warning, learnt))
+    assert (None, "NORMAL", False, True) in outcomes and ("hiss", "NORMAL", True, False) in outcomes
 
     # A damaged stored model is logged and replaced by the calibration one; detect goes on.
     with Store(state_file) as store:

@@ -95,6 +95,23 @@ def test_retention_keeps_alarm_evidence_until_acknowledged_or_labelled(copy):
     assert f"would delete {project / 'out' / faulty}" in dry.stdout
 
 
+def test_a_lone_segment_above_the_warning_level_is_no_alert_and_not_trained_on_unless_labelled(copy):
+    project, config = copy
+    settings = {**SETTINGS, "detect": {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}}  # 3 of 5
+    (project / "config.yaml").write_text(yaml.safe_dump(settings))
+    config = config_from_dict(settings, project / "config.yaml")
+    normal = add(project, config, range(620, 625))
+    (lone,) = add(project, config, [750], "bearing")
+    assert cli(project, "detect", str(project / "out")).returncode == 0  # no alert
+    with Store(project / "out" / "signalcraft.sqlite") as store:
+        assert lone in store.above_warning_folders() and lone not in store.alert_folders()
+        kept = {s.name for s in trainable(store, list_segments(project / "out"))}
+    assert lone not in kept and set(normal) <= kept
+    assert cli(project, "label", lone, "normal", "-o", str(project / "out")).returncode == 0
+    with Store(project / "out" / "signalcraft.sqlite") as store:
+        assert lone in {s.name for s in trainable(store, list_segments(project / "out"))}
+
+
 def test_labels_decide_what_train_detector_trains_on(copy):
     project, config = copy
     false_alarm, fault = add(project, config, [740, 741], "bearing")

@@ -171,9 +171,13 @@ def test_state_round_trips_through_json():
     assert state.recent == (False, False, True) and state.recent_warning == (False, False, True)
     data = json.loads(json.dumps(state.to_dict()))
     assert ThresholdState.from_dict(data) == state
-    # A state saved before WARNING needed several segments: no history of them yet.
+    # A state saved before WARNING needed several segments: its scores above the
+    # critical level were above the warning level too.
     del data["recent_warning"]
-    assert ThresholdState.from_dict(data) == dataclasses.replace(state, recent_warning=())
+    data["recent"] = [True, True, False]
+    assert ThresholdState.from_dict(data).recent_warning == (True, True, False)
+    with pytest.raises(ThresholdError):
+        ThresholdState.from_dict({**data, "recent_warning": None})
     with pytest.raises(ThresholdError, match="unknown keys.*colour"):
         ThresholdState.from_dict({**data, "colour": "red"})
     with pytest.raises(ThresholdError, match="warning"):

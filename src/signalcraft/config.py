@@ -379,7 +379,8 @@ class AutoencoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OnlineConfig:
-    """The ``online`` scorer: River's HalfSpaceTrees, learning from NORMAL segments."""
+    """The ``online`` scorer: River's HalfSpaceTrees, learning from NORMAL segments at or
+    below the warning level."""
 
     trees: int = 10
     height: int = 8
@@ -441,8 +442,8 @@ class LevelsConfig:
     critical_quantile: float = 0.999
     warning_sigma: float = 3.0  # sigma
     critical_sigma: float = 5.0
-    # Slow drift: each NORMAL score moves the score distribution by this weight
-    # (exponentially weighted); WARNING and CRITICAL scores never do.
+    # Slow drift: each NORMAL score at or below the warning level moves the score
+    # distribution by this weight (exponentially weighted); no other score does.
     adapt_rate: float = 0.01
 
     def __post_init__(self):

@@ -5,7 +5,8 @@ A machine's normal sound moves over weeks (wear-in, seasons, a new belt). The ot
 scorers hold the normal operation of their calibration; only their levels adapt. This
 one keeps learning: each (microphone, source) has its own forest of half-space trees
 (``river.anomaly.HalfSpaceTrees``), first fed the calibration tensors of its source,
-then every segment `detect` judged NORMAL (never a WARNING or CRITICAL one, so a
+then every segment `detect` judged NORMAL at or below its warning level (never a
+WARNING or CRITICAL one, nor one above the level that raised no alert yet, so a
 developing fault is not learnt). A forest scores against the last full window of
 ``detect.scorer.online.window`` segments and fills the next one.
 

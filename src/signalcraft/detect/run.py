@@ -410,12 +410,13 @@ def train_from_calibration(config: Config, output_dir: Path, store: Store) -> De
 
 def trainable(store: Store, segments: list[StoredSegment]) -> list[StoredSegment]:
     """The segments among ``segments`` that may be trained on as normal: not labelled
-    anomaly, and without alerts unless labelled normal (a false alarm)."""
-    labels, alerted = store.labels(), store.alert_folders()
-    kept = [s for s in segments if labels.get(s.name, "normal" if s.name not in alerted else None) == "normal"]
+    anomaly, and without alerts or scores above the WARNING level (the first segments
+    of a fault, before WARNING needs are met) unless labelled normal (a false alarm)."""
+    labels, flagged = store.labels(), store.alert_folders() | store.above_warning_folders()
+    kept = [s for s in segments if labels.get(s.name, "normal" if s.name not in flagged else None) == "normal"]
     if len(kept) < len(segments):
-        log.info("left out of training: %d segments labelled anomaly or with alerts not labelled normal",
-                 len(segments) - len(kept))
+        log.info("left out of training: %d segments labelled anomaly, or with alerts or scores above the WARNING "
+                 "level and not labelled normal", len(segments) - len(kept))
     return kept
 
 

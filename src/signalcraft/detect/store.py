@@ -613,6 +613,13 @@ class Store:
         return {r[0] for r in self._execute(
             "SELECT DISTINCT s.folder FROM alerts a JOIN segments s ON s.id = a.segment_id")}
 
+    def above_warning_folders(self) -> set[str]:
+        """Segments with at least one score above the WARNING level it was judged
+        against, an alert or not (a lone one is NORMAL: detect.alerts.warning_k)."""
+        return {r[0] for r in self._execute(
+            "SELECT DISTINCT s.folder FROM scores c JOIN segments s ON s.id = c.segment_id "
+            "WHERE c.score IS NOT NULL AND c.warning IS NOT NULL AND c.score > c.warning")}
+
     def unacknowledged_alert_folders(self) -> set[str]:
         """Segments with an alert that no acknowledgement covers and no label answers:
         the evidence that retention keeps."""

@@ -77,8 +77,8 @@ class ThresholdState:
     """
 
     method: str  # gamma | sigma | percentile; fixed at fit, a new method needs a new fit
-    # Current levels, in score units: above warning is WARNING, above critical counts
-    # towards CRITICAL.
+    # Current levels, in score units: a score above warning counts towards WARNING,
+    # above critical towards CRITICAL (alerts.warning_k and alerts.k).
     warning: float
     critical: float
     # Running (EWMA) mean and variance of NORMAL scores.
@@ -102,7 +102,7 @@ class ThresholdState:
     reported_critical: Optional[float] = None
     cusum: float = 0.0  # accumulated standardised excess of recent scores (see the module docstring)
     # One flag per recent score, oldest first, at most alerts.warning_n: was it above
-    # the warning level? (A state saved before it existed starts with none.)
+    # the warning level? (A state saved before it existed starts from ``recent``.)
     recent_warning: tuple[bool, ...] = ()
 
     def __post_init__(self):
@@ -148,8 +148,10 @@ class ThresholdState:
             unknown = ", ".join(sorted(set(d) - names)) if isinstance(d, dict) else type(d).__name__
             raise ThresholdError(f"threshold state: unknown keys or not a mapping: {unknown}.")
         try:
+            # A state saved before recent_warning existed: its scores above the critical
+            # level were above the warning level too, so a lasting alarm stays one.
             return cls(**{**d, "recent": tuple(d.get("recent", ())),
-                          "recent_warning": tuple(d.get("recent_warning", ()))})
+                          "recent_warning": tuple(d.get("recent_warning", d.get("recent", ())))})
         except TypeError as e:
             raise ThresholdError(f"threshold state: {e}.") from None
 
