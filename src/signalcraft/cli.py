@@ -536,9 +536,9 @@ def train_detector(ctx: click.Context, output: Path, since: Optional[str], until
     Use it to retrain after a change of machines; make sure the segments it trains
     on are of machines running normally (choose the period with --since and --until).
     Segments labelled anomaly are left out, and so are segments that raised an alert
-    or scored above the WARNING level unless labelled normal (`signalcraft label`). After maintenance of one machine,
-    `signalcraft maintenance` recalibrates it alone. The previous detector is kept as
-    <model>.<time>.bak.
+    or scored above the WARNING level unless labelled normal (`signalcraft label`).
+    After maintenance of one machine, `signalcraft maintenance` recalibrates it
+    alone. The previous detector is kept as <model>.<time>.bak.
     Takes the same lock as `detect` (exit 5 while one runs on OUTPUT).
 
     \b

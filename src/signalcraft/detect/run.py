@@ -410,8 +410,9 @@ def train_from_calibration(config: Config, output_dir: Path, store: Store) -> De
 
 def trainable(store: Store, segments: list[StoredSegment]) -> list[StoredSegment]:
     """The segments among ``segments`` that may be trained on as normal: not labelled
-    anomaly, and without alerts or scores above the WARNING level (the first segments
-    of a fault, before WARNING needs are met) unless labelled normal (a false alarm)."""
+    anomaly, and without alerts or scores above the WARNING level (a fault's first
+    segments score above it before 3 of 5 make a WARNING) unless labelled normal (a
+    false alarm)."""
     labels, flagged = store.labels(), store.alert_folders() | store.above_warning_folders()
     kept = [s for s in segments if labels.get(s.name, "normal" if s.name not in flagged else None) == "normal"]
     if len(kept) < len(segments):
