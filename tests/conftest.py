@@ -208,6 +208,8 @@ SETTINGS = {
     "detect": {"calibration_segments": CALIBRATION, "model": "detector.pt",
                "alerts": {"warning_k": 1, "warning_n": 1}},
 }
+# The same project with the default alert rule (WARNING: 3 of the last 5 segments).
+DEFAULT_ALERTS = {**SETTINGS, "detect": {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}}
 
 
 UNIT = 3  # one installed pump, watched over time: every recording is of this unit

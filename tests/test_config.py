@@ -81,8 +81,8 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
     path = write(tmp_path, yaml.safe_dump({  # in this order in the file, and in the message
         "capture": {"sampel_rate": 8000, "segment_seconds": -1, "channels": [0, 1]},
         "noise": {"clip_level": 2},
-        "detect": {"alert_k": 3, "calibration_segments": 2, "room_mask_db": 0, "alerts": {"k": 9, "n": "five", "warning_k": 4, "warning_n": 3},
-                   "levels": {"method": "magic"}},
+        "detect": {"alert_k": 3, "calibration_segments": 2, "room_mask_db": 0,
+                   "alerts": {"k": 9, "n": "five", "warning_k": 4, "warning_n": 3}, "levels": {"method": "magic"}},
         "features": {"f_max": 20000},
         "output": 3,
     }, sort_keys=False))

@@ -16,7 +16,7 @@ from signalcraft.errors import ExitCode
 from signalcraft.record import process_files
 from signalcraft.segments import MANIFEST, list_segments
 
-from conftest import CALIBRATION, SETTINGS, invoke, scene_file
+from conftest import CALIBRATION, DEFAULT_ALERTS, SETTINGS, invoke, scene_file
 
 def test_cold_start_calibrates_then_trains(calibrated):
     root, config, first, second = calibrated
@@ -164,7 +164,7 @@ def test_warning_exit_code(copy):
 
 def test_by_default_a_lone_segment_above_the_warning_level_is_no_alert_three_of_five_are(copy):
     project, _ = copy
-    settings = {**SETTINGS, "detect": {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}}
+    settings = DEFAULT_ALERTS
     (project / "config.yaml").write_text(yaml.safe_dump(settings))
     config = config_from_dict(settings, project / "config.yaml")
     assert (config.detect.alerts.warning_k, config.detect.alerts.warning_n) == (3, 5)
@@ -264,8 +264,7 @@ def test_the_online_scorer_learns_each_normal_segment_and_never_a_flagged_one(co
     project, _ = copy
     # The default alert rule: a lone segment above the warning level is NORMAL, and is
     # not learnt either.
-    detect_settings = {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}
-    settings = {**SETTINGS, "detect": {**detect_settings, "scorer": {"kind": "online"}}}
+    settings = {**DEFAULT_ALERTS, "detect": {**DEFAULT_ALERTS["detect"], "scorer": {"kind": "online"}}}
     (project / "config.yaml").write_text(yaml.safe_dump(settings))
     config = config_from_dict(settings, project / "config.yaml")
     # On the calibration segments (other tests may have added faulty ones to the project).

@@ -22,7 +22,7 @@ from signalcraft.detect.store import Store
 from signalcraft.errors import ExitCode
 from signalcraft.segments import folder_name, list_segments
 
-from conftest import SETTINGS, add_recordings as add, invoke
+from conftest import DEFAULT_ALERTS, SETTINGS, add_recordings as add, invoke
 
 
 def cli(project: Path, *args: str):
@@ -97,9 +97,8 @@ def test_retention_keeps_alarm_evidence_until_acknowledged_or_labelled(copy):
 
 def test_a_lone_segment_above_the_warning_level_is_no_alert_and_not_trained_on_unless_labelled(copy):
     project, config = copy
-    settings = {**SETTINGS, "detect": {k: v for k, v in SETTINGS["detect"].items() if k != "alerts"}}  # 3 of 5
-    (project / "config.yaml").write_text(yaml.safe_dump(settings))
-    config = config_from_dict(settings, project / "config.yaml")
+    (project / "config.yaml").write_text(yaml.safe_dump(DEFAULT_ALERTS))  # WARNING: 3 of 5
+    config = config_from_dict(DEFAULT_ALERTS, project / "config.yaml")
     normal = add(project, config, range(620, 625))
     (lone,) = add(project, config, [750], "bearing")
     assert cli(project, "detect", str(project / "out")).returncode == 0  # no alert

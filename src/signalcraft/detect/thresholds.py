@@ -70,7 +70,8 @@ class ThresholdState:
     a distribution cut off at its top ``1 - warning_quantile``. Levels
     need the moments of all scores, so the fit keeps the ratio of the two
     (``mean_factor``, ``var_factor``); without it the cut-off tail would pull the levels
-    down at every update and about double the rate of WARNING on a healthy machine.
+    down at every update and about double the rate of scores above the warning level on
+    a healthy machine.
 
     Fields after ``recent`` may be left out when building a state by hand: ``fit_*`` and
     ``reported_*`` default to the current mean and levels, the factors to 1.
