@@ -116,42 +116,16 @@ def test_scores_between_the_levels_warn_once_three_of_five_are_above_the_warning
     assert statuses(decisions) == [NORMAL, NORMAL, WARNING]
 
 
-def test_spikes_spread_wider_than_the_window_are_never_learnt_and_page_only_by_accumulation():
-    scores = [5.0 if i % 3 == 0 else 0.5 for i in range(60)]  # a knock: at most 2 in any 5
-    without_cusum = alerts(cusum_limit=None)
-    decisions, state = stream(fixed_state(), scores, without_cusum)
-    assert set(statuses(decisions)) == {NORMAL}  # the k-of-n rules alone never alert
+def test_spikes_spread_wider_than_the_window_never_page_and_are_never_learnt():
+    scores = [5.0 if i % 3 == 0 else 0.5 for i in range(60)]  # at most 2 in any 5
+    decisions, state = stream(fixed_state(), scores)
+    assert set(statuses(decisions)) == {NORMAL}
     assert len(state.recent) == DEFAULTS.alerts.n and len(state.recent_warning) == DEFAULTS.alerts.warning_n
     _, without_spikes = stream(fixed_state(), [0.5] * 40)  # the levels follow the 0.5s alone
     assert (state.mean, state.warning) == pytest.approx((without_spikes.mean, without_spikes.warning))
-    # By default the knocks accumulate, each counted as the warning level (3 standard
-    # deviations once adapted, less the slack: +2.5), the scores between drain 0.5 each,
-    # +1.5 every 3 segments: CRITICAL after about 40 segments (7 minutes).
-    decisions, _ = stream(fixed_state(), scores)
-    found = statuses(decisions)
-    assert set(found[:30]) == {NORMAL} and found[-20:] == [CRITICAL] * 20
-    # A score ten times as loud adds no more than one at the warning level.
-    louder, _ = stream(fixed_state(), [50.0 if i % 3 == 0 else 0.5 for i in range(60)])
-    assert [d.state.cusum for d in louder] == pytest.approx([d.state.cusum for d in decisions])
-    decisions, _ = stream(fixed_state(), scores, alerts(warning_k=1, warning_n=1, cusum_limit=None))
+    decisions, _ = stream(fixed_state(), scores, EVERY_SCORE_WARNS)
     assert CRITICAL not in statuses(decisions)
     assert statuses(decisions)[::3] == [WARNING] * 20
-
-
-def test_rare_loud_events_drain_away_and_alerts_do_not_accumulate():
-    state = fit(gamma_scores(60, seed=10), DEFAULTS)
-    scores = gamma_scores(3000, seed=12)
-    scores[::20] = 100 * state.critical  # a door slammed every 200 s, all day
-    decisions, _ = stream(state, scores)
-    assert CRITICAL not in statuses(decisions)
-    assert max(d.state.cusum for d in decisions) < 0.75 * DEFAULTS.alerts.cusum_limit
-    # A lasting fault pages by k of n and leaves the CUSUM where it was: once it is
-    # over, the CRITICALs stop within a few segments instead of draining for minutes.
-    fault, after = [100 * state.critical] * 50, list(gamma_scores(20, seed=13))
-    decisions, _ = stream(state, list(gamma_scores(20, seed=14)) + fault + after)
-    assert statuses(decisions)[22:70] == [CRITICAL] * 48
-    assert CRITICAL not in statuses(decisions)[75:]
-    assert max(d.state.cusum for d in decisions) < DEFAULTS.alerts.cusum_limit
 
 
 def test_slow_drift_of_normal_scores_moves_the_levels_with_it():
@@ -237,9 +211,7 @@ def test_accumulation_stays_quiet_on_a_long_normal_stream_and_drains():
     state = fit(gamma_scores(60, seed=7), DEFAULTS)
     decisions, last = stream(state, gamma_scores(20000, seed=8))
     assert CRITICAL not in statuses(decisions)
-    # The 1% of normal scores above the warning level add about 2.4 each; over 24 such
-    # streams of 20000 the highest CUSUM was 12.1.
-    assert max(d.state.cusum for d in decisions) < 0.75 * DEFAULTS.alerts.cusum_limit
+    assert max(d.state.cusum for d in decisions) < DEFAULTS.alerts.cusum_limit / 2
     high = dataclasses.replace(last, cusum=DEFAULTS.alerts.cusum_limit - 1)
     _, drained = stream(high, gamma_scores(100, seed=9))
     assert drained.cusum < 5  # normal scores drain it by about cusum_slack each

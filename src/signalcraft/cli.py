@@ -399,8 +399,8 @@ def detect(ctx: click.Context, output: Path, as_json: bool, as_csv: bool, since:
     microphone and machine. WARNING needs detect.alerts.warning_k of the last
     detect.alerts.warning_n segments above the warning level (default 3 of 5: one
     segment above it alone is no alert); CRITICAL needs detect.alerts.k of the last
-    detect.alerts.n segments above the critical level, or the CUSUM of small or
-    occasional rises past detect.alerts.cusum_limit.
+    detect.alerts.n segments above the critical level, or the CUSUM of small rises
+    past detect.alerts.cusum_limit.
 
     Then applies retention (output.keep_days, output.max_gb) to the segments it has
     finished with; if that fails the alerts still count (exit 3/4, else 1). With

@@ -466,10 +466,9 @@ class AlertsConfig:
     # 1 and 1: every score above the warning level is WARNING.
     warning_k: int = 3
     warning_n: int = 5
-    # Or a fault too small for any one segment, or too seldom for the k-of-n rules: a
-    # CUSUM of standardised scores (how many standard deviations above the mean of
-    # normal scores, at most the warning level's, less cusum_slack each segment) that
-    # passes cusum_limit. null: off.
+    # Or a fault too small for any one segment: a CUSUM of standardised scores (how many
+    # standard deviations above the mean of normal scores, less cusum_slack each
+    # segment) that passes cusum_limit. null: off.
     cusum_slack: float = 0.5
     cusum_limit: Optional[float] = 20.0
 

@@ -20,16 +20,12 @@ never learnt: the levels adapt to scores at or below the warning level only. (Wi
 warning level at the 0.99 quantile and WARNING on every score above it, a healthy room of
 3 machines at 4 microphones, 12 streams, would raise one about every 80 s.)
 
-A fault can also be too small for any one segment to pass a level, or pass it too
-seldom for the k-of-n rules (a knock every few segments). So each state accumulates a
-one-sided CUSUM of standardised scores: each score that the k-of-n rules do not alert on
-adds how many standard deviations it lies above the mean of all normal scores, less
-``cusum_slack``; it never goes below 0. A score above the warning level counts as the
-warning level, no more: a single spike, however loud, adds only what the most extreme
-normal score adds, so a door slammed now and then drains away, while a knock in every
-third segment keeps accumulating. Scores the k-of-n rules alert on leave it as it is (they
-are alerts already, and the CUSUM must not linger long after them). Past
-``cusum_limit`` the score is CRITICAL. Normal scores drain it by about ``cusum_slack``
+A fault can also be too small for any one segment to pass a level. So each state
+accumulates a one-sided CUSUM of standardised scores: each score at or below the
+warning level adds how many standard deviations it lies above the mean of all normal
+scores, less ``cusum_slack``; it never goes below 0. Scores above the warning level
+leave it as it is: spikes are the k-of-n rule's, and a door slammed every half minute
+must not page. Past ``cusum_limit`` the score is CRITICAL. Normal scores drain it by about ``cusum_slack``
 each; the moments it standardises with adapt as the levels do, so a step the
 adaptation follows (a room that got louder) drains too, while a rise faster than the
 adaptation, or one that leaves the NORMAL range, keeps accumulating.
@@ -271,17 +267,14 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     alerts = config.alerts
     recent = (state.recent + (above_critical,))[-alerts.n:]
     recent_warning = (state.recent_warning + (above_warning,))[-alerts.warning_n:]
-    critical_rule = above_critical and sum(recent) >= alerts.k
-    warning_rule = above_warning and sum(recent_warning) >= alerts.warning_k
     cusum = state.cusum if alerts.cusum_limit is not None else 0.0
-    if alerts.cusum_limit is not None and not (critical_rule or warning_rule):
-        counted = min(score, state.warning)
-        z = (counted - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
+    if alerts.cusum_limit is not None and not above_warning:
+        z = (score - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
         cusum = max(0.0, cusum + z - alerts.cusum_slack)
     accumulated = alerts.cusum_limit is not None and cusum > alerts.cusum_limit
-    if critical_rule or accumulated:
+    if (above_critical and sum(recent) >= alerts.k) or accumulated:
         status = CRITICAL
-    elif warning_rule:
+    elif above_warning and sum(recent_warning) >= alerts.warning_k:
         status = WARNING
     else:
         status = NORMAL
