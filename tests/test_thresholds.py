@@ -7,7 +7,7 @@ import scipy.stats
 
 from signalcraft.config import DetectConfig
 from signalcraft.detect.thresholds import (
-    CRITICAL, NORMAL, WARNING, Decision, ThresholdError, ThresholdState, decide, describe_fit, fit,
+    CRITICAL, CUSUM_CAP, NORMAL, WARNING, Decision, ThresholdError, ThresholdState, decide, describe_fit, fit,
 )
 
 SHAPE, SCALE = 4.0, 0.05  # a skewed, gamma-like score distribution
@@ -215,3 +215,23 @@ def test_accumulation_stays_quiet_on_a_long_normal_stream_and_drains():
     high = dataclasses.replace(last, cusum=DEFAULTS.alerts.cusum_limit - 1)
     _, drained = stream(high, gamma_scores(100, seed=9))
     assert drained.cusum < 5  # normal scores drain it by about cusum_slack each
+
+
+def test_a_cusum_alarm_ends_soon_after_the_sound_is_normal_again_however_long_it_lasted():
+    state = fit(gamma_scores(60, seed=15), DEFAULTS)
+    full_sd = (state.var * state.var_factor) ** 0.5
+    limit = DEFAULTS.alerts.cusum_limit
+    lasting = {}
+    for hours in (1, 6):
+        n = hours * 360
+        rise = np.minimum(gamma_scores(n, seed=16) + 1.5 * full_sd, 0.98 * state.warning)
+        decisions, _ = stream(state, list(rise) + list(gamma_scores(1000, seed=17)))
+        found = statuses(decisions)
+        assert found[n - 100:n] == [CRITICAL] * 100
+        assert max(d.state.cusum for d in decisions) == pytest.approx(CUSUM_CAP * limit)
+        lasting[hours] = max(i for i, s in enumerate(found) if s == CRITICAL) + 1 - n
+    # Held at CUSUM_CAP x the limit: about (2 - 1) x 20 / 0.5 = 40 normal segments at most.
+    assert all(0 < after <= 60 for after in lasting.values())  # uncapped it grows with the rise
+    without_cap = dataclasses.replace(state, cusum=50 * limit)  # a state saved before the cap
+    assert decide(without_cap, float(gamma_scores(1, seed=18)[0]), DEFAULTS).state.cusum <= CUSUM_CAP * limit
+    assert decide(without_cap, 100 * state.critical, DEFAULTS).state.cusum <= CUSUM_CAP * limit

@@ -25,10 +25,13 @@ accumulates a one-sided CUSUM of standardised scores: each score at or below the
 warning level adds how many standard deviations it lies above the mean of all normal
 scores, less ``cusum_slack``; it never goes below 0. Scores above the warning level
 leave it as it is: spikes are the k-of-n rule's, and a door slammed every half minute
-must not page. Past ``cusum_limit`` the score is CRITICAL. Normal scores drain it by about ``cusum_slack``
-each; the moments it standardises with adapt as the levels do, so a step the
-adaptation follows (a room that got louder) drains too, while a rise faster than the
-adaptation, or one that leaves the NORMAL range, keeps accumulating.
+must not page. Past ``cusum_limit`` the score is CRITICAL. Normal scores drain it by
+about ``cusum_slack`` each, and it is held at most at ``CUSUM_CAP`` times
+``cusum_limit``, so a CRITICAL it raised ends within a bounded time once the sound is
+normal again, however long the rise lasted. The moments it standardises with adapt as
+the levels do, so a step the adaptation follows (a room that got louder) drains too,
+while a rise faster than the adaptation, or one that leaves the NORMAL range, keeps
+accumulating.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ MIN_RELATIVE_STD = 1e-3
 # (one standard deviation); reporting smaller steps would log a change every few
 # segments and bury real drift in the history.
 CHANGE_REPORT_FRACTION = 0.10
+# The CUSUM is held at most at this multiple of cusum_limit: evidence beyond it adds
+# nothing to a CRITICAL already raised, and without a ceiling an alarm that lasted hours
+# would stay CRITICAL for hours after the sound is normal again (the sum drains by about
+# cusum_slack a segment). With the defaults it ends within about 40 normal segments.
+CUSUM_CAP = 2.0
 
 
 class ThresholdError(SignalcraftError, ValueError):
@@ -267,10 +275,13 @@ def decide(state: ThresholdState, score: float, config: DetectConfig) -> Decisio
     alerts = config.alerts
     recent = (state.recent + (above_critical,))[-alerts.n:]
     recent_warning = (state.recent_warning + (above_warning,))[-alerts.warning_n:]
-    cusum = state.cusum if alerts.cusum_limit is not None else 0.0
-    if alerts.cusum_limit is not None and not above_warning:
-        z = (score - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
-        cusum = max(0.0, cusum + z - alerts.cusum_slack)
+    cusum = 0.0
+    if alerts.cusum_limit is not None:
+        cusum = state.cusum
+        if not above_warning:
+            z = (score - state.mean * state.mean_factor) / math.sqrt(state.var * state.var_factor)
+            cusum = max(0.0, cusum + z - alerts.cusum_slack)
+        cusum = min(cusum, CUSUM_CAP * alerts.cusum_limit)
     accumulated = alerts.cusum_limit is not None and cusum > alerts.cusum_limit
     if (above_critical and sum(recent) >= alerts.k) or accumulated:
         status = CRITICAL
