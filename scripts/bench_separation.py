@@ -9,6 +9,10 @@ sources):
    bundled `plant`, built by scripts/build_demo_separator.sh), and beside it a hybrid
    model (HDemucs, 4096-point spectrogram branch) trained in this run on the same data
    with the same recipe for at most --hybrid-minutes.
+   Then the same on the machines of one installation: a model trained in this run on
+   `simulate --training-set --unit INSTALLATION` (each machine of that installation
+   recorded alone, as a user records their own machines to train a separator for them),
+   tested on other recordings of the same machines (same unit, seeds from TEST_SEED).
 2. Simulated, array: the demo's room (pump, fan and motor where they stand, 4
    microphones, a new installation and recording per mixture), with 2 of the machines
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
@@ -39,6 +43,7 @@ SI-SDRi = SI-SDR(estimate, source) - SI-SDR(mixture, source), averaged over sour
 microphones and mixtures. Also reports training time and separation time per 10 s.
 
     python scripts/bench_separation.py [--repo models/separator] [--real-minutes 30] [--hybrid-minutes 30]
+                                       [--installation-minutes 30]
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -69,6 +74,7 @@ HOP = 256
 LONG_FFT = 16384  # the time-invariant oracle's STFT size, samples
 COMPONENTS = 16  # NMF dictionary atoms per source
 TEST_SEED = 10_000  # test scenes use seeds from here; training sets use small seeds
+INSTALLATION = 20_000  # the unit whose own machines the installation model is trained on and tested on
 ROOM = ("pump", "fan", "motor")  # the demo's room, where the array model was trained
 MICS = 4
 SHARED = ROOT.parent / "shared" / "data"
@@ -200,9 +206,11 @@ def with_room(machines: np.ndarray, room: np.ndarray, background: bool) -> np.nd
     return (machines + room_gain(machines, room) * room * background).astype(np.float32)
 
 
-def mono_mixture(kinds: tuple[str, ...], seed: int, background: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mic 0 of a rendered scene: the mixture (samples,) and the sources (n, samples)."""
-    scene = simulate.default_scene(machines=kinds, n_mics=1, seconds=SECONDS, seed=seed)
+def mono_mixture(kinds: tuple[str, ...], seed: int, background: bool,
+                 unit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mic 0 of a rendered scene (of installation ``unit``, else the seed's own): the
+    mixture (samples,) and the sources (n, samples)."""
+    scene = simulate.default_scene(machines=kinds, n_mics=1, seconds=SECONDS, seed=seed, unit=unit)
     rendering = simulate.render(scene)
     stems = equal(np.stack([rendering.stems[m.name][0] for m in scene.machines]).astype(np.float64))
     return with_room(stems.sum(0), rendering.background[0], background), stems.astype(np.float32)
@@ -340,6 +348,23 @@ def simulated_mono(repo: Path, name: str, data: Path, n: int, hybrid_minutes: fl
     return facts, rows, times
 
 
+def installation_mono(repo: Path, name: str, n: int, minutes: float, tmp: Path) -> tuple[list[str], list, dict]:
+    """A per-microphone model trained in this run on the machines of installation
+    INSTALLATION, each recorded alone (24 clips per machine, as build_demo_separator.sh
+    writes), beside the bundled model, scored on other recordings of the same machines."""
+    data = simulate.write_training_set(tmp / "installation", clips_per_source=24, seed=0, unit=INSTALLATION)
+    separators = {}
+    separators["installation model"], facts = train_here(data, tmp / "models", "installation", minutes)
+    separators["trained model"] = load_separator(SeparationConfig(repo=repo, model=name), SR)
+    dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["installation model"].sources)))
+    conditions = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
+                  for kinds in (("pump", "fan"), ("pump", "fan", "motor", "valve")) for bg in (False, True)]
+    rows, times = score_rows(
+        conditions, lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg, INSTALLATION),
+        mono_methods(separators, dictionaries), n)
+    return [facts], rows, times
+
+
 def simulated_array(repo: Path, name: str, mono: str, data: Path, n: int) -> tuple[str, list, dict]:
     array = load_separator(SeparationConfig(repo=repo, model=name), SR)
     if not array.spatial:
@@ -429,6 +454,9 @@ def main() -> None:
     parser.add_argument("--hybrid-minutes", type=float, default=30.0,
                         help="training budget of the hybrid per-microphone model trained in the run on --data "
                              "(0: none, and no hybrid model on the real recordings either)")
+    parser.add_argument("--installation-minutes", type=float, default=30.0,
+                        help="training budget of the per-microphone model trained in the run on one installation's "
+                             "machines")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -436,6 +464,10 @@ def main() -> None:
         mono_facts, mono_rows, mono_times = simulated_mono(args.repo, args.mono, args.data, args.mixtures,
                                                            args.hybrid_minutes, Path(tmp))
     print(table(mono_rows, list(mono_rows[0][1]), "per microphone"), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        own_facts, own_rows, own_times = installation_mono(args.repo, args.mono, args.mixtures,
+                                                           args.installation_minutes, Path(tmp))
+    print(table(own_rows, list(own_rows[0][1]), "per microphone, one installation"), flush=True)
     array_facts, array_rows, array_times = simulated_array(args.repo, args.array, args.mono, args.array_data,
                                                            args.mixtures)
     print(table(array_rows, list(array_rows[0][1]), "array"), flush=True)
@@ -454,9 +486,8 @@ def main() -> None:
     ms = lambda times: statistics.median(times) * 1000  # noqa: E731
     hybrid = bool(args.hybrid_minutes)
 
-    def models(facts: list[str], times: dict) -> str:
+    def models(facts: list[str], times: dict, columns=("trained model", "hybrid model")) -> str:
         """The models' facts and their time per 10 s."""
-        columns = ["trained model", "hybrid model"][:len(facts)]
         return "\n".join(f"- {column}: {fact}; {ms(times[column]):.0f} ms per 10 s."
                           for column, fact in zip(columns, facts))
 
@@ -482,6 +513,21 @@ but not how it varies in time. Torch threads: {torch.get_num_threads()}.
 {table(mono_rows, list(mono_rows[0][1]), "sources, background")}
 
 NMF: {ms(mono_times['NMF']):.0f} ms per 10 s.
+
+### Simulated, one microphone, one installation's own machines
+
+The product's case: a separator trained on the machines it listens to. "installation
+model" is trained in this run, {args.installation_minutes:g} minutes on 2 cores, with the recipe of
+scripts/plant_separator.yaml, on each machine of one installation recorded alone
+(`simulate --training-set --unit {INSTALLATION}`: 24 clips per machine at random places,
+distances and gains in that installation's room), and tested on other recordings of the
+same machines (unit {INSTALLATION}, seeds from {TEST_SEED}). "trained model" is `{args.mono}` above
+(trained on another machine in every clip) on the same mixtures; NMF's dictionaries
+are learnt from the installation's recordings.
+
+{models(own_facts, own_times, ("installation model",))}
+
+{table(own_rows, list(own_rows[0][1]), "sources, background")}
 
 ### Simulated, array (the demo room, 4 microphones)
 
@@ -520,6 +566,9 @@ NMF: {ms(real_times['NMF']):.0f} ms per 10 s.
   {verdict(array_rows, 'array model', -np.inf)}.
 - One microphone, 2 sources, at least 6 dB and above NMF:
   {verdict(mono_rows, 'trained model', 6.0, two)}; all rows above NMF: {verdict(mono_rows, 'trained model', -np.inf)}.
+- One microphone, one installation's own machines, 2 sources, at least 6 dB and above NMF:
+  {verdict(own_rows, 'installation model', 6.0, two)}; all rows above NMF:
+  {verdict(own_rows, 'installation model', -np.inf)}.
 - Real mixtures, one microphone, at least 6 dB: {verdict(real_rows, 'trained model', 6.0)}.
 """
     if hybrid:

@@ -326,6 +326,29 @@ def test_write_training_set_writes_mono_clips_per_machine_type_and_noise(tmp_pat
     assert not np.allclose(a, b)
 
 
+def test_a_training_set_of_one_unit_records_that_installations_machines(tmp_path):
+    """With ``unit`` every clip of a type is the same machine as in that unit's scenes
+    (a user recording their own machines), each clip another recording; without it,
+    every clip another machine."""
+    def designs(data, seed):
+        manifest = json.loads((data / f"simulated-seed{seed}.json").read_text())
+        return [json.dumps(c["parameters"], sort_keys=True) for c in manifest["clips"] if c["source"] == "pump"]
+
+    own = sim.write_training_set(tmp_path / "own", sources=("pump", "fan"), clips_per_source=3, seconds=0.5,
+                                 noise_clips=1, seed=1, unit=5)
+    assert json.loads((own / "simulated-seed1.json").read_text())["unit"] == 5
+    scene = sim.render(sim.default_scene(machines=("pump", "fan"), n_mics=1, seconds=0.5, seed=9, unit=5))
+    installed = json.dumps(scene.labels["machines"][0]["parameters"], sort_keys=True)
+    assert designs(own, 1) == [installed] * 3
+    a, b = (sf.read(p)[0] for p in sorted((own / "pump").glob("*.wav"))[:2])
+    assert not np.allclose(a, b)  # other recordings of it
+    anyone = sim.write_training_set(tmp_path / "any", sources=("pump", "fan"), clips_per_source=3, seconds=0.5,
+                                    noise_clips=1, seed=1)
+    assert len(set(designs(anyone, 1))) == 3 and installed not in designs(anyone, 1)
+    with pytest.raises(ConfigError, match="unit"):
+        sim.write_training_set(tmp_path / "bad", unit=-1)
+
+
 def test_an_array_training_set_is_recorded_where_the_machines_stand_in_the_scenes_room(tmp_path):
     """Each clip at every microphone, in the default scene's (free-field) room, within
     ARRAY_JITTER_M of where that scene puts the machine: what an array separator learns
@@ -363,6 +386,18 @@ def test_cli_training_set(tmp_path):
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "fan") in result.stdout and str(tmp_path / "_noise") in result.stdout
     assert len(list((tmp_path / "motor").glob("*.wav"))) == 1
+
+
+def test_cli_unit_records_one_installation_in_training_sets_and_scenes(tmp_path):
+    run = lambda *args: CliRunner().invoke(cli, ["simulate", "--seconds", "0.5", "--machines", "fan", *args])  # noqa: E731
+    assert run("--out", str(tmp_path / "data"), "--training-set", "--clips", "1", "--unit", "3").exit_code == 0
+    assert run("--out", str(tmp_path / "room"), "--mics", "1", "--unit", "3", "--seed", "8").exit_code == 0
+    trained = json.loads((tmp_path / "data" / "simulated-seed0.json").read_text())["clips"][0]["parameters"]
+    labels = json.loads((tmp_path / "room" / "labels.json").read_text())
+    assert labels["unit"] == 3 and labels["seed"] == 8
+    assert labels["machines"][0]["parameters"] == trained
+    refused = run("--out", str(tmp_path / "x"), "--unit", "-2")
+    assert refused.exit_code == 2 and "--unit" in refused.output
 
 
 @pytest.mark.parametrize("args, named", [

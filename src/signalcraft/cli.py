@@ -300,6 +300,11 @@ def process(ctx: click.Context, files: tuple[Path, ...], out: Optional[Path], fo
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
               help="Length of each clip, s, up to 600 (for more, several seeds). [default: 10]")
 @click.option("--seed", type=click.IntRange(min=0), help="The same seed writes the same audio. [default: 0]")
+@click.option("--unit", type=click.IntRange(min=0),
+              help="The installation: scenes and training sets of one unit record the same machines (designs, "
+                   "speeds, room), each seed another recording of them; a training set of one unit trains a "
+                   "separator for those machines. [default: the seed's own; a training set: every clip "
+                   "another machine]")
 @click.option("--sample-rate", type=click.IntRange(min=8000), help="Hz. [default: 16000]")
 @click.option("--line-hz", type=click.Choice(["50", "60"]),
               help="Mains frequency; motors hum at twice it. [default: 50]")
@@ -333,6 +338,8 @@ def simulate(out: Path, line_hz: Optional[str], **options) -> None:
       signalcraft simulate --out room --machines pump,pump,motor --snr -6 --reverb 0.8
       signalcraft simulate --out fan --intermittent --references 1
       signalcraft simulate --out data --training-set --clips 50 --seed 1
+      signalcraft simulate --out mine --training-set --unit 7
+      signalcraft simulate --out room --unit 7 --seed 3
 
     \b
     Exit codes: 0 written, 1 failure (the folder cannot be written), 2 a bad option.

@@ -1467,6 +1467,7 @@ def write_training_set(
     fault_fraction: float = 0.0,
     line_hz: float = DEFAULT_LINE_HZ,
     n_mics: Optional[int] = None,
+    unit: Optional[int] = None,
 ) -> Path:
     """Write isolated recordings per machine type for separator training.
 
@@ -1484,6 +1485,11 @@ def write_training_set(
     that scene's room (free field), one channel per microphone; the background clips
     are the room at every microphone.
 
+    With ``unit``: every clip records the machines of that one installation (``Scene.unit``:
+    each type's design and operating point, the room's reverberation and distant
+    machine), as a user records their own machines to train a separator for them; only
+    the recording, the placement and the gain change from clip to clip.
+
     Returns
     -------
     Path
@@ -1496,6 +1502,8 @@ def write_training_set(
                           f"{', '.join(MACHINE_TYPES)} at most once, at least one.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed {seed!r}: must be an integer >= 0.")
+    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, (int, np.integer)) or unit < 0):
+        raise ConfigError(f"unit {unit!r}: must be an integer >= 0, or none (every clip another machine).")
     if clips_per_source < 1 or noise_clips < 0:
         raise ConfigError("clips: need at least 1 clip per source and 0 or more noise clips.")
     if not 0 <= fault_fraction <= 1:
@@ -1507,7 +1515,7 @@ def write_training_set(
         layout = default_scene(machines=sources, n_mics=n_mics)
         mic = layout.mics
         placed = {m.kind: m.position for m in layout.machines}
-    manifest = {"format": 1, "generator": f"signalcraft.simulate {__version__}", "seed": seed,
+    manifest = {"format": 1, "generator": f"signalcraft.simulate {__version__}", "seed": seed, "unit": unit,
                 "sample_rate": sample_rate, "seconds": seconds, "clips": []}
 
     def draw(*key):
@@ -1532,11 +1540,11 @@ def write_training_set(
             faults = (Fault(kind, start, end),) if u < fault_fraction else ()
             name = f"sim-{seed}-{i:04d}" + (f"-{kind}" if faults else "") + ".wav"
             machine = Machine(source, source, position, faults, gain_db=gain)
-            scene = Scene((machine,), mic, seconds, sample_rate, None, rt60, clip_seed, line_hz)
+            scene = Scene((machine,), mic, seconds, sample_rate, None, rt60, clip_seed, line_hz, unit=unit)
             jobs.append((out_dir / source / name, scene, source))
     for i in range(noise_clips):
         clip_seed, _, _, rt60, _ = draw(NOISE_DIR, i)
-        scene = Scene((), mic, seconds, sample_rate, None, rt60, clip_seed, line_hz)
+        scene = Scene((), mic, seconds, sample_rate, None, rt60, clip_seed, line_hz, unit=unit)
         jobs.append((out_dir / NOISE_DIR / f"sim-{seed}-{i:04d}.wav", scene, None))
 
     for path, scene, source in jobs:
@@ -1640,6 +1648,7 @@ def from_options(
     seconds: Optional[float] = None,
     sample_rate: Optional[int] = None,
     seed: Optional[int] = None,
+    unit: Optional[int] = None,
     line_hz: Optional[float] = None,
     clips: Optional[int] = None,
     intermittent: bool = False,
@@ -1658,7 +1667,7 @@ def from_options(
     ConfigError
         A bad or contradictory option; the message names it.
     """
-    common = _given(seconds=seconds, sample_rate=sample_rate, seed=seed, line_hz=line_hz)
+    common = _given(seconds=seconds, sample_rate=sample_rate, seed=seed, unit=unit, line_hz=line_hz)
     kinds = parse_machines(machines) if machines is not None else None
     if training_set:
         scene_only = [opt for opt, v in (("--fault", faults), ("--snr", snr), ("--reverb", reverb),
