@@ -331,6 +331,11 @@ def mono_methods(separators: dict[str, Callable], dictionaries: dict[str, np.nda
     }
 
 
+# The per-microphone conditions: (label, machines running, background at 0 dB or none).
+MONO_CONDITIONS = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
+                   for kinds in (("pump", "fan"), ("pump", "fan", "motor", "valve")) for bg in (False, True)]
+
+
 def simulated_mono(repo: Path, name: str, data: Path, n: int, hybrid_minutes: float,
                    tmp: Path) -> tuple[list[str], list, dict]:
     separators = {"trained model": load_separator(SeparationConfig(repo=repo, model=name), SR)}
@@ -341,9 +346,8 @@ def simulated_mono(repo: Path, name: str, data: Path, n: int, hybrid_minutes: fl
         facts.append(hybrid_facts)
     dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["trained model"].sources)))
     methods = mono_methods(separators, dictionaries)
-    conditions = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
-                  for kinds in (("pump", "fan"), ("pump", "fan", "motor", "valve")) for bg in (False, True)]
-    rows, times = score_rows(conditions, lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg),
+    rows, times = score_rows(MONO_CONDITIONS,
+                             lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg),
                              methods, n)
     return facts, rows, times
 
@@ -353,14 +357,12 @@ def installation_mono(repo: Path, name: str, n: int, minutes: float, tmp: Path) 
     INSTALLATION, each recorded alone (24 clips per machine, as build_demo_separator.sh
     writes), beside the bundled model, scored on other recordings of the same machines."""
     data = simulate.write_training_set(tmp / "installation", clips_per_source=24, seed=0, unit=INSTALLATION)
-    separators = {}
-    separators["installation model"], facts = train_here(data, tmp / "models", "installation", minutes)
-    separators["trained model"] = load_separator(SeparationConfig(repo=repo, model=name), SR)
+    installation, facts = train_here(data, tmp / "models", "installation", minutes)
+    separators = {"installation model": installation,
+                  "trained model": load_separator(SeparationConfig(repo=repo, model=name), SR)}
     dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["installation model"].sources)))
-    conditions = [(f"{len(kinds)} ({', '.join(kinds)}), background {'0 dB' if bg else 'none'}", kinds, bg)
-                  for kinds in (("pump", "fan"), ("pump", "fan", "motor", "valve")) for bg in (False, True)]
     rows, times = score_rows(
-        conditions, lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg, INSTALLATION),
+        MONO_CONDITIONS, lambda kinds, bg, k: mono_mixture(kinds, TEST_SEED + 100 * len(kinds) + k, bg, INSTALLATION),
         mono_methods(separators, dictionaries), n)
     return [facts], rows, times
 

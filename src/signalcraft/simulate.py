@@ -1502,8 +1502,6 @@ def write_training_set(
                           f"{', '.join(MACHINE_TYPES)} at most once, at least one.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed {seed!r}: must be an integer >= 0.")
-    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, (int, np.integer)) or unit < 0):
-        raise ConfigError(f"unit {unit!r}: must be an integer >= 0, or none (every clip another machine).")
     if clips_per_source < 1 or noise_clips < 0:
         raise ConfigError("clips: need at least 1 clip per source and 0 or more noise clips.")
     if not 0 <= fault_fraction <= 1:
