@@ -12,7 +12,8 @@ sources):
    Then the same on the machines of one installation: a model trained in this run on
    `simulate --training-set --unit INSTALLATION` (each machine of that installation
    recorded alone, as a user records their own machines to train a separator for them),
-   tested on other recordings of the same machines (same unit, seeds from TEST_SEED).
+   starting from the per-microphone model's weights (train_separator.init), tested on
+   other recordings of the same machines (same unit, seeds from TEST_SEED).
 2. Simulated, array: the demo's room (pump, fan and motor where they stand, 4
    microphones, a new installation and recording per mixture), with 2 of the machines
    running (the motor off) or all 3. The array model (the bundled `plant_array`, trained
@@ -49,6 +50,7 @@ microphones and mixtures. Also reports training time and separation time per 10 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -296,10 +298,11 @@ def model_facts(repo: Path, name: str) -> str:
     c = ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values() if v.is_floating_point())
     nfft = "" if c["architecture"] == "demucs" else f", nfft {c.get('nfft', 1024)}"
+    start = f", started from `{c['init']}`" if c.get("init") else ""
     return (f"`{name}`: {c['architecture']}, {c['channels']} channels, depth {c['depth']}{nfft}, "
             f"{params / 1e6:.2f} M parameters, {model_file(repo, name).stat().st_size / 1e6:.1f} MB; "
             f"{c.get('loss', 'l1')} loss, {c['segment_seconds']:g} s excerpts, batch {c['batch_size']}, "
-            f"learning rate {c['learning_rate']:g}; {ckpt['step']} steps in {ckpt['train_seconds'] / 60:.1f} min "
+            f"learning rate {c['learning_rate']:g}{start}; {ckpt['step']} steps in {ckpt['train_seconds'] / 60:.1f} min "
             f"(validation SI-SDRi {ckpt['best_sdri']:.2f} dB)")
 
 
@@ -355,9 +358,13 @@ def simulated_mono(repo: Path, name: str, data: Path, n: int, hybrid_minutes: fl
 def installation_mono(repo: Path, name: str, n: int, minutes: float, tmp: Path) -> tuple[list[str], list, dict]:
     """A per-microphone model trained in this run on the machines of installation
     INSTALLATION, each recorded alone (24 clips per machine, as build_demo_separator.sh
-    writes), beside the bundled model, scored on other recordings of the same machines."""
+    writes), starting from model ``name``'s weights, beside that model, scored on other
+    recordings of the same machines."""
     data = simulate.write_training_set(tmp / "installation", clips_per_source=24, seed=0, unit=INSTALLATION)
-    installation, facts = train_here(data, tmp / "models", "installation", minutes)
+    start = model_file(repo, name)
+    (tmp / "models").mkdir(exist_ok=True)
+    shutil.copy2(start, tmp / "models" / start.name)
+    installation, facts = train_here(data, tmp / "models", "installation", minutes, init=name)
     separators = {"installation model": installation,
                   "trained model": load_separator(SeparationConfig(repo=repo, model=name), SR)}
     dictionaries = nmf_dictionaries(mono_recordings(data, list(separators["installation model"].sources)))
@@ -519,7 +526,8 @@ NMF: {ms(mono_times['NMF']):.0f} ms per 10 s.
 ### Simulated, one microphone, one installation's own machines
 
 The product's case: a separator trained on the machines it listens to. "installation
-model" is trained in this run, {args.installation_minutes:g} minutes on 2 cores, with the recipe of
+model" is trained in this run, {args.installation_minutes:g} minutes on 2 cores, starting from the
+weights of `{args.mono}` (the "trained model" column; `train_separator.init: {args.mono}`), with the recipe of
 scripts/plant_separator.yaml, on each machine of one installation recorded alone
 (`simulate --training-set --unit {INSTALLATION}`: 24 clips per machine at random places,
 distances and gains in that installation's room), and tested on other recordings of the

@@ -162,6 +162,45 @@ def test_training_with_the_snr_loss_runs_and_records_it(tmp_path):
     assert saved["config"]["loss"] == "snr"
 
 
+def test_the_cosine_schedule_lowers_the_learning_rate_over_the_planned_steps(tmp_path):
+    data = write_data(tmp_path / "data")
+    constant = tiny_config(tmp_path / "a", epochs=2, steps_per_epoch=3, learning_rate=2e-3)
+    train_separator(data, constant, progress=False, force=True)
+    assert torch.load(checkpoint_path(constant), weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    cosine = tiny_config(tmp_path / "b", epochs=2, steps_per_epoch=3, learning_rate=2e-3, lr_schedule="cosine")
+    assert train_separator(data, cosine, progress=False, force=True).steps == 6
+    saved = torch.load(checkpoint_path(cosine), weights_only=True)
+    # The last of 6 steps is taken at 5/6 of the way along the half cosine.
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + np.cos(np.pi * 5 / 6)))
+    assert saved["config"]["lr_schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        tiny_config(tmp_path, lr_schedule="step")
+
+
+def test_init_starts_from_another_models_weights_and_refuses_one_that_does_not_fit(tmp_path):
+    data = write_data(tmp_path / "data")
+    train_separator(data, tiny_config(tmp_path, name="first"), progress=False, force=True)
+    first = read_package(model_file(tmp_path / "models", "first"))[0].state_dict()
+    # At a vanishing learning rate the new model is the one it started from.
+    train_separator(data, tiny_config(tmp_path, name="second", init="first", learning_rate=1e-12), progress=False,
+                    force=True)
+    second = read_package(model_file(tmp_path / "models", "second"))[0].state_dict()
+    assert all(torch.allclose(second[k], v, atol=1e-6) for k, v in first.items())
+    fresh = torch.load(checkpoint_path(tiny_config(tmp_path, name="second")), weights_only=True)["config"]
+    assert fresh["init"] == "first"
+
+    with pytest.raises(ConfigError, match=r"train_separator.init: model 'first' .* is a Demucs of another size"):
+        train_separator(data, tiny_config(tmp_path, name="third", init="first", channels=8), progress=False)
+    other = write_data(tmp_path / "other", sources=("hum", "rattle"))
+    with pytest.raises(ConfigError, match=r"separates \['hum', 'whine'\], the training data \['hum', 'rattle'\]"):
+        train_separator(other, tiny_config(tmp_path, name="third", init="first"), progress=False)
+    with pytest.raises(ConfigError, match="train_separator.init: .*absent"):
+        train_separator(data, tiny_config(tmp_path, name="third", init="absent"), progress=False)
+    with pytest.raises(ConfigError, match="init"):
+        tiny_config(tmp_path, init="../first")
+    assert not list((tmp_path / "models").glob("third-*.th"))
+
+
 def test_a_hybrid_model_trains_at_the_configured_stft_size_and_resumes_only_at_it(tmp_path):
     data = write_data(tmp_path / "data")
     config = tiny_config(tmp_path, architecture="hdemucs", nfft=4096, depth=5, segment_seconds=1.0)

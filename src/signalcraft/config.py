@@ -274,6 +274,9 @@ class TrainSeparatorConfig:
     """`signalcraft train-separator`: the model and how it is trained."""
 
     name: str = "separator"  # model name; written to separation.repo as NAME-<sha8>.th
+    # Start from the weights of this model in separation.repo (e.g. the bundled `plant`)
+    # instead of random ones: same sources, architecture and size. null: from scratch.
+    init: Optional[str] = None
     # false: one microphone at a time (a mono model; every channel of a training file
     # is a recording). true: one model for the whole array, every training file holding
     # one channel per microphone (capture.channels order), each machine recorded alone
@@ -294,6 +297,10 @@ class TrainSeparatorConfig:
     segment_seconds: float = 1.0
     batch_size: int = 8
     learning_rate: float = 1.0e-3  # the bundled model's; 3e-4 progressed about three times slower
+    # constant: learning_rate throughout. cosine: from learning_rate down to 0 along a
+    # half cosine over the training's length (epochs x steps_per_epoch steps or
+    # max_minutes, whichever ends it first).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     # Training loss: l1 (waveform L1, as demucs) or snr (negative SNR of each source,
     # soft-thresholded at 30 dB so silent sources and perfect ones stay bounded).
     loss: Literal["l1", "snr"] = "l1"
@@ -317,6 +324,8 @@ class TrainSeparatorConfig:
     def __post_init__(self):
         _require(bool(self.name) and "-" not in self.name and "/" not in self.name, "name",
                  "must be non-empty, without '-' or '/'")
+        _require(self.init is None or (bool(self.init) and "-" not in self.init and "/" not in self.init), "init",
+                 "must be a model name in separation.repo (non-empty, without '-' or '/'), or null")
         _require(self.channels >= 1 and self.depth >= 1, "channels", "and depth must be positive")
         _require(self.nfft >= 256 and self.nfft & (self.nfft - 1) == 0, "nfft", "must be a power of 2, at least 256")
         _require(self.segment_seconds > 0, "segment_seconds", "must be positive")

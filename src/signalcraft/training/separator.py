@@ -291,6 +291,36 @@ def check_model_fits(model: torch.nn.Module, config: TrainSeparatorConfig, audio
                           "with depth 4, or 4096 with depth 5 or 6.") from None
 
 
+def start_from(model: torch.nn.Module, repo: Path, name: str, sources: tuple[str, ...]) -> None:
+    """Load the weights of model ``name`` in ``repo`` (``train_separator.init``) into
+    ``model``, which must be of the same kind, size, sample rate and sources.
+
+    Raises
+    ------
+    ConfigError
+        No such model, a damaged file, or a model that does not fit.
+    """
+    from ..separate import ModelError, model_file, read_model
+
+    try:
+        start = read_model(model_file(repo, name))
+    except ModelError as e:
+        raise ConfigError(f"train_separator.init: {e}") from None
+    what = f"train_separator.init: model {name!r} in {repo}"
+    if tuple(start.sources) != tuple(sources):
+        raise ConfigError(f"{what} separates {list(start.sources)}, the training data {list(sources)}: it can only "
+                          "start a model of the same sources, in the same order. Set init to null to train afresh.")
+    ours, theirs = model.state_dict(), start.state_dict()
+    if (type(start) is not type(model) or start.samplerate != model.samplerate
+            or start.audio_channels != model.audio_channels or ours.keys() != theirs.keys()
+            or any(ours[k].shape != theirs[k].shape for k in ours)):
+        raise ConfigError(f"{what} is a {type(start).__name__} of another size, sample rate or number of "
+                          "microphones than train_separator and capture.sample_rate describe: set architecture, "
+                          "channels, depth and nfft as it was trained, or init to null to train afresh.")
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
+    log.info("starting from the weights of %s", model_file(repo, name))
+
+
 def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, device, batch: int) -> tuple[float, float]:
     """Mean SI-SDR (dB) of separated sources over active ones, and its improvement over
     using the mixture itself as each source's estimate."""
@@ -355,6 +385,8 @@ def train_separator(
     model = build_model(c, data.sources, sr, data.channels).to(device)
     if c.architecture != "demucs":
         check_model_fits(model, c, data.channels, sr)
+    if c.init and not resume:
+        start_from(model, config.separation.repo, c.init, data.sources)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
     rng = np.random.default_rng(c.seed)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_sdri": -math.inf, "bad_epochs": 0, "best_state": None,
@@ -380,6 +412,13 @@ def train_separator(
     def out_of_time() -> bool:  # the budget counts every run of this checkpoint
         return resumed_seconds + time.monotonic() - began >= budget
 
+    def learning_rate() -> float:
+        if c.lr_schedule == "constant":
+            return c.learning_rate
+        done = max(state["step"] / (c.epochs * c.steps_per_epoch),
+                   (resumed_seconds + time.monotonic() - began) / budget)
+        return c.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
     reason = "epochs"
     model.train()
     while state["epoch"] < c.epochs:
@@ -396,6 +435,8 @@ def train_separator(
                     else torch.nn.functional.l1_loss(estimate, sources))
             optimizer.zero_grad()
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate()
             optimizer.step()
             state["step"] += 1
             losses.append(loss.item())
