@@ -186,14 +186,26 @@ def test_init_starts_from_another_models_weights_and_refuses_one_that_does_not_f
                     force=True)
     second = read_package(model_file(tmp_path / "models", "second"))[0].state_dict()
     assert all(torch.allclose(second[k], v, atol=1e-6) for k, v in first.items())
-    fresh = torch.load(checkpoint_path(tiny_config(tmp_path, name="second")), weights_only=True)["config"]
-    assert fresh["init"] == "first"
+    saved = torch.load(checkpoint_path(tiny_config(tmp_path, name="second")), weights_only=True)["config"]
+    assert saved["init"] == "first"
+    # Without init the same run keeps its own random start, which is not "first".
+    train_separator(data, tiny_config(tmp_path, name="scratch", learning_rate=1e-12), progress=False, force=True)
+    scratch = read_package(model_file(tmp_path / "models", "scratch"))[0].state_dict()
+    assert not all(torch.allclose(scratch[k], v, atol=1e-6) for k, v in first.items())
 
-    with pytest.raises(ConfigError, match=r"train_separator.init: model 'first' .* is a Demucs of another size"):
+    with pytest.raises(ConfigError, match=r"train_separator.init: model 'first' \(.*first-.*\.th\) is a Demucs of "
+                                          r"another size"):
         train_separator(data, tiny_config(tmp_path, name="third", init="first", channels=8), progress=False)
-    other = write_data(tmp_path / "other", sources=("hum", "rattle"))
-    with pytest.raises(ConfigError, match=r"separates \['hum', 'whine'\], the training data \['hum', 'rattle'\]"):
-        train_separator(other, tiny_config(tmp_path, name="third", init="first"), progress=False)
+    # Other sources: the output layer's weights go by source name, a new source starts afresh.
+    other = write_data(tmp_path / "other", sources=("buzz", "hum", "whine"))
+    train_separator(other, tiny_config(tmp_path, name="other", init="first", learning_rate=1e-12), progress=False,
+                    force=True)
+    moved = read_package(model_file(tmp_path / "models", "other"))[0].state_dict()
+    output = "decoder.1.3."  # demucs v2's last layer: one output channel per source (mono)
+    assert all(torch.allclose(moved[k], v, atol=1e-6) for k, v in first.items() if not k.startswith(output))
+    assert torch.allclose(moved[output + "weight"][:, 1:], first[output + "weight"], atol=1e-6)  # hum, whine
+    assert torch.allclose(moved[output + "bias"][1:], first[output + "bias"], atol=1e-6)
+    assert not any(torch.allclose(moved[output + "weight"][:, 0], w, atol=1e-6) for w in first[output + "weight"].unbind(1))
     with pytest.raises(ConfigError, match="train_separator.init: .*absent"):
         train_separator(data, tiny_config(tmp_path, name="third", init="absent"), progress=False)
     with pytest.raises(ConfigError, match="init"):

@@ -369,6 +369,8 @@ def train_separator(ctx: click.Context, data_dir: Path, resume: bool, force: boo
     <separation.repo>/checkpoints/ after every epoch and on Ctrl-C (resume with
     --resume); the best model by validation SI-SDR is exported to separation.repo as
     NAME-<sha8>.th. Set separation.model to NAME to use it. Uses CUDA when present.
+    train_separator.init starts from the weights of a model in separation.repo of the
+    same size (e.g. the bundled plant: pump, fan, motor, valve) instead of random ones.
     Training stops after train_separator.max_minutes (50 by default). A model whose
     validation SI-SDR is no better than the unseparated mixtures' is not exported
     (exit 1, the checkpoint kept) unless --force.

@@ -291,34 +291,67 @@ def check_model_fits(model: torch.nn.Module, config: TrainSeparatorConfig, audio
                           "with depth 4, or 4096 with depth 5 or 6.") from None
 
 
-def start_from(model: torch.nn.Module, repo: Path, name: str, sources: tuple[str, ...]) -> None:
-    """Load the weights of model ``name`` in ``repo`` (``train_separator.init``) into
-    ``model``, which must be of the same kind, size, sample rate and sources.
+def start_from(model: torch.nn.Module, config: TrainSeparatorConfig, repo: Path, sources: tuple[str, ...],
+               sample_rate: int, audio_channels: int) -> None:
+    """Load the weights of model ``config.init`` in ``repo`` into ``model``, a model of
+    the same kind, size, sample rate and microphones. Its sources may differ: the output
+    layers take, for each of ``sources``, the weights of the source of that name in the
+    start model, and keep their random start for a source it lacks.
 
     Raises
     ------
     ConfigError
-        No such model, a damaged file, or a model that does not fit.
+        No such model, a damaged file, or a model of another kind or size.
     """
     from ..separate import ModelError, model_file, read_model
 
+    path = None
     try:
-        start = read_model(model_file(repo, name))
+        path = model_file(repo, config.init)
+        start = read_model(path)
     except ModelError as e:
         raise ConfigError(f"train_separator.init: {e}") from None
-    what = f"train_separator.init: model {name!r} in {repo}"
-    if tuple(start.sources) != tuple(sources):
-        raise ConfigError(f"{what} separates {list(start.sources)}, the training data {list(sources)}: it can only "
-                          "start a model of the same sources, in the same order. Set init to null to train afresh.")
     ours, theirs = model.state_dict(), start.state_dict()
+    with torch.random.fork_rng():  # the probe's random weights leave training's random state alone
+        probe = build_model(config, (*sources, "_probe"), sample_rate, audio_channels).state_dict()
+    # Per-source tensors (the output layers): (axis, width per source) from the probe,
+    # which has one source more.
+    per_source = {}
+    for key, value in ours.items():
+        if probe[key].shape != value.shape:
+            axis = next(a for a, (m, n) in enumerate(zip(value.shape, probe[key].shape)) if m != n)
+            per_source[key] = (axis, probe[key].shape[axis] - value.shape[axis])
+
+    def fits(key: str) -> bool:
+        if key not in per_source:
+            return theirs[key].shape == ours[key].shape
+        axis, width = per_source[key]
+        shape = list(ours[key].shape)
+        shape[axis] = width * len(start.sources)
+        return list(theirs[key].shape) == shape
+
     if (type(start) is not type(model) or start.samplerate != model.samplerate
             or start.audio_channels != model.audio_channels or ours.keys() != theirs.keys()
-            or any(ours[k].shape != theirs[k].shape for k in ours)):
-        raise ConfigError(f"{what} is a {type(start).__name__} of another size, sample rate or number of "
-                          "microphones than train_separator and capture.sample_rate describe: set architecture, "
-                          "channels, depth and nfft as it was trained, or init to null to train afresh.")
-    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
-    log.info("starting from the weights of %s", model_file(repo, name))
+            or not all(fits(k) for k in ours)):
+        raise ConfigError(f"train_separator.init: model {config.init!r} ({path}) is a {type(start).__name__} of "
+                          "another size, sample rate or number of microphones than train_separator and "
+                          "capture.sample_rate describe: set architecture, channels, depth and nfft as it was "
+                          "trained, or init to null to train afresh.")
+    known = [s for s in sources if s in start.sources]
+    weights = {}
+    for key, value in ours.items():
+        if key not in per_source:
+            weights[key] = theirs[key].to(value)
+            continue
+        axis, width = per_source[key]
+        weights[key] = value.clone()
+        for s in known:
+            j, i = sources.index(s), list(start.sources).index(s)
+            weights[key].narrow(axis, j * width, width).copy_(theirs[key].narrow(axis, i * width, width))
+    model.load_state_dict(weights)
+    fresh = [s for s in sources if s not in known]
+    log.info("starting from the weights of %s%s", path,
+             f"; sources {fresh} start afresh (not in it)" if fresh else "")
 
 
 def evaluate(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor, device, batch: int) -> tuple[float, float]:
@@ -386,7 +419,7 @@ def train_separator(
     if c.architecture != "demucs":
         check_model_fits(model, c, data.channels, sr)
     if c.init and not resume:
-        start_from(model, config.separation.repo, c.init, data.sources)
+        start_from(model, c, config.separation.repo, data.sources, sr, data.channels)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
     rng = np.random.default_rng(c.seed)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_sdri": -math.inf, "bad_epochs": 0, "best_state": None,
