@@ -305,7 +305,6 @@ def start_from(model: torch.nn.Module, config: TrainSeparatorConfig, repo: Path,
     """
     from ..separate import ModelError, model_file, read_model
 
-    path = None
     try:
         path = model_file(repo, config.init)
         start = read_model(path)
