@@ -276,7 +276,8 @@ class TrainSeparatorConfig:
     name: str = "separator"  # model name; written to separation.repo as NAME-<sha8>.th
     # Start from the weights of this model in separation.repo (e.g. the bundled `plant`)
     # instead of random ones: same architecture, size and sample rate; the output of a
-    # source it does not have starts afresh. null: from scratch.
+    # source it does not have starts afresh (--resume continues the checkpoint instead).
+    # null: from scratch.
     init: Optional[str] = None
     # false: one microphone at a time (a mono model; every channel of a training file
     # is a recording). true: one model for the whole array, every training file holding

@@ -467,8 +467,9 @@ def train_separator(
                     else torch.nn.functional.l1_loss(estimate, sources))
             optimizer.zero_grad()
             loss.backward()
+            rate = learning_rate()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate()
+                group["lr"] = rate
             optimizer.step()
             state["step"] += 1
             losses.append(loss.item())
